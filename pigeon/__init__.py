@@ -1,0 +1,31 @@
+"""Pigeon: a choreography event bus for Python services over RabbitMQ."""
+
+from pigeon.app import Pigeon, default_app, dispatch, dispatch_async, set_default_app
+from pigeon.delivery import Delivery, Outcome, OutcomeKind
+from pigeon.errors import ConfigurationError, DispatchError, PigeonError, TopologyError
+from pigeon.events import Event
+from pigeon.listener import Context, Listener
+from pigeon.retry import Reject, Retry, RetryLater
+from pigeon.settings import Settings
+
+__all__ = [
+    "ConfigurationError",
+    "Context",
+    "Delivery",
+    "DispatchError",
+    "Event",
+    "Listener",
+    "Outcome",
+    "OutcomeKind",
+    "Pigeon",
+    "PigeonError",
+    "Reject",
+    "Retry",
+    "RetryLater",
+    "Settings",
+    "TopologyError",
+    "default_app",
+    "dispatch",
+    "dispatch_async",
+    "set_default_app",
+]

@@ -1,0 +1,165 @@
+"""The ``pigeon`` command: a thin shell over the library."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import os
+import sys
+from typing import Any
+
+import click
+
+from pigeon.app import Pigeon, default_app
+from pigeon.errors import ConfigurationError, DispatchError, TopologyError
+from pigeon.logs import configure_logging
+from pigeon.settings import Settings
+
+EX_CONFIG = 78
+
+
+def load_app(target: str) -> Pigeon:
+    """Import ``module:attribute`` (attribute defaults to ``app``) and return the Pigeon app."""
+    module_name, _, attr = target.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise click.BadParameter(f"cannot import {module_name!r}: {exc}") from exc
+    app = getattr(module, attr or "app", None)
+    if not isinstance(app, Pigeon):
+        raise click.BadParameter(f"{target} is not a pigeon.Pigeon app (use MODULE:ATTRIBUTE)")
+    return app
+
+
+@click.group()
+def main() -> None:
+    """Pigeon: a choreography event bus over RabbitMQ."""
+    settings = Settings()
+    configure_logging(settings.log_format, settings.log_level)
+
+
+@main.command()
+@click.argument("target")
+@click.option("--listener", "listeners", multiple=True, help="Run only this listener (repeatable).")
+@click.option(
+    "--concurrency", default=10, show_default=True, help="Handlers in flight per listener."
+)
+@click.option(
+    "--prefetch", type=int, default=None, help="Unacked messages per listener [concurrency]."
+)
+@click.option("--max-messages", type=int, default=None, help="Exit 0 after handling N messages.")
+@click.option("--max-memory", type=float, default=None, help="Exit 0 once RSS exceeds MB.")
+@click.option(
+    "--shutdown-timeout", default=30.0, show_default=True, help="Seconds to drain on stop."
+)
+@click.option(
+    "--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port."
+)
+def listen(
+    target: str,
+    listeners: tuple[str, ...],
+    concurrency: int,
+    prefetch: int | None,
+    max_messages: int | None,
+    max_memory: float | None,
+    shutdown_timeout: float,
+    metrics_port: int | None,
+) -> None:
+    """Run the listeners of MODULE:APP until SIGTERM/SIGINT."""
+    from pigeon.worker import Worker
+
+    app = load_app(target)
+    try:
+        worker = Worker(
+            app,
+            listeners=listeners,
+            concurrency=concurrency,
+            prefetch=prefetch,
+            shutdown_timeout=shutdown_timeout,
+            max_messages=max_messages,
+            max_memory=max_memory,
+        )
+        code = asyncio.run(_serve(worker, metrics_port))
+    except (TopologyError, ConfigurationError) as exc:
+        click.echo(f"pigeon: {exc}", err=True)
+        sys.exit(EX_CONFIG)
+    sys.exit(code)
+
+
+async def _serve(worker: Any, metrics_port: int | None) -> int:
+    if metrics_port is not None:
+        from pigeon.metrics import serve_metrics
+
+        serve_metrics(metrics_port, worker)
+    code: int = await worker.run()
+    return code
+
+
+@main.command("dispatch")
+@click.argument("event_name")
+@click.argument("payload", default="{}")
+@click.option("--message-id", default=None)
+@click.option("--correlation-id", default=None)
+@click.option("--header", "headers", multiple=True, help="KEY=VALUE (repeatable).")
+def dispatch_command(
+    event_name: str,
+    payload: str,
+    message_id: str | None,
+    correlation_id: str | None,
+    headers: tuple[str, ...],
+) -> None:
+    """Dispatch EVENT_NAME with a JSON PAYLOAD and print its message id once confirmed."""
+    try:
+        data = json.loads(payload)
+    except ValueError as exc:
+        raise click.BadParameter(f"PAYLOAD is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise click.BadParameter("PAYLOAD must be a JSON object")
+    header_map = dict(item.split("=", 1) for item in headers if "=" in item)
+    try:
+        message_id = default_app().dispatch(
+            event_name,
+            data,
+            message_id=message_id,
+            correlation_id=correlation_id,
+            headers=header_map,
+        )
+    except (DispatchError, ConfigurationError) as exc:
+        click.echo(f"pigeon: {exc}", err=True)
+        sys.exit(1)
+    click.echo(message_id)
+
+
+@main.group("topology")
+def topology_group() -> None:
+    """Show or declare the exchanges and queues of an app."""
+
+
+@topology_group.command("show")
+@click.argument("target")
+def topology_show(target: str) -> None:
+    """Print what MODULE:APP declares."""
+    click.echo(load_app(target).topology().describe())
+
+
+@topology_group.command("declare")
+@click.argument("target")
+def topology_declare(target: str) -> None:
+    """Declare everything MODULE:APP needs, ahead of deploy."""
+    app = load_app(target)
+
+    async def declare() -> None:
+        try:
+            await app.declare()
+        finally:
+            await app.close()
+
+    try:
+        asyncio.run(declare())
+    except TopologyError as exc:
+        click.echo(f"pigeon: {exc}", err=True)
+        sys.exit(EX_CONFIG)
+    click.echo(app.topology().describe())

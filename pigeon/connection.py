@@ -1,0 +1,107 @@
+"""One AMQP connection per app and event loop, opened on demand and re-opened after loss.
+
+Plain (non-robust) aio-pika connections: Pigeon decides itself what to do on
+a lost connection — a dispatcher re-opens and re-declares on its next try, a
+worker rebuilds its consumers — rather than relying on a transparent restore
+that can come back without its consumers. Every URL in a log line or error
+message is masked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Awaitable, Callable
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractConnection
+
+from pigeon.settings import mask_url
+
+log = structlog.get_logger("pigeon")
+
+OnConnect = Callable[[AbstractConnection], Awaitable[None]]
+
+
+class Connector:
+    """Hands out the current connection and opens a new one when it is gone.
+
+    ``on_connect`` hooks run on every new connection before it is handed out
+    (Pigeon declares its core topology there, so a broker that was reset and
+    came back empty is re-declared before the first publish).
+    """
+
+    def __init__(self, url: str, *, name: str, on_connect: list[OnConnect] | None = None) -> None:
+        self.url = url
+        self.masked_url = mask_url(url)
+        self.name = name
+        self.on_connect = list(on_connect or [])
+        self.generation = 0
+        self._connection: AbstractConnection | None = None
+        self._lock = asyncio.Lock()
+        self.closed = asyncio.Event()
+        self._closing: asyncio.Future[None] | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._connection is not None and not self._connection.is_closed
+
+    async def get(self, timeout: float | None = None) -> AbstractConnection:
+        """The open connection, connecting (one attempt) if there is none.
+
+        Raises the connection error of that attempt; callers decide whether to
+        back off and retry.
+        """
+        connection = self._connection
+        if connection is not None and not connection.is_closed:
+            return connection
+        async with self._lock:
+            connection = self._connection
+            if connection is not None and not connection.is_closed:
+                return connection
+            connection = await aio_pika.connect(
+                self.url,
+                timeout=timeout,
+                client_properties={
+                    "connection_name": f"{self.name}@{socket.gethostname()}:{os.getpid()}"
+                },
+            )
+            connection.close_callbacks.add(self._on_close)
+            try:
+                for hook in self.on_connect:
+                    await hook(connection)
+            except BaseException:
+                await connection.close()
+                raise
+            self.closed.clear()
+            self._connection = connection
+            self.generation += 1
+            log.info("broker.connected", url=self.masked_url, generation=self.generation)
+            return connection
+
+    def _on_close(self, sender: object, exc: BaseException | None = None) -> None:
+        if sender is self._connection:
+            self._connection = None
+            self.closed.set()
+            if exc is not None:
+                log.warning("broker.connection_lost", url=self.masked_url, error=str(exc))
+
+    async def channel(self, *, confirms: bool = True) -> AbstractChannel:
+        """A new channel on the current connection; confirmed and raising on returns."""
+        connection = await self.get()
+        return await connection.channel(publisher_confirms=confirms, on_return_raises=confirms)
+
+    def invalidate(self) -> None:
+        """Forget the connection (after an error that left it unusable); it is closed later."""
+        connection, self._connection = self._connection, None
+        if connection is not None and not connection.is_closed:
+            self._closing = asyncio.ensure_future(connection.close())
+        self.closed.set()
+
+    async def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None and not connection.is_closed:
+            await connection.close()
+        self.closed.set()

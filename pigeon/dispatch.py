@@ -1,0 +1,280 @@
+"""Confirmed publishing, and the sync bridge for code that is not async.
+
+``dispatch_async`` returns only after the broker confirmed the message
+(persistent, publisher confirms). A broker outage is retried with exponential
+backoff and jitter until ``PIGEON_DISPATCH_TIMEOUT``, then :class:`DispatchError`
+is raised: an event is never dropped silently.
+
+The sync ``dispatch`` is a thin bridge: it runs the async one on a background
+event-loop thread owned by this process (a new one after ``fork()``), so it is
+safe from many threads, Django/Flask views and forked workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import os
+import threading
+import time
+import uuid
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractExchange, DeliveryMode
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from pigeon import headers as h
+from pigeon.connection import Connector
+from pigeon.errors import DispatchError
+from pigeon.events import Event, encode_payload, validate_event_name
+
+if TYPE_CHECKING:
+    from pigeon.app import Pigeon
+
+log = structlog.get_logger("pigeon")
+T = TypeVar("T")
+
+RETRYABLE = (AMQPError, ConnectionError, OSError, TimeoutError, ChannelInvalidStateError)
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """A message about to be published; publish middleware may change it."""
+
+    exchange: str
+    routing_key: str
+    body: bytes
+    message_id: str
+    event_name: str
+    headers: dict[str, Any] = field(default_factory=dict)
+    correlation_id: str | None = None
+    app_id: str | None = None
+    content_type: str = "application/json"
+    content_encoding: str | None = None
+    timestamp: datetime | None = None
+    mandatory: bool = False
+
+    def to_message(self) -> aio_pika.Message:
+        return aio_pika.Message(
+            self.body,
+            headers=self.headers,
+            content_type=self.content_type,
+            content_encoding=self.content_encoding,
+            delivery_mode=DeliveryMode.PERSISTENT,
+            message_id=self.message_id,
+            correlation_id=self.correlation_id,
+            type=self.event_name,
+            app_id=self.app_id,
+            timestamp=self.timestamp,
+        )
+
+
+def build_outgoing(
+    app: Pigeon,
+    event: Event | str,
+    payload: Mapping[str, Any] | None,
+    *,
+    message_id: str | None,
+    correlation_id: str | None,
+    causation_id: str | None,
+    headers: Mapping[str, Any] | None,
+) -> Outgoing:
+    """Turn a typed event or a name + payload into the documented wire format."""
+    if isinstance(event, Event):
+        if payload is not None:
+            raise TypeError("dispatch(event) takes no payload: the event is the payload")
+        name = type(event).event_name()
+        body = event.to_json()
+        version: int | None = type(event).__event_version__
+    else:
+        name = validate_event_name(event)
+        body = encode_payload(payload if payload is not None else {})
+        version = None
+    message_id = message_id or str(uuid.uuid4())
+    out_headers: dict[str, Any] = dict(headers) if headers else {}
+    if causation_id:
+        out_headers[h.CAUSATION_ID] = causation_id
+    if version is not None:
+        out_headers.setdefault(h.EVENT_VERSION, version)
+    return Outgoing(
+        exchange=app.settings.exchange,
+        routing_key=name,
+        body=body,
+        message_id=message_id,
+        event_name=name,
+        headers=out_headers,
+        correlation_id=correlation_id or message_id,
+        app_id=app.service,
+        timestamp=datetime.now(UTC),
+    )
+
+
+class Publisher:
+    """Publishes with confirms on one cached channel of one connection."""
+
+    def __init__(self, connector: Connector, *, timeout: float) -> None:
+        self.connector = connector
+        self.timeout = timeout
+        self._channel: AbstractChannel | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}
+        self._lock = asyncio.Lock()
+        self._closing: asyncio.Future[Any] | None = None
+
+    async def _exchange(self, name: str) -> AbstractExchange:
+        channel = self._channel
+        if channel is None or channel.is_closed:
+            async with self._lock:
+                channel = self._channel
+                if channel is None or channel.is_closed:
+                    self._exchanges.clear()
+                    channel = self._channel = await self.connector.channel(confirms=True)
+        exchange = self._exchanges.get(name)
+        if exchange is None:
+            exchange = self._exchanges[name] = (
+                channel.default_exchange
+                if name == ""
+                else await channel.get_exchange(name, ensure=False)
+            )
+        return exchange
+
+    async def _publish_once(self, outgoing: Outgoing, timeout: float) -> None:
+        exchange = await self._exchange(outgoing.exchange)
+        await exchange.publish(
+            outgoing.to_message(),
+            outgoing.routing_key,
+            mandatory=outgoing.mandatory,
+            timeout=timeout,
+        )
+
+    async def publish(self, outgoing: Outgoing, *, timeout: float | None = None) -> str:
+        """Publish and wait for the confirm; retry outages until ``timeout``, then raise."""
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        try:
+            await self._publish_once(outgoing, limit)
+            return outgoing.message_id
+        except RETRYABLE as exc:
+            self._reset(exc)
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_delay(max(deadline - time.monotonic(), 0.0)),
+                wait=wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.5),
+                retry=retry_if_exception_type(RETRYABLE),
+                reraise=True,
+                before_sleep=self._log_retry(outgoing),
+            ):
+                with attempt:
+                    try:
+                        remaining = max(deadline - time.monotonic(), 0.5)
+                        await self._publish_once(outgoing, remaining)
+                    except RETRYABLE as exc:
+                        self._reset(exc)
+                        raise
+        except RETRYABLE as exc:
+            raise DispatchError(
+                f"could not publish {outgoing.event_name} (message {outgoing.message_id}) to "
+                f"{self.connector.masked_url} within {limit:g}s: {type(exc).__name__}: {exc}"
+            ) from exc
+        return outgoing.message_id
+
+    def _reset(self, exc: BaseException) -> None:
+        channel, self._channel = self._channel, None
+        self._exchanges.clear()
+        if channel is not None and not channel.is_closed:
+            self._closing = asyncio.ensure_future(channel.close())
+        if not self.connector.is_open or isinstance(exc, ConnectionError | OSError):
+            self.connector.invalidate()
+
+    def _log_retry(self, outgoing: Outgoing) -> Any:
+        def before_sleep(state: Any) -> None:
+            log.warning(
+                "dispatch.retrying",
+                event=outgoing.event_name,
+                message_id=outgoing.message_id,
+                attempt=state.attempt_number,
+                retry_in=round(state.upcoming_sleep, 3),
+                error=repr(state.outcome.exception()),
+                url=self.connector.masked_url,
+            )
+
+        return before_sleep
+
+    async def close(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None and not channel.is_closed:
+            await channel.close()
+
+
+class Bridge:
+    """A daemon thread running an event loop, so sync code can call async dispatch."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="pigeon-dispatch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the bridge loop and block until it is done."""
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("sync dispatch called from the dispatch thread itself")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def stop(self, cleanup: Coroutine[Any, Any, None] | None = None, timeout: float = 5.0) -> None:
+        if cleanup is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(cleanup, self.loop).result(timeout)
+            except Exception as exc:
+                log.debug("dispatch.bridge_cleanup_failed", error=repr(exc))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout)
+
+
+_bridge: Bridge | None = None
+_bridge_lock = threading.Lock()
+
+
+def _after_fork() -> None:
+    global _bridge, _bridge_lock
+    _bridge = None
+    _bridge_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def bridge() -> Bridge:
+    """This process's bridge, started on first use."""
+    global _bridge
+    current = _bridge
+    if current is not None and current.pid == os.getpid():
+        return current
+    with _bridge_lock:
+        if _bridge is None or _bridge.pid != os.getpid():
+            _bridge = Bridge()
+            atexit.register(_shutdown_bridge, _bridge)
+        return _bridge
+
+
+def _shutdown_bridge(b: Bridge) -> None:
+    if b.pid != os.getpid():
+        return
+    from pigeon.app import close_runtimes_on
+
+    b.stop(close_runtimes_on(b.loop))

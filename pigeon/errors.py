@@ -1,0 +1,23 @@
+"""Exceptions a user of Pigeon can catch; each message says what to do next."""
+
+from __future__ import annotations
+
+
+class PigeonError(Exception):
+    """Base class of every error Pigeon raises on purpose."""
+
+
+class ConfigurationError(PigeonError):
+    """The app or a listener is set up in a way that cannot work."""
+
+
+class DispatchError(PigeonError):
+    """An event could not be confirmed by the broker within the dispatch timeout.
+
+    The event was *not* silently dropped: the caller decides (fail the request,
+    store it in an outbox, retry later). ``__cause__`` holds the last error.
+    """
+
+
+class TopologyError(PigeonError):
+    """The broker's exchanges or queues disagree with what the app declares."""

@@ -1,0 +1,121 @@
+"""The contract every idempotency store keeps.
+
+A listener handles each message id once. Before the handler runs, the worker
+claims ``"{queue}:{message_id}"`` with a lease; after success it marks the key
+done; on failure it releases the claim so a retry or a later replay can run
+the handler again. A done key stays done for ``retention`` seconds, then it is
+forgotten (purged), so the store stays bounded.
+
+A claim whose lease ran out (the process holding it died) counts as absent:
+the next claimer gets it. A done row past its retention counts as absent too,
+even before :meth:`IdempotencyStore.purge` deletes it.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import uuid
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+
+class ClaimState(enum.Enum):
+    """What :meth:`IdempotencyStore.claim` found."""
+
+    CLAIMED = "claimed"
+    """The caller holds the key now and must call ``done`` or ``release``."""
+    DONE = "done"
+    """The message was handled already: ack it without running the handler."""
+    IN_PROGRESS = "in-progress"
+    """Another worker holds an unexpired lease: try again after ``retry_after``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """The answer to a claim.
+
+    ``token`` is set only when ``state`` is ``CLAIMED``; pass it to ``done`` or
+    ``release``. ``retry_after`` is the seconds left on another holder's lease
+    when ``state`` is ``IN_PROGRESS``, else ``0.0``.
+    """
+
+    state: ClaimState
+    token: str | None = None
+    retry_after: float = 0.0
+
+
+def new_token() -> str:
+    """Return a fresh, unguessable claim token."""
+    return uuid.uuid4().hex
+
+
+class IdempotencyStore(abc.ABC):
+    """Remembers which keys were claimed and handled.
+
+    Every method is safe to call concurrently from tasks of one event loop;
+    the shared stores (SQLite, Redis, PostgreSQL) are also safe across
+    processes. ``retention`` is fixed when a key is marked done: changing it
+    later does not move the expiry of rows already written.
+    """
+
+    retention: float
+
+    def __init__(self, *, retention: float) -> None:
+        if not retention > 0:
+            raise ValueError(f"retention must be a positive number of seconds, got {retention!r}")
+        self.retention = float(retention)
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and create the schema if missing. Calling it again is a no-op.
+
+        Raises ``ConnectionError`` (or the driver's error) when the store is unreachable.
+        """
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections and threads. Calling it again is a no-op."""
+
+    @abc.abstractmethod
+    async def claim(self, key: str, lease: float) -> Claim:
+        """Atomically take ``key`` for ``lease`` seconds if nobody holds it.
+
+        Free key or expired claim: ``CLAIMED`` with a fresh token. Done and
+        within retention: ``DONE``. Someone else's unexpired claim:
+        ``IN_PROGRESS`` with ``retry_after``. Of many concurrent callers,
+        exactly one gets ``CLAIMED``.
+        """
+
+    @abc.abstractmethod
+    async def done(self, key: str, token: str) -> None:
+        """Mark ``key`` handled for ``retention`` seconds.
+
+        Succeeds even if the lease expired meanwhile: the side effect happened,
+        so the key must read as done whoever holds it now.
+        """
+
+    @abc.abstractmethod
+    async def release(self, key: str, token: str) -> None:
+        """Give ``key`` back so it can be claimed again.
+
+        Deletes only a claim still held with ``token``: a stale holder whose
+        lease expired cannot free someone else's claim, and a done key stays done.
+        """
+
+    @abc.abstractmethod
+    async def purge(self) -> int:
+        """Delete done rows past retention and expired claims; return how many."""
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

@@ -1,0 +1,136 @@
+"""An idempotency store in a SQLite file, the default: no server, no extra dependency.
+
+Several listener processes on one host can share the file. Every claim is a
+single ``INSERT ... ON CONFLICT DO UPDATE ... WHERE ... RETURNING`` statement,
+which SQLite runs under its one write lock, so of many concurrent claimers
+exactly one wins. The file is in WAL mode, so readers never block the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from pigeon.idempotency.base import Claim, ClaimState, IdempotencyStore, new_token
+
+_T = TypeVar("_T")
+
+BUSY_TIMEOUT_MS = 30_000
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS pigeon_idempotency ("
+    " key TEXT PRIMARY KEY, state TEXT NOT NULL, token TEXT, expires_at REAL NOT NULL"
+    ") WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS pigeon_idempotency_expires_at ON pigeon_idempotency (expires_at)",
+)
+_CLAIM = (
+    "INSERT INTO pigeon_idempotency (key, state, token, expires_at) VALUES (?, 'claimed', ?, ?)"
+    " ON CONFLICT (key) DO UPDATE SET"
+    " state = 'claimed', token = excluded.token, expires_at = excluded.expires_at"
+    " WHERE pigeon_idempotency.expires_at <= ? RETURNING token"
+)
+_LOOKUP = "SELECT state, expires_at FROM pigeon_idempotency WHERE key = ?"
+_DONE = (
+    "INSERT INTO pigeon_idempotency (key, state, token, expires_at) VALUES (?, 'done', ?, ?)"
+    " ON CONFLICT (key) DO UPDATE SET"
+    " state = 'done', token = excluded.token, expires_at = excluded.expires_at"
+)
+_RELEASE = "DELETE FROM pigeon_idempotency WHERE key = ? AND token = ? AND state = 'claimed'"
+_PURGE = "DELETE FROM pigeon_idempotency WHERE expires_at <= ?"
+
+
+class SQLiteStore(IdempotencyStore):
+    """Keys in table ``pigeon_idempotency`` of the SQLite file at ``path``.
+
+    The blocking sqlite3 calls run on one dedicated thread that owns the
+    connection, so the event loop never waits on disk or on another process's
+    write lock. Expiry uses wall-clock UTC seconds (``time.time()``), which all
+    processes on the host share. Writers wait up to ``BUSY_TIMEOUT_MS`` for the
+    lock before ``sqlite3.OperationalError: database is locked`` is raised.
+    """
+
+    def __init__(self, path: str | Path, *, retention: float = 7 * 24 * 3600) -> None:
+        super().__init__(retention=retention)
+        self.path = Path(path)
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+
+    async def open(self) -> None:
+        if self._executor is not None:
+            return
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="pigeon-idempotency-sqlite")
+        try:
+            await self._run(self._connect)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise
+
+    async def close(self) -> None:
+        executor = self._executor
+        if executor is None:
+            return
+        try:
+            await self._run(self._disconnect)
+        finally:
+            self._executor = None
+            executor.shutdown(wait=True)
+
+    async def claim(self, key: str, lease: float) -> Claim:
+        return await self._run(self._claim, key, lease)
+
+    async def done(self, key: str, token: str) -> None:
+        await self._run(self._write, _DONE, (key, token, time.time() + self.retention))
+
+    async def release(self, key: str, token: str) -> None:
+        await self._run(self._write, _RELEASE, (key, token))
+
+    async def purge(self) -> int:
+        return await self._run(self._write, _PURGE, (time.time(),))
+
+    async def _run(self, func: Callable[..., _T], *args: object) -> _T:
+        if self._executor is None:
+            raise RuntimeError("SQLiteStore is not open: await store.open() first")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
+
+    def _connect(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            for statement in _SCHEMA:
+                conn.execute(statement)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def _disconnect(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _claim(self, key: str, lease: float) -> Claim:
+        assert self._conn is not None
+        token = new_token()
+        while True:
+            now = time.time()
+            if self._conn.execute(_CLAIM, (key, token, now + lease, now)).fetchall():
+                return Claim(ClaimState.CLAIMED, token)
+            row = self._conn.execute(_LOOKUP, (key,)).fetchone()
+            if row is None:
+                continue
+            if row[0] == ClaimState.DONE.value:
+                return Claim(ClaimState.DONE)
+            return Claim(ClaimState.IN_PROGRESS, retry_after=max(row[1] - now, 0.0))
+
+    def _write(self, sql: str, params: tuple[object, ...]) -> int:
+        assert self._conn is not None
+        return self._conn.execute(sql, params).rowcount

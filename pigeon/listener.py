@@ -1,0 +1,229 @@
+"""Listeners: a handler function, the events it is bound to, and its policies.
+
+``@app.listener(...)`` returns a :class:`Listener`. It is still callable like
+the function it wraps (handy in unit tests), and carries everything the
+worker needs: queue name, bindings, retry policy, timeout, fallback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+import typing
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from pigeon.errors import ConfigurationError
+from pigeon.events import Event, validate_event_name
+from pigeon.retry import Retry
+
+if TYPE_CHECKING:
+    from pigeon.app import Pigeon
+    from pigeon.middleware import Middleware
+
+Handler = Callable[..., Any]
+Fallback = Callable[[Any, "Context", BaseException], Any]
+
+DEFAULT_TIMEOUT = 600.0
+
+
+def pattern_of(target: type[Event] | str) -> str:
+    """The binding key for an event class, an event name or a topic pattern (``order.*``)."""
+    if isinstance(target, str):
+        if any(word in ("*", "#") for word in target.split(".")):
+            return target
+        return validate_event_name(target)
+    if isinstance(target, type) and issubclass(target, Event):
+        return target.event_name()
+    raise ConfigurationError(f"listen to an Event subclass or an event name, not {target!r}")
+
+
+class Context:
+    """What a handler knows about the message it is handling.
+
+    ``dispatch`` propagates the correlation id and records this message as the
+    cause of the new event, so "what happened to order 42" can be followed
+    across services. Use ``await ctx.dispatch(...)`` in async handlers and
+    ``ctx.dispatch_sync(...)`` in sync ones.
+    """
+
+    __slots__ = (
+        "_app",
+        "_loop",
+        "_loop_thread",
+        "attempt",
+        "causation_id",
+        "correlation_id",
+        "event_name",
+        "headers",
+        "listener",
+        "log",
+        "message_id",
+        "queue",
+        "redelivered",
+    )
+
+    def __init__(
+        self,
+        *,
+        app: Pigeon,
+        message_id: str,
+        event_name: str,
+        correlation_id: str | None,
+        causation_id: str | None,
+        headers: Mapping[str, Any],
+        attempt: int,
+        redelivered: bool,
+        queue: str,
+        listener: str,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self._app = app
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+        self.message_id = message_id
+        self.event_name = event_name
+        self.correlation_id = correlation_id
+        self.causation_id = causation_id
+        self.headers = headers
+        self.attempt = attempt
+        self.redelivered = redelivered
+        self.queue = queue
+        self.listener = listener
+        self.log: structlog.typing.FilteringBoundLogger = structlog.get_logger("pigeon").bind(
+            queue=queue,
+            listener=listener,
+            event=event_name,
+            message_id=message_id,
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+            attempt=attempt,
+        )
+
+    def _dispatch_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        kwargs.setdefault("correlation_id", self.correlation_id or self.message_id)
+        kwargs.setdefault("causation_id", self.message_id)
+        return kwargs
+
+    def dispatch(
+        self, event: Event | str, payload: Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> Coroutine[Any, Any, str]:
+        """Dispatch an event caused by this one; await it. Returns the new message id."""
+        if self._loop is not None and threading.get_ident() != self._loop_thread:
+            raise RuntimeError(
+                "ctx.dispatch() must be awaited on the worker's event loop; "
+                "from a sync handler call ctx.dispatch_sync(...) instead"
+            )
+        return self._app.dispatch_async(event, payload, **self._dispatch_kwargs(kwargs))
+
+    def dispatch_sync(
+        self, event: Event | str, payload: Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> str:
+        """The blocking form of :meth:`dispatch`, for sync handlers running in the thread pool."""
+        kwargs = self._dispatch_kwargs(kwargs)
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            return self._app.dispatch(event, payload, **kwargs)
+        if threading.get_ident() == self._loop_thread:
+            raise RuntimeError(
+                "ctx.dispatch_sync() would block the event loop: await ctx.dispatch()"
+            )
+        coro = self._app.dispatch_async(event, payload, **kwargs)
+        return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
+
+@dataclass(eq=False)
+class Listener:
+    """A registered handler with its bindings and policies."""
+
+    app: Pigeon
+    handler: Handler
+    patterns: tuple[str, ...]
+    name: str
+    queue: str
+    retry: Retry
+    timeout: float | None = DEFAULT_TIMEOUT
+    concurrency: int | None = None
+    idempotent: bool = True
+    lease: float | None = None
+    delivery_limit: int = 20
+    max_body_bytes: int | None = None
+    middleware: Sequence[Middleware] | None = None
+    event_type: type[Event] | None = None
+    wants_dict: bool = False
+    takes_context: bool = True
+    is_async: bool = True
+    fallback_handler: Fallback | None = field(default=None, repr=False)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.handler(*args, **kwargs)
+
+    @property
+    def claim_lease(self) -> float:
+        """How long a claim is held before another delivery may take it over."""
+        if self.lease is not None:
+            return self.lease
+        return (self.timeout or DEFAULT_TIMEOUT) + 60.0
+
+    def fallback(self, func: Fallback) -> Fallback:
+        """Register ``func(event, ctx, error)`` to run once when retries are used up.
+
+        It runs before the message is dead-lettered; if it raises, the error is
+        logged and the dead letter still happens.
+        """
+        self.fallback_handler = func
+        return func
+
+    def resolve_type(self, event_name: str) -> type[Event] | None:
+        """The class to validate a payload with: the bound type, else the registry."""
+        if self.event_type is not None and self.event_type is not Event:
+            return self.event_type
+        from pigeon.events import lookup
+
+        return lookup(event_name)
+
+
+def inspect_handler(
+    handler: Handler, targets: Sequence[type[Event] | str]
+) -> tuple[type[Event] | None, bool, bool, bool]:
+    """Read the handler's signature: (event type, wants dict, takes context, is async)."""
+    if not callable(handler):
+        raise ConfigurationError(f"listener handler {handler!r} is not callable")
+    is_async = inspect.iscoroutinefunction(handler)
+    params = [
+        p
+        for p in inspect.signature(handler).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    if not params or len(params) > 2:
+        raise ConfigurationError(
+            f"{handler.__qualname__} must take (event) or (event, ctx); it requires "
+            f"{len(params)} positional parameters"
+        )
+    try:
+        hints = typing.get_type_hints(handler)
+    except Exception:  # unresolved forward references: fall back to the targets
+        hints = {}
+    annotation = hints.get(params[0].name, inspect.Parameter.empty)
+    typed = [t for t in targets if isinstance(t, type)]
+    event_type: type[Event] | None = None
+    wants_dict = False
+    if isinstance(annotation, type) and issubclass(annotation, Event):
+        event_type = annotation
+    elif annotation is inspect.Parameter.empty and len(typed) == 1 and len(targets) == 1:
+        event_type = typed[0]
+    else:
+        wants_dict = True
+    return event_type, wants_dict, len(params) == 2, is_async
+
+
+def default_listener_name(handler: Handler) -> str:
+    """``send_confirmation`` → ``send-confirmation``: the listener part of a queue name."""
+    return handler.__name__.replace("_", "-")
+
+
+AsyncHandler = Callable[..., Awaitable[Any]]

@@ -1,0 +1,56 @@
+"""Settings read from the environment (``PIGEON_*``), and URL masking.
+
+Every broker URL that reaches a log line or an error message goes through
+:func:`mask_url` first, so passwords never leave the process.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_log_format() -> Literal["console", "json"]:
+    return "console" if sys.stderr.isatty() else "json"
+
+
+class Settings(BaseSettings):
+    """Pigeon's configuration; each field is the environment variable ``PIGEON_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="PIGEON_", extra="ignore")
+
+    url: str = "amqp://guest:guest@localhost:5672/"
+    service: str | None = None
+    exchange: str = "pigeon.events"
+    dead_letter_exchange: str = "pigeon.dead"
+    dead_letter_queue: str = "pigeon.dead-letters"
+    unrouted_exchange: str = "pigeon.unrouted"
+    unrouted_queue: str = "pigeon.unrouted"
+    unrouted_max_length: int = Field(default=100_000, ge=1)
+    idempotency_url: str = "sqlite:///.pigeon/idempotency.db"
+    idempotency_retention: float = Field(default=7 * 24 * 3600, gt=0)
+    dispatch_timeout: float = Field(default=30.0, gt=0)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1)
+    log_format: Literal["console", "json"] = Field(default_factory=_default_log_format)
+    log_level: str = "INFO"
+
+
+def mask_url(url: str) -> str:
+    """Return ``url`` with its password replaced by ``***`` (user and host stay readable)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    netloc = f"{parts.username or ''}:***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

@@ -1,0 +1,208 @@
+"""Exchanges, queues and bindings: what Pigeon declares, and why.
+
+Everything is declared idempotently on the fly (a fresh broker "just works")
+and can be declared ahead of deploy with ``pigeon topology declare``. See
+``docs/topology.md`` for the picture. Quorum queues replicate messages and
+count deliveries, so a message that crashes its consumer again and again is
+dead-lettered by the broker itself (``x-delivery-limit``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import ExchangeType
+from aiormq.exceptions import ChannelPreconditionFailed
+
+from pigeon.errors import TopologyError
+from pigeon.retry import tier_queue
+from pigeon.settings import Settings
+
+DEFAULT_DELIVERY_LIMIT = 20
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeSpec:
+    name: str
+    type: ExchangeType
+    arguments: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    exchange: str
+    routing_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSpec:
+    name: str
+    arguments: Mapping[str, Any]
+    bindings: tuple[Binding, ...] = ()
+    purpose: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """An ordered set of exchanges and queues; declaring it twice changes nothing."""
+
+    exchanges: tuple[ExchangeSpec, ...] = ()
+    queues: tuple[QueueSpec, ...] = ()
+
+    def __add__(self, other: Topology) -> Topology:
+        exchanges = {e.name: e for e in (*self.exchanges, *other.exchanges)}
+        queues = {q.name: q for q in (*self.queues, *other.queues)}
+        return Topology(tuple(exchanges.values()), tuple(queues.values()))
+
+    def describe(self) -> str:
+        """A human-readable listing, as printed by ``pigeon topology show``."""
+        lines = []
+        for ex in self.exchanges:
+            lines.append(f"exchange {ex.name} ({ex.type.value}){_fmt_args(ex.arguments)}")
+        for q in self.queues:
+            purpose = f"  # {q.purpose}" if q.purpose else ""
+            lines.append(f"queue {q.name}{_fmt_args(q.arguments)}{purpose}")
+            lines.extend(f"  bound to {b.exchange} with {b.routing_key!r}" for b in q.bindings)
+        return "\n".join(lines)
+
+
+def _fmt_args(arguments: Mapping[str, Any]) -> str:
+    if not arguments:
+        return ""
+    return " " + " ".join(f"{k}={v}" for k, v in sorted(arguments.items()))
+
+
+def _quorum(**extra: Any) -> dict[str, Any]:
+    return {"x-queue-type": "quorum", **extra}
+
+
+def core_topology(settings: Settings) -> Topology:
+    """The shared exchanges and queues every producer and listener relies on."""
+    return Topology(
+        exchanges=(
+            ExchangeSpec(settings.unrouted_exchange, ExchangeType.FANOUT),
+            ExchangeSpec(
+                settings.exchange,
+                ExchangeType.TOPIC,
+                {"alternate-exchange": settings.unrouted_exchange},
+            ),
+            ExchangeSpec(settings.dead_letter_exchange, ExchangeType.TOPIC),
+        ),
+        queues=(
+            QueueSpec(
+                settings.unrouted_queue,
+                _quorum(
+                    **{"x-max-length": settings.unrouted_max_length, "x-overflow": "reject-publish"}
+                ),
+                (Binding(settings.unrouted_exchange, ""),),
+                "events no queue was bound for; bounded, a full queue refuses the dispatch",
+            ),
+            QueueSpec(
+                settings.dead_letter_queue,
+                _quorum(),
+                (Binding(settings.dead_letter_exchange, "#"),),
+                "every dead letter, for LetterThief",
+            ),
+        ),
+    )
+
+
+def listener_queue(
+    settings: Settings,
+    name: str,
+    patterns: Iterable[str],
+    *,
+    delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
+    purpose: str = "",
+) -> QueueSpec:
+    """The quorum queue of one listener, dead-lettering into ``pigeon.dead`` under its own name."""
+    arguments = _quorum(
+        **{
+            "x-dead-letter-exchange": settings.dead_letter_exchange,
+            "x-dead-letter-routing-key": name,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+            "x-delivery-limit": delivery_limit,
+        }
+    )
+    bindings = tuple(Binding(settings.exchange, p) for p in dict.fromkeys(patterns))
+    return QueueSpec(name, arguments, bindings, purpose)
+
+
+def retry_tier(queue: str, delay: float) -> QueueSpec:
+    """A TTL queue that holds messages for ``delay`` seconds, then hands them back to ``queue``."""
+    arguments = _quorum(
+        **{
+            "x-message-ttl": round(delay * 1000),
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": queue,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
+    )
+    return QueueSpec(tier_queue(queue, delay), arguments, (), f"retry tier of {queue}")
+
+
+async def declare(channel_source: aio_pika.abc.AbstractConnection, topology: Topology) -> None:
+    """Declare ``topology`` on a short-lived channel of ``channel_source``.
+
+    Raises :class:`TopologyError` when an existing exchange or queue was
+    declared with other arguments; the message names the argument and the fix.
+    """
+    channel = await channel_source.channel(publisher_confirms=False)
+    try:
+        for ex in topology.exchanges:
+            await _guard(
+                ex.name,
+                "exchange",
+                ex.arguments,
+                channel.declare_exchange(
+                    ex.name, ex.type, durable=True, arguments=dict(ex.arguments)
+                ),
+            )
+        for q in topology.queues:
+            queue = await _guard(
+                q.name,
+                "queue",
+                q.arguments,
+                channel.declare_queue(q.name, durable=True, arguments=dict(q.arguments)),
+            )
+            for b in q.bindings:
+                await queue.bind(b.exchange, b.routing_key)
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+async def _guard(name: str, kind: str, wanted: Mapping[str, Any], declaring: Any) -> Any:
+    try:
+        return await declaring
+    except ChannelPreconditionFailed as exc:
+        raise explain_mismatch(kind, name, wanted, str(exc)) from exc
+
+
+_MISMATCH = re.compile(
+    r"inequivalent arg '(?P<arg>[^']+)' for (?:queue|exchange) '[^']*' in vhost '[^']*': "
+    r"received (?:the value )?'?(?P<received>[^']*?)'?(?: of type '\w+')? "
+    r"but current is (?:the value )?'?(?P<current>[^']*?)'?(?: of type '\w+')?$"
+)
+
+
+def explain_mismatch(kind: str, name: str, wanted: Mapping[str, Any], detail: str) -> TopologyError:
+    """Turn RabbitMQ's PRECONDITION_FAILED text into an error that carries the fix."""
+    match = _MISMATCH.search(detail)
+    if match is None:
+        return TopologyError(f"{kind} {name} exists with other arguments ({detail}).")
+    arg, current = match["arg"], match["current"]
+    want = wanted.get(arg, match["received"])
+    have = "no value" if current == "none" else current
+    deletion = f"rabbitmqctl delete_queue {name}" if kind == "queue" else f"delete exchange {name}"
+    return TopologyError(
+        f"{kind} {name} exists with {arg}={have}; this app wants {arg}={want}. "
+        f"Drain and delete the {kind} ({deletion}) so it is declared anew, "
+        f"or configure the app to match the existing {kind} (see docs/topology.md)."
+    )

@@ -1,0 +1,428 @@
+"""``pigeon listen``: run an app's listeners until told to stop.
+
+The whole lifecycle is in :class:`Worker`: connect (backing off while the
+broker is down, never crash-looping), declare the topology, consume with one
+channel per listener on one connection, settle each outcome on the broker,
+rebuild everything after a lost connection, and on SIGTERM/SIGINT stop
+consuming, let in-flight work finish up to ``shutdown_timeout`` and return 0.
+``max_messages`` / ``max_memory`` end the run the same graceful way so a
+supervisor can recycle the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
+
+from pigeon import headers as h
+from pigeon import topology
+from pigeon.app import Pigeon, Runtime
+from pigeon.delivery import Delivery, Outcome, OutcomeKind, Processor
+from pigeon.dispatch import RETRYABLE, Outgoing
+from pigeon.idempotency import IdempotencyStore, open_store
+from pigeon.listener import Listener
+from pigeon.metrics import HANDLER_SECONDS, IN_FLIGHT, MESSAGES
+from pigeon.retry import tier_queue
+
+log = structlog.get_logger("pigeon")
+
+SETTLE_TIMEOUT = 10.0
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_mb() -> float:
+    """This process's resident memory in MiB (Linux ``/proc``; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE / 1048576
+    except OSError:
+        return 0.0
+
+
+class Worker:
+    """Consumes an app's listeners on one connection until stopped.
+
+    ``await worker.run()`` returns the exit code (0 after a graceful stop).
+    Pass ``handle_signals=False`` to embed it; call :meth:`stop` to end it.
+    """
+
+    def __init__(
+        self,
+        app: Pigeon,
+        *,
+        listeners: Sequence[str] = (),
+        concurrency: int = 10,
+        prefetch: int | None = None,
+        shutdown_timeout: float = 30.0,
+        max_messages: int | None = None,
+        max_memory: float | None = None,
+        idempotency_url: str | None = None,
+        handle_signals: bool = True,
+        store: IdempotencyStore | None = None,
+    ) -> None:
+        self.app = app
+        self.listeners: list[Listener] = app.find_listeners(listeners)
+        self.concurrency = concurrency
+        self.prefetch = prefetch
+        self.shutdown_timeout = shutdown_timeout
+        self.max_messages = max_messages
+        self.max_memory = max_memory
+        self.handle_signals = handle_signals
+        self._store_url = idempotency_url or app.settings.idempotency_url
+        self.store = store
+        self.counts: Counter[str] = Counter()
+        self.started = 0
+        self.ready = asyncio.Event()
+        self.stop_reason: str | None = None
+        self._stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._consumers: list[tuple[AbstractQueue, str]] = []
+        self._channels: list[AbstractChannel] = []
+        self._tiers: set[str] = set()
+        self._generation = -1
+        self._processors: dict[str, Processor] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        self._runtime: Runtime | None = None
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def stop(self, reason: str = "requested") -> None:
+        """Ask the worker to stop consuming and drain; safe to call more than once."""
+        if not self._stopping.is_set():
+            self.stop_reason = reason
+            log.info("worker.stopping", reason=reason, in_flight=len(self._tasks))
+            self._stopping.set()
+
+    async def run(self) -> int:
+        """Consume until stopped; returns the process exit code."""
+        if not self.listeners:
+            log.error("worker.no_listeners", app=repr(self.app))
+            return 1
+        loop = asyncio.get_running_loop()
+        if self.handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop, signal.Signals(sig).name)
+        self._runtime = self.app.runtime()
+        try:
+            await self._open_store()
+            self._build_processors()
+            while not self._stopping.is_set():
+                if not await self._connect():
+                    break
+                try:
+                    await self._start_consuming()
+                except RETRYABLE as exc:
+                    log.warning("worker.start_failed", error=repr(exc))
+                    self._runtime.connector.invalidate()
+                    continue
+                self.ready.set()
+                log.info(
+                    "worker.consuming",
+                    listeners=[listener.queue for listener in self.listeners],
+                    pid=os.getpid(),
+                )
+                await self._wait_for_stop_or_disconnect()
+                self.ready.clear()
+        finally:
+            await self._drain()
+            if self.handle_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+        log.info("worker.stopped", reason=self.stop_reason, **self.counts)
+        return 0
+
+    async def _open_store(self) -> None:
+        if self.store is None and any(listener.idempotent for listener in self.listeners):
+            self.store = open_store(
+                self._store_url, retention=self.app.settings.idempotency_retention
+            )
+        if self.store is not None:
+            async for attempt in self._retrying(Exception, "idempotency.store_unavailable"):
+                with attempt:
+                    await self.store.open()
+
+    def _build_processors(self) -> None:
+        if any(not listener.is_async for listener in self.listeners):
+            workers = sum(listener.concurrency or self.concurrency for listener in self.listeners)
+            self._executor = ThreadPoolExecutor(
+                max_workers=workers, thread_name_prefix="pigeon-handler"
+            )
+        for listener in self.listeners:
+            self._processors[listener.queue] = Processor(
+                listener,
+                store=self.store,
+                executor=self._executor,
+                max_body_bytes=self.app.settings.max_body_bytes,
+            )
+
+    def _retrying(self, errors: Any, event: str) -> AsyncRetrying:
+        def before_sleep(state: RetryCallState) -> None:
+            log.warning(
+                event,
+                attempt=state.attempt_number,
+                retry_in=round(state.upcoming_sleep, 2),
+                error=repr(state.outcome.exception()) if state.outcome else None,
+                url=self.app.settings.url and self._runtime and self._runtime.connector.masked_url,
+            )
+
+        return AsyncRetrying(
+            retry=retry_if_exception_type(errors),
+            wait=wait_exponential_jitter(multiplier=0.5, max=30.0, jitter=1.0),
+            stop=lambda _: self._stopping.is_set(),
+            sleep=self._sleep,
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def _connect(self) -> bool:
+        """Connect, backing off while the broker is away; False when stopped meanwhile."""
+        assert self._runtime is not None
+        try:
+            async for attempt in self._retrying(RETRYABLE, "broker.unreachable"):
+                with attempt:
+                    await self._runtime.connector.get(timeout=10)
+        except RETRYABLE:
+            return False
+        return not self._stopping.is_set()
+
+    async def _start_consuming(self) -> None:
+        assert self._runtime is not None
+        connector = self._runtime.connector
+        connection = await connector.get()
+        await topology.declare(connection, self.app.topology(self.listeners))
+        if connector.generation != self._generation:
+            self._generation = connector.generation
+            self._tiers = {
+                tier_queue(listener.queue, d)
+                for listener in self.listeners
+                for d in listener.retry.tier_delays()
+            }
+        self._consumers.clear()
+        self._channels.clear()
+        for listener in self.listeners:
+            concurrency = listener.concurrency or self.concurrency
+            prefetch = max(self.prefetch or concurrency, 1)
+            if self.max_messages is not None:
+                prefetch = min(prefetch, self.max_messages)
+            channel = await connection.channel(publisher_confirms=False)
+            await channel.set_qos(prefetch_count=prefetch)
+            queue = await channel.get_queue(listener.queue, ensure=False)
+            processor = self._processors[listener.queue]
+            semaphore = asyncio.Semaphore(concurrency)
+
+            async def on_message(
+                message: AbstractIncomingMessage,
+                processor: Processor = processor,
+                semaphore: asyncio.Semaphore = semaphore,
+            ) -> None:
+                self._spawn(processor, semaphore, message)
+
+            tag = await queue.consume(on_message)
+            self._channels.append(channel)
+            self._consumers.append((queue, tag))
+
+    async def _wait_for_stop_or_disconnect(self) -> None:
+        assert self._runtime is not None
+        closed = asyncio.ensure_future(self._runtime.connector.closed.wait())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait({closed, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        for fut in (closed, stopping):
+            fut.cancel()
+        if not self._stopping.is_set():
+            log.warning("worker.reconnecting", in_flight=len(self._tasks))
+
+    async def _drain(self) -> None:
+        for queue, tag in self._consumers:
+            try:
+                await queue.cancel(tag)
+            except Exception as exc:
+                log.debug("worker.cancel_failed", queue=queue.name, error=repr(exc))
+        self._consumers.clear()
+        if self._tasks:
+            log.info("worker.draining", in_flight=len(self._tasks), timeout=self.shutdown_timeout)
+            _, pending = await asyncio.wait(set(self._tasks), timeout=self.shutdown_timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning("worker.abandoned", count=len(pending), note="they will be redelivered")
+                await asyncio.gather(*pending, return_exceptions=True)
+        if self._runtime is not None:
+            await self._runtime.close()
+            self.app._runtimes.pop(self._runtime.loop, None)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.store is not None:
+            await self.store.close()
+
+    # -- one message ---------------------------------------------------------------
+
+    def _spawn(
+        self, processor: Processor, semaphore: asyncio.Semaphore, message: AbstractIncomingMessage
+    ) -> None:
+        if self._stopping.is_set() or (
+            self.max_messages is not None and self.started >= self.max_messages
+        ):
+            task = asyncio.ensure_future(self._give_back(message))
+        else:
+            self.started += 1
+            if self.max_messages is not None and self.started >= self.max_messages:
+                self.stop("max-messages")
+            task = asyncio.ensure_future(self._handle(processor, semaphore, message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _give_back(self, message: AbstractIncomingMessage) -> None:
+        try:
+            await message.nack(requeue=True)
+        except Exception as exc:
+            log.debug("message.give_back_failed", error=repr(exc))
+
+    async def _handle(
+        self, processor: Processor, semaphore: asyncio.Semaphore, message: AbstractIncomingMessage
+    ) -> None:
+        in_flight = IN_FLIGHT.labels(processor.listener.queue)
+        async with semaphore:
+            in_flight.inc()
+            started = time.perf_counter()
+            delivery = Delivery.create(
+                processor.listener,
+                message.body,
+                event_name=message.type or message.routing_key or "",
+                message_id=message.message_id,
+                headers=message.headers,
+                correlation_id=message.correlation_id,
+                content_type=message.content_type,
+                content_encoding=message.content_encoding,
+                app_id=message.app_id,
+                timestamp=message.timestamp,
+                redelivered=bool(message.redelivered),
+            )
+            try:
+                outcome = await processor.process(delivery)
+                settled = await self._settle(message, delivery, outcome)
+            finally:
+                in_flight.dec()
+            self._record(delivery, outcome, settled, time.perf_counter() - started)
+
+    async def _settle(
+        self, message: AbstractIncomingMessage, delivery: Delivery, outcome: Outcome
+    ) -> bool:
+        """Tell the broker; a retry or dead-letter copy is confirmed before the ack."""
+        try:
+            if outcome.kind is OutcomeKind.RETRIED:
+                await self._publish_copy(delivery, outcome)
+            elif outcome.kind is OutcomeKind.DEAD_LETTERED:
+                await self._publish_dead_letter(delivery, outcome)
+        except Exception as exc:
+            log.error(
+                "message.settle_failed",
+                queue=delivery.listener.queue,
+                message_id=delivery.message_id,
+                outcome=outcome.kind.value,
+                error=repr(exc),
+                note="message left unacked; the broker redelivers it",
+            )
+            await self._give_back(message)
+            return False
+        try:
+            await message.ack()
+        except Exception as exc:
+            log.warning(
+                "message.ack_lost",
+                queue=delivery.listener.queue,
+                message_id=delivery.message_id,
+                error=repr(exc),
+                note="redelivery will be recognised as a duplicate",
+            )
+            return False
+        return True
+
+    def _copy(
+        self, delivery: Delivery, exchange: str, routing_key: str, headers: dict[str, Any]
+    ) -> Outgoing:
+        return Outgoing(
+            exchange=exchange,
+            routing_key=routing_key,
+            body=delivery.body,
+            message_id=delivery.message_id,
+            event_name=delivery.event_name,
+            headers=headers,
+            correlation_id=delivery.correlation_id,
+            app_id=delivery.app_id,
+            content_type=delivery.content_type or "application/json",
+            content_encoding=delivery.content_encoding,
+            timestamp=delivery.timestamp,
+            mandatory=True,
+        )
+
+    async def _publish_copy(self, delivery: Delivery, outcome: Outcome) -> None:
+        assert self._runtime is not None
+        assert outcome.delay is not None
+        listener = delivery.listener
+        tier = tier_queue(listener.queue, outcome.delay)
+        if tier not in self._tiers:
+            connection = await self._runtime.connector.get()
+            await topology.declare(
+                connection,
+                topology.Topology(queues=(topology.retry_tier(listener.queue, outcome.delay),)),
+            )
+            self._tiers.add(tier)
+        headers = {**delivery.headers, h.ATTEMPT: outcome.attempt}
+        await self._runtime.publisher.publish(
+            self._copy(delivery, "", tier, headers), timeout=SETTLE_TIMEOUT
+        )
+
+    async def _publish_dead_letter(self, delivery: Delivery, outcome: Outcome) -> None:
+        assert self._runtime is not None
+        copy = self._copy(
+            delivery,
+            self.app.settings.dead_letter_exchange,
+            delivery.listener.queue,
+            outcome.headers,
+        )
+        await self._runtime.publisher.publish(copy, timeout=SETTLE_TIMEOUT)
+
+    def _record(self, delivery: Delivery, outcome: Outcome, settled: bool, seconds: float) -> None:
+        self.counts[outcome.kind.value] += 1
+        queue = delivery.listener.queue
+        MESSAGES.labels(queue, delivery.event_name, outcome.kind.value).inc()
+        HANDLER_SECONDS.labels(queue).observe(seconds)
+        fields: dict[str, Any] = {
+            "queue": delivery.listener.queue,
+            "event": delivery.event_name,
+            "message_id": delivery.message_id,
+            "correlation_id": delivery.correlation_id,
+            "causation_id": delivery.causation_id,
+            "attempt": outcome.attempt,
+            "outcome": outcome.kind.value,
+            "duration_ms": round(seconds * 1000, 2),
+        }
+        if not settled:
+            fields["settled"] = False
+        if outcome.kind is OutcomeKind.RETRIED:
+            log.warning("message.handled", delay=outcome.delay, error=repr(outcome.error), **fields)
+        elif outcome.kind is OutcomeKind.DEAD_LETTERED:
+            log.error("message.handled", reason=outcome.reason, error=repr(outcome.error), **fields)
+        else:
+            log.info("message.handled", **fields)
+        if (
+            self.max_memory is not None
+            and sum(self.counts.values()) % 50 == 0
+            and rss_mb() > self.max_memory
+        ):
+            self.stop("max-memory")

@@ -1,0 +1,81 @@
+"""Helpers for tests that run ``pigeon`` as a separate OS process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pigeon.settings import Settings
+from tests.conftest import settings_env
+
+ROOT = Path(__file__).resolve().parent.parent
+PIGEON = [sys.executable, "-m", "pigeon"]
+
+
+def env_for(settings: Settings, service: str, **extra: str) -> dict[str, str]:
+    env = settings_env(settings)
+    env["PIGEON_SERVICE"] = service
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra)
+    return env
+
+
+def start_listener(env: dict[str, str], *args: str, log: Path) -> subprocess.Popen[bytes]:
+    """``pigeon listen tests.apps.recorder:app ARGS`` with its output in ``log``."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [*PIGEON, "listen", "tests.apps.recorder:app", *args],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def wait_for_log(log: Path, text: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and text in log.read_text(errors="replace"):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} not in {log} within {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def recorded(path: Path, kind: str = "done") -> list[str]:
+    if not path.exists():
+        return []
+    return [
+        line.split(" ", 1)[1] for line in path.read_text().splitlines() if line.startswith(kind)
+    ]
+
+
+def wait_recorded(path: Path, count: int, kind: str = "done", timeout: float = 30.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = recorded(path, kind)
+        if len(got) >= count:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"{len(recorded(path, kind))}/{count} {kind!r} records within {timeout}s")
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True

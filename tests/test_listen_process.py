@@ -1,0 +1,201 @@
+"""``pigeon listen`` and ``pigeon dispatch`` as real processes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from pigeon import TopologyError, topology
+from tests.conftest import AppFactory, Broker, RunWorker
+from tests.procs import (
+    PIGEON,
+    ROOT,
+    env_for,
+    recorded,
+    start_listener,
+    stop,
+    wait_for_log,
+    wait_recorded,
+)
+
+
+async def test_two_thousand_events_from_another_process_arrive_exactly_once(
+    make_app: AppFactory, broker: Broker, tmp_path: Path
+) -> None:
+    app = make_app("recorder")
+    env = env_for(app.settings, app.service or "", RECORDER_FILE=str(tmp_path / "rec.txt"))
+    log = tmp_path / "listen.log"
+    proc = start_listener(env, "--concurrency", "32", log=log)
+    broker.queues.add(f"{app.service}.record")
+    try:
+        wait_for_log(log, "worker.consuming")
+        producer = textwrap.dedent(
+            """
+            import pigeon
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(16) as pool:
+                ids = list(pool.map(
+                    lambda i: pigeon.dispatch("test.order.placed", {"order_id": f"o-{i}"}),
+                    range(2000),
+                ))
+            print(len(set(ids)))
+            """
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", producer], env=env, capture_output=True, timeout=120, check=True
+        )
+        assert out.stdout.decode().strip().splitlines()[-1] == "2000"
+        handled = wait_recorded(tmp_path / "rec.txt", 2000, timeout=90)
+        time.sleep(0.5)
+        handled = recorded(tmp_path / "rec.txt")
+        assert len(handled) == 2000
+        assert len(set(handled)) == 2000
+    finally:
+        assert stop(proc) == 0
+
+
+async def test_pigeon_dispatch_from_the_shell_prints_the_id_the_listener_sees(
+    make_app: AppFactory, broker: Broker, tmp_path: Path
+) -> None:
+    app = make_app("recorder")
+    env = env_for(app.settings, app.service or "", RECORDER_FILE=str(tmp_path / "rec.txt"))
+    log = tmp_path / "listen.log"
+    proc = start_listener(env, log=log)
+    broker.queues.add(f"{app.service}.record")
+    try:
+        wait_for_log(log, "worker.consuming")
+        out = subprocess.run(
+            [*PIGEON, "dispatch", "test.order.placed", json.dumps({"order_id": "o-1"})],
+            env=env,
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+        message_id = out.stdout.decode().strip()
+        assert len(message_id) == 36
+        assert wait_recorded(tmp_path / "rec.txt", 1) == [message_id]
+    finally:
+        assert stop(proc) == 0
+
+
+async def test_pigeon_dispatch_rejects_a_payload_that_is_not_json(
+    make_app: AppFactory, tmp_path: Path
+) -> None:
+    app = make_app("shell")
+    env = env_for(app.settings, app.service or "")
+    out = subprocess.run(
+        [*PIGEON, "dispatch", "test.order.placed", "{not json"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert b"PAYLOAD is not JSON" in out.stderr
+
+
+async def test_sigterm_lets_in_flight_handlers_finish_and_exits_zero(
+    make_app: AppFactory, broker: Broker, tmp_path: Path
+) -> None:
+    app = make_app("recorder")
+    rec = tmp_path / "rec.txt"
+    env = env_for(
+        app.settings,
+        app.service or "",
+        RECORDER_FILE=str(rec),
+        RECORDER_MODE="slow",
+        RECORDER_SECONDS="1.5",
+    )
+    log = tmp_path / "listen.log"
+    proc = start_listener(env, "--concurrency", "4", "--shutdown-timeout", "20", log=log)
+    broker.queues.add(f"{app.service}.record")
+    wait_for_log(log, "worker.consuming")
+    ids = [await app.dispatch_async("test.order.placed", {"order_id": f"o-{i}"}) for i in range(10)]
+    started = wait_recorded(rec, 4, kind="start")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    finished = recorded(rec)
+    assert sorted(finished) == sorted(started), "every started handler finished before exit"
+    assert b"worker.stopped" in log.read_bytes()
+    # Nothing lost: what was not started is still queued and handled by the next process.
+    proc = start_listener(env, log=log)
+    try:
+        wait_recorded(rec, 10, timeout=60)
+        assert sorted(set(recorded(rec))) == sorted(ids)
+    finally:
+        assert stop(proc) == 0
+    await app.close()
+
+
+async def test_topology_commands_show_and_declare_the_listener_queue(
+    make_app: AppFactory, broker: Broker, tmp_path: Path
+) -> None:
+    app = make_app("recorder")
+    env = env_for(app.settings, app.service or "")
+    broker.queues.add(f"{app.service}.record")
+    broker.queues.add(f"{app.service}.record.retry.200ms")
+    shown = subprocess.run(
+        [*PIGEON, "topology", "show", "tests.apps.recorder:app"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=True,
+        cwd=ROOT,
+    ).stdout.decode()
+    assert f"queue {app.service}.record " in shown
+    assert "x-queue-type=quorum" in shown
+    assert f"x-dead-letter-exchange={app.settings.dead_letter_exchange}" in shown
+    assert f"bound to {app.settings.exchange} with 'test.order.placed'" in shown
+    assert f"queue {app.service}.record.retry.200ms" in shown
+    subprocess.run(
+        [*PIGEON, "topology", "declare", "tests.apps.recorder:app"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=True,
+        cwd=ROOT,
+    )
+    assert await broker.count(f"{app.service}.record") == 0
+    assert await broker.count(f"{app.service}.record.retry.200ms") == 0
+
+
+async def test_listen_with_a_mismatched_queue_exits_with_the_fix(
+    make_app: AppFactory, broker: Broker, tmp_path: Path
+) -> None:
+    app = make_app("recorder")
+    queue = f"{app.service}.record"
+    broker.queues.add(queue)
+    wanted = topology.listener_queue(app.settings, queue, ["test.order.placed"])
+    channel = await broker.connection.channel()
+    await channel.declare_queue(
+        queue, durable=True, arguments={**wanted.arguments, "x-delivery-limit": 5}
+    )
+    env = env_for(app.settings, app.service or "")
+    log = tmp_path / "listen.log"
+    proc = start_listener(env, log=log)
+    assert proc.wait(30) == 78, "a configuration error exits EX_CONFIG so supervisor gives up"
+    text = log.read_text()
+    assert f"queue {queue} exists with x-delivery-limit=5" in text
+    assert "this app wants x-delivery-limit=20" in text
+    assert f"rabbitmqctl delete_queue {queue}" in text
+
+
+async def test_a_classic_queue_in_the_way_is_named_in_the_error(
+    make_app: AppFactory, run_worker: RunWorker, broker: Broker
+) -> None:
+    app = make_app("notification")
+
+    @app.listener("test.order.placed")
+    async def send(payload: dict[str, object]) -> None: ...
+
+    broker.queues.add(send.queue)
+    channel = await broker.connection.channel()
+    await channel.declare_queue(send.queue, durable=True)
+    with pytest.raises(TopologyError, match=f"queue {send.queue} exists with x-"):
+        await run_worker(app)
