@@ -25,6 +25,14 @@ log = structlog.get_logger("pigeon")
 OnConnect = Callable[[AbstractConnection], Awaitable[None]]
 
 
+async def _release(connection: AbstractConnection) -> None:
+    """Free the sockets of a connection the broker dropped (aiormq leaves them open)."""
+    try:
+        await connection.close()
+    except Exception as exc:
+        log.debug("broker.release_failed", error=repr(exc))
+
+
 class Connector:
     """Hands out the current connection and opens a new one when it is gone.
 
@@ -87,6 +95,8 @@ class Connector:
             self.closed.set()
             if exc is not None:
                 log.warning("broker.connection_lost", url=self.masked_url, error=str(exc))
+                if isinstance(sender, AbstractConnection):
+                    self._closing = asyncio.ensure_future(_release(sender))
 
     async def channel(self, *, confirms: bool = True) -> AbstractChannel:
         """A new channel on the current connection; confirmed and raising on returns."""

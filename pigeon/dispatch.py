@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, DeliveryMode
-from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, DeliveryError, PublishError
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
@@ -184,7 +184,7 @@ class Publisher:
         except RETRYABLE as exc:
             raise DispatchError(
                 f"could not publish {outgoing.event_name} (message {outgoing.message_id}) to "
-                f"{self.connector.masked_url} within {limit:g}s: {type(exc).__name__}: {exc}"
+                f"{self.connector.masked_url} within {limit:g}s: {_explain(exc)}"
             ) from exc
         return outgoing.message_id
 
@@ -200,7 +200,7 @@ class Publisher:
         def before_sleep(state: Any) -> None:
             log.warning(
                 "dispatch.retrying",
-                event=outgoing.event_name,
+                event_name=outgoing.event_name,
                 message_id=outgoing.message_id,
                 attempt=state.attempt_number,
                 retry_in=round(state.upcoming_sleep, 3),
@@ -214,6 +214,20 @@ class Publisher:
         channel, self._channel = self._channel, None
         if channel is not None and not channel.is_closed:
             await channel.close()
+
+
+def _explain(exc: BaseException) -> str:
+    if isinstance(exc, PublishError):
+        return (
+            "the broker returned it as unroutable (no queue for routing key "
+            f"{getattr(exc.message, 'routing_key', '?')!r}; declare the topology first)"
+        )
+    if isinstance(exc, DeliveryError):
+        return (
+            "the broker refused it (nack): a queue it routes to is full "
+            "(x-overflow=reject-publish) or unavailable"
+        )
+    return f"{type(exc).__name__}: {exc}"
 
 
 class Bridge:

@@ -97,7 +97,7 @@ class Context:
         self.log: structlog.typing.FilteringBoundLogger = structlog.get_logger("pigeon").bind(
             queue=queue,
             listener=listener,
-            event=event_name,
+            event_name=event_name,
             message_id=message_id,
             correlation_id=correlation_id,
             causation_id=causation_id,

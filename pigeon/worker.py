@@ -50,6 +50,15 @@ def rss_mb() -> float:
         return 0.0
 
 
+def _quiet_connection_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """aiormq leaves a failed future behind on every lost connection; that loss is already
+    logged (``broker.connection_lost``), so its echo is demoted to debug."""
+    if isinstance(context.get("exception"), RETRYABLE):
+        log.debug("broker.background_error", error=repr(context["exception"]))
+        return
+    loop.default_exception_handler(context)
+
+
 class Worker:
     """Consumes an app's listeners on one connection until stopped.
 
@@ -95,6 +104,11 @@ class Worker:
         self._executor: ThreadPoolExecutor | None = None
         self._runtime: Runtime | None = None
 
+    @property
+    def connections(self) -> int:
+        """How many connections this worker has opened (1 + reconnects)."""
+        return self._runtime.connector.generation if self._runtime is not None else 0
+
     # -- lifecycle -----------------------------------------------------------------
 
     def stop(self, reason: str = "requested") -> None:
@@ -113,6 +127,7 @@ class Worker:
         if self.handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop, signal.Signals(sig).name)
+        loop.set_exception_handler(_quiet_connection_errors)
         self._runtime = self.app.runtime()
         try:
             await self._open_store()
@@ -404,7 +419,7 @@ class Worker:
         HANDLER_SECONDS.labels(queue).observe(seconds)
         fields: dict[str, Any] = {
             "queue": delivery.listener.queue,
-            "event": delivery.event_name,
+            "event_name": delivery.event_name,
             "message_id": delivery.message_id,
             "correlation_id": delivery.correlation_id,
             "causation_id": delivery.causation_id,

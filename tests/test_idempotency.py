@@ -1,0 +1,400 @@
+"""Idempotency stores: one set of test bodies, run against every store.
+
+Redis and PostgreSQL are the real servers on this machine; when one is down
+these tests fail rather than skip. Each test uses keys under a unique prefix
+and deletes them afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import re
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier
+from pathlib import Path
+from typing import Protocol
+
+import asyncpg  # type: ignore[import-untyped, unused-ignore]
+import pytest
+import redis.asyncio as aioredis
+
+from pigeon.idempotency import ClaimState, IdempotencyStore, open_store
+from pigeon.idempotency.memory import MemoryStore
+from pigeon.idempotency.postgres import PostgresStore
+from pigeon.idempotency.redis import KEY_PREFIX, RedisStore
+from pigeon.idempotency.sqlite import SQLiteStore
+
+REDIS_URL = "redis://127.0.0.1:6379/15"
+POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+STORE_KINDS = ["memory", "sqlite", "redis", "postgres"]
+
+
+class StoreFactory(Protocol):
+    def __call__(self, *, retention: float = ...) -> Awaitable[IdempotencyStore]: ...
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"test-{uuid.uuid4().hex}:"
+
+
+@pytest.fixture(params=STORE_KINDS)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    return kind
+
+
+@pytest.fixture
+async def make_store(store_kind: str, prefix: str, tmp_path: Path) -> AsyncIterator[StoreFactory]:
+    """Open stores of ``store_kind``; close them and delete this test's keys afterwards."""
+    urls = {
+        "memory": "memory://",
+        "sqlite": f"sqlite:///{tmp_path}/idempotency.db",
+        "redis": REDIS_URL,
+        "postgres": POSTGRES_URL,
+    }
+    opened: list[IdempotencyStore] = []
+
+    async def factory(*, retention: float = 7 * 24 * 3600) -> IdempotencyStore:
+        store = open_store(urls[store_kind], retention=retention)
+        await store.open()
+        opened.append(store)
+        return store
+
+    try:
+        yield factory
+    finally:
+        for store in opened:
+            await store.close()
+        if store_kind == "redis":
+            await _delete_redis_keys(prefix)
+        elif store_kind == "postgres":
+            await _delete_postgres_keys(prefix)
+
+
+async def _delete_redis_keys(prefix: str) -> None:
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{KEY_PREFIX}{prefix}*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()  # type: ignore[attr-defined, unused-ignore]
+
+
+async def _delete_postgres_keys(prefix: str) -> None:
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:
+        await conn.execute("DELETE FROM pigeon_idempotency WHERE key LIKE $1", prefix + "%")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def store(make_store: StoreFactory) -> IdempotencyStore:
+    return await make_store()
+
+
+@pytest.fixture
+def key(prefix: str) -> str:
+    return f"{prefix}notification.send-confirmation:{uuid.uuid4()}"
+
+
+async def test_first_claim_of_a_key_is_claimed_with_a_token(
+    store: IdempotencyStore, key: str
+) -> None:
+    claim = await store.claim(key, lease=30)
+
+    assert claim.state is ClaimState.CLAIMED
+    assert claim.token
+    assert claim.retry_after == 0.0
+
+
+async def test_second_claim_while_held_is_in_progress_with_the_lease_left(
+    store: IdempotencyStore, key: str
+) -> None:
+    await store.claim(key, lease=30)
+
+    second = await store.claim(key, lease=30)
+
+    assert second.state is ClaimState.IN_PROGRESS
+    assert second.token is None
+    assert 0 < second.retry_after <= 30
+
+
+async def test_claim_after_done_is_done(store: IdempotencyStore, key: str) -> None:
+    await store.done(key, await _claimed(store, key))
+
+    assert (await store.claim(key, lease=30)).state is ClaimState.DONE
+
+
+async def test_claim_after_release_is_claimed_again_with_a_new_token(
+    store: IdempotencyStore, key: str
+) -> None:
+    first = await _claimed(store, key)
+    await store.release(key, first)
+
+    second = await store.claim(key, lease=30)
+
+    assert second.state is ClaimState.CLAIMED
+    assert second.token != first
+
+
+async def test_release_after_done_keeps_the_key_done(store: IdempotencyStore, key: str) -> None:
+    token = await _claimed(store, key)
+    await store.done(key, token)
+
+    await store.release(key, token)
+
+    assert (await store.claim(key, lease=30)).state is ClaimState.DONE
+
+
+async def test_expired_lease_is_claimed_by_another_and_the_stale_release_keeps_the_new_claim(
+    store: IdempotencyStore, key: str
+) -> None:
+    stale = await _claimed(store, key, lease=0.2)
+    await asyncio.sleep(0.3)
+
+    fresh = await _claimed(store, key)
+    await store.release(key, stale)
+
+    assert fresh != stale
+    assert (await store.claim(key, lease=30)).state is ClaimState.IN_PROGRESS
+    await store.done(key, fresh)
+    assert (await store.claim(key, lease=30)).state is ClaimState.DONE
+
+
+async def test_done_after_the_lease_expired_still_marks_the_key_done(
+    store: IdempotencyStore, key: str
+) -> None:
+    token = await _claimed(store, key, lease=0.1)
+    await asyncio.sleep(0.2)
+
+    await store.done(key, token)
+
+    assert (await store.claim(key, lease=30)).state is ClaimState.DONE
+
+
+async def test_done_key_past_retention_can_be_claimed_again_before_any_purge(
+    make_store: StoreFactory, key: str
+) -> None:
+    store = await make_store(retention=0.3)
+    await store.done(key, await _claimed(store, key))
+    await asyncio.sleep(0.4)
+
+    assert (await store.claim(key, lease=30)).state is ClaimState.CLAIMED
+
+
+async def test_purge_deletes_done_keys_past_retention_and_expired_claims(
+    make_store: StoreFactory, prefix: str, store_kind: str
+) -> None:
+    store = await make_store(retention=0.3)
+    done_key, abandoned_key, live_key = (f"{prefix}{name}" for name in ("done", "gone", "live"))
+    await store.done(done_key, await _claimed(store, done_key))
+    await _claimed(store, abandoned_key, lease=0.1)
+    await asyncio.sleep(0.4)
+    await _claimed(store, live_key, lease=30)
+
+    purged = await store.purge()
+
+    if store_kind == "redis":
+        assert purged == 0, "Redis expires keys itself; purge has nothing to delete"
+    else:
+        assert purged >= 2
+    assert (await store.claim(done_key, lease=30)).state is ClaimState.CLAIMED
+    assert (await store.claim(abandoned_key, lease=30)).state is ClaimState.CLAIMED
+    assert (await store.claim(live_key, lease=30)).state is ClaimState.IN_PROGRESS
+
+
+async def test_twenty_concurrent_claims_of_a_key_yield_exactly_one_claimed(
+    store: IdempotencyStore, prefix: str
+) -> None:
+    keys = [f"{prefix}concurrent:{n}" for n in range(25)]
+
+    claims = await asyncio.gather(*(store.claim(k, lease=30) for _ in range(20) for k in keys))
+
+    for n, k in enumerate(keys):
+        states = [claim.state for claim in claims[n :: len(keys)]]
+        assert states.count(ClaimState.CLAIMED) == 1, k
+        assert states.count(ClaimState.IN_PROGRESS) == 19, k
+
+
+async def test_open_and_close_can_be_called_twice(store: IdempotencyStore, key: str) -> None:
+    await store.open()
+    assert (await store.claim(key, lease=30)).state is ClaimState.CLAIMED
+    await store.close()
+    await store.close()
+
+
+def _claim_all_in_a_process(
+    path: str, keys: list[str], start: Barrier, results: Queue[list[str]]
+) -> None:
+    async def claim_all() -> list[str]:
+        won = []
+        async with SQLiteStore(path) as store:
+            for key in keys:
+                claim = await store.claim(key, lease=60)
+                if claim.token is not None:
+                    won.append(key)
+                    await store.done(key, claim.token)
+        return won
+
+    start.wait()
+    results.put(asyncio.run(claim_all()))
+
+
+async def test_two_processes_sharing_a_sqlite_file_claim_each_key_exactly_once(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "shared" / "idempotency.db")
+    keys = [f"orders.audit:{n}" for n in range(200)]
+    spawn = multiprocessing.get_context("spawn")
+    start, results = spawn.Barrier(2), spawn.Queue()
+    workers = [
+        spawn.Process(target=_claim_all_in_a_process, args=(path, keys, start, results))
+        for _ in range(2)
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        won = [await asyncio.to_thread(results.get, timeout=120) for _ in workers]
+        for worker in workers:
+            await asyncio.to_thread(worker.join, 30)
+            assert worker.exitcode == 0
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+            worker.close()
+        results.close()
+        results.join_thread()
+
+    assert sorted(won[0] + won[1]) == sorted(keys)
+    async with SQLiteStore(path) as store:
+        states = {(await store.claim(k, lease=30)).state for k in keys}
+    assert states == {ClaimState.DONE}
+
+
+@pytest.mark.parametrize(
+    ("url", "store_type"),
+    [
+        ("memory://", MemoryStore),
+        ("sqlite:///relative/idempotency.db", SQLiteStore),
+        ("redis://127.0.0.1:6379/0", RedisStore),
+        ("rediss://:secret@redis.example:6380/1", RedisStore),
+        ("postgresql://postgres@127.0.0.1/test", PostgresStore),
+        ("postgres://postgres@127.0.0.1/test", PostgresStore),
+        ("postgresql+asyncpg://postgres@127.0.0.1/test", PostgresStore),
+    ],
+)
+def test_open_store_picks_the_store_from_the_url_scheme(
+    url: str, store_type: type[IdempotencyStore]
+) -> None:
+    store = open_store(url, retention=60)
+
+    assert type(store) is store_type
+    assert store.retention == 60
+
+
+def test_sqlite_url_takes_a_relative_path_after_three_slashes_and_absolute_after_four() -> None:
+    relative = open_store("sqlite:///.pigeon/idempotency.db")
+    absolute = open_store("sqlite:////var/lib/pigeon/idempotency.db")
+
+    assert isinstance(relative, SQLiteStore)
+    assert isinstance(absolute, SQLiteStore)
+    assert relative.path == Path(".pigeon/idempotency.db")
+    assert absolute.path == Path("/var/lib/pigeon/idempotency.db")
+
+
+async def test_sqlite_store_creates_the_directory_of_its_file(tmp_path: Path, key: str) -> None:
+    path = tmp_path / "not" / "yet" / "there.db"
+
+    async with open_store(f"sqlite:///{path}") as store:
+        assert (await store.claim(key, lease=30)).state is ClaimState.CLAIMED
+    assert path.exists()
+
+
+def test_postgres_url_variants_become_one_asyncpg_dsn() -> None:
+    store = open_store("postgresql+asyncpg://app:secret@db.example:5432/orders")
+
+    assert isinstance(store, PostgresStore)
+    assert store.dsn == "postgresql://app:secret@db.example:5432/orders"
+
+
+@pytest.mark.parametrize(
+    "url", ["mysql://app:secret@db.example/orders", "app:secret@db.example", "sqlite://host/x.db"]
+)
+def test_bad_url_is_a_value_error_with_the_fix_and_no_password(url: str) -> None:
+    with pytest.raises(ValueError, match=r"memory://|sqlite:///relative") as info:
+        open_store(url)
+
+    assert "secret" not in str(info.value)
+
+
+def test_unknown_scheme_error_names_every_supported_scheme() -> None:
+    with pytest.raises(ValueError, match="unsupported") as info:
+        open_store("mysql://app:secret@db.example/orders")
+
+    message = str(info.value)
+    assert "mysql://app:***@db.example/orders" in message
+    for scheme in ("memory://", "sqlite://", "redis://", "rediss://", "postgresql://"):
+        assert scheme in message
+
+
+@pytest.mark.parametrize(
+    ("url", "package", "extra"),
+    [
+        ("redis://:secret@127.0.0.1:6379/0", "redis", "pigeon-bus[redis]"),
+        ("postgresql://app:secret@127.0.0.1/test", "asyncpg", "pigeon-bus[postgres]"),
+    ],
+)
+def test_missing_driver_is_an_import_error_naming_the_extra_and_no_password(
+    monkeypatch: pytest.MonkeyPatch, url: str, package: str, extra: str
+) -> None:
+    monkeypatch.setitem(sys.modules, package, None)
+    for module in ("pigeon.idempotency.redis", "pigeon.idempotency.postgres"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+
+    with pytest.raises(ImportError, match=re.escape(f"pip install '{extra}'")) as info:
+        open_store(url)
+
+    assert "secret" not in str(info.value)
+    assert "***" in str(info.value)
+
+
+@pytest.mark.parametrize("retention", [0, -1.0])
+def test_retention_must_be_positive(retention: float) -> None:
+    with pytest.raises(ValueError, match="retention"):
+        open_store("memory://", retention=retention)
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://:secret@127.0.0.1:1/0", "postgresql://app:secret@127.0.0.1:1/test"]
+)
+async def test_unreachable_server_is_a_connection_error_without_the_password(url: str) -> None:
+    store = open_store(url)
+
+    with pytest.raises(ConnectionError, match="cannot") as info:
+        await store.open()
+
+    assert "secret" not in str(info.value)
+    assert "127.0.0.1:1" in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["sqlite:///never-opened.db", REDIS_URL, POSTGRES_URL])
+async def test_using_a_store_before_open_says_to_open_it(url: str) -> None:
+    with pytest.raises(RuntimeError, match=r"await store\.open\(\)"):
+        await open_store(url).claim("orders.audit:1", lease=30)
+
+
+async def _claimed(store: IdempotencyStore, key: str, lease: float = 30) -> str:
+    """Claim ``key``, insist it was free, and return the token."""
+    claim = await store.claim(key, lease)
+    assert claim.state is ClaimState.CLAIMED
+    assert claim.token is not None
+    return claim.token

@@ -1,0 +1,101 @@
+"""Connections die: the worker and the dispatcher come back by themselves."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from pigeon import Context, Pigeon
+from pigeon.worker import Worker
+from tests.conftest import Broker, RunWorker, eventually, unique_settings
+from tests.events import OrderPlaced
+from tests.tcpproxy import TcpProxy
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[TcpProxy]:
+    p = TcpProxy()
+    await p.start()
+    yield p
+    await p.stop()
+
+
+async def test_the_worker_resumes_consuming_after_its_connection_is_cut(
+    proxy: TcpProxy, prefix: str, broker: Broker, run_worker: RunWorker
+) -> None:
+    settings = unique_settings(prefix, url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/")
+    app = Pigeon(service=f"{prefix}-notification", settings=settings)
+    broker.apps.append(app)
+    producer = Pigeon(service=f"{prefix}-orders", settings=unique_settings(prefix))
+    seen: list[str] = []
+
+    @app.listener(OrderPlaced)
+    async def send(event: OrderPlaced, ctx: Context) -> None:
+        seen.append(event.order_id)
+
+    worker = await run_worker(app)
+    await producer.dispatch_async(OrderPlaced(order_id="before"))
+    await eventually(lambda: seen == ["before"])
+    for round_ in range(3):
+        before = worker.connections
+        await proxy.cut()
+        await eventually(lambda b=before: worker.connections > b, message="worker reconnected")
+        await eventually(worker.ready.is_set, timeout=30, message="worker consuming again")
+        await producer.dispatch_async(OrderPlaced(order_id=f"after-{round_}"))
+        await eventually(lambda r=round_: f"after-{r}" in seen, timeout=15)
+    assert seen == ["before", "after-0", "after-1", "after-2"]
+    assert proxy.connections >= 4
+    await producer.close()
+
+
+async def test_a_worker_started_while_the_broker_is_away_waits_and_then_consumes(
+    prefix: str, broker: Broker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = TcpProxy.free_port()
+    settings = unique_settings(prefix, url=f"amqp://guest:guest@127.0.0.1:{port}/")
+    app = Pigeon(service=f"{prefix}-notification", settings=settings)
+    broker.apps.append(app)
+    seen: list[str] = []
+
+    @app.listener(OrderPlaced)
+    async def send(event: OrderPlaced) -> None:
+        seen.append(event.order_id)
+
+    worker = Worker(app, handle_signals=False, shutdown_timeout=5)
+    task = asyncio.create_task(worker.run())
+    await asyncio.sleep(2.5)
+    assert not task.done(), "the worker keeps trying instead of exiting"
+    assert "broker.unreachable" in capsys.readouterr().out
+    proxy = TcpProxy(port=port)
+    await proxy.start()
+    try:
+        await asyncio.wait_for(worker.ready.wait(), 45)
+        producer = Pigeon(service=f"{prefix}-orders", settings=unique_settings(prefix))
+        await producer.dispatch_async(OrderPlaced(order_id="late"))
+        await eventually(lambda: seen == ["late"])
+        await producer.close()
+    finally:
+        worker.stop()
+        assert await asyncio.wait_for(task, 20) == 0
+        await proxy.stop()
+
+
+async def test_dispatch_rides_out_a_cut_connection(
+    proxy: TcpProxy, prefix: str, broker: Broker
+) -> None:
+    settings = unique_settings(prefix, url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/")
+    app = Pigeon(service=f"{prefix}-orders", settings=settings)
+    broker.apps.append(app)
+    await app.declare()
+    channel = await broker.connection.channel()
+    tap = await channel.declare_queue(f"{prefix}.tap")
+    broker.queues.add(tap.name)
+    await tap.bind(settings.exchange, "#")
+    for i in range(30):
+        if i % 10 == 5:
+            await proxy.cut()
+        await app.dispatch_async(OrderPlaced(order_id=f"o-{i}"))
+    assert await broker.count(tap.name) == 30
+    await app.close()
