@@ -27,12 +27,13 @@ from pigeon import headers as h
 from pigeon.deadletter import dead_letter_headers
 from pigeon.events import Event
 from pigeon.headers import Reason
+from pigeon.idempotency.base import ClaimState
 from pigeon.listener import Context, Listener
 from pigeon.middleware import chain
 from pigeon.retry import Reject, RetryLater
 
 if TYPE_CHECKING:
-    from pigeon.idempotency import IdempotencyStore
+    from pigeon.idempotency import Claim, IdempotencyStore
 
 log = structlog.get_logger("pigeon")
 
@@ -173,26 +174,57 @@ class Processor:
         if store is None:
             return await self._attempts(delivery)
         key = f"{self.listener.queue}:{delivery.message_id}"
+        lease = self.listener.claim_lease
         try:
-            claim = await store.claim(key, self.listener.claim_lease)
+            claim = await self._claim(store, key, lease)
         except Exception as exc:  # the store is down: fail this try, keep the message
             return await self._failed(delivery, delivery.attempt, exc)
-        from pigeon.idempotency import ClaimState
-
-        if claim.state is ClaimState.DONE:
+        if claim.token is None:
             return Outcome(OutcomeKind.DUPLICATE, delivery.attempt)
-        if claim.state is ClaimState.IN_PROGRESS or claim.token is None:
-            delay = min(max(claim.retry_after, 1.0), self.listener.retry.delays[0])
-            return Outcome(OutcomeKind.RETRIED, delivery.attempt, delay=delay, reason="in-progress")
-        outcome = await self._attempts(delivery)
+        renewal = asyncio.ensure_future(self._renew(store, key, claim.token, lease))
         try:
-            if outcome.kind is OutcomeKind.ACKED:
-                await store.done(key, claim.token)
-            else:
-                await store.release(key, claim.token)
-        except Exception as exc:
-            log.error("idempotency.store_failed", key=key, error=repr(exc), outcome=outcome.kind)
+            outcome = await self._attempts(delivery)
+        except BaseException:
+            renewal.cancel()
+            await asyncio.shield(self._settle_claim(store, key, claim.token, released=True))
+            raise
+        renewal.cancel()
+        await self._settle_claim(
+            store, key, claim.token, released=outcome.kind is not OutcomeKind.ACKED
+        )
         return outcome
+
+    async def _claim(self, store: IdempotencyStore, key: str, lease: float) -> Claim:
+        """Claim ``key``; while another delivery holds it, wait for it to finish or expire.
+
+        Waiting (rather than re-queueing a copy) keeps the broker's delivery
+        count intact, so a message that crashes every process that takes it
+        still reaches ``x-delivery-limit`` and is dead-lettered.
+        """
+        while True:
+            claim = await store.claim(key, lease)
+            if claim.state is not ClaimState.IN_PROGRESS:
+                return claim
+            await asyncio.sleep(min(max(claim.retry_after, 0.05), lease / 3, 1.0))
+
+    async def _renew(self, store: IdempotencyStore, key: str, token: str, lease: float) -> None:
+        while True:
+            await asyncio.sleep(lease / 3)
+            try:
+                await store.extend(key, token, lease)
+            except Exception as exc:
+                log.warning("idempotency.renew_failed", key=key, error=repr(exc))
+
+    async def _settle_claim(
+        self, store: IdempotencyStore, key: str, token: str, *, released: bool
+    ) -> None:
+        try:
+            if released:
+                await store.release(key, token)
+            else:
+                await store.done(key, token)
+        except Exception as exc:
+            log.error("idempotency.store_failed", key=key, error=repr(exc), released=released)
 
     def decode(self, delivery: Delivery) -> Event | dict[str, Any]:
         """The payload as the handler wants it; raises :class:`InvalidMessage`."""

@@ -149,13 +149,12 @@ class Publisher:
         return exchange
 
     async def _publish_once(self, outgoing: Outgoing, timeout: float) -> None:
-        exchange = await self._exchange(outgoing.exchange)
-        await exchange.publish(
-            outgoing.to_message(),
-            outgoing.routing_key,
-            mandatory=outgoing.mandatory,
-            timeout=timeout,
-        )
+        # asyncio.timeout() costs one timer handle; aio-pika's own timeout= spawns a task.
+        async with asyncio.timeout(timeout):
+            exchange = await self._exchange(outgoing.exchange)
+            await exchange.publish(
+                outgoing.to_message(), outgoing.routing_key, mandatory=outgoing.mandatory
+            )
 
     async def publish(self, outgoing: Outgoing, *, timeout: float | None = None) -> str:
         """Publish and wait for the confirm; retry outages until ``timeout``, then raise."""

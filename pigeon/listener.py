@@ -29,6 +29,7 @@ Handler = Callable[..., Any]
 Fallback = Callable[[Any, "Context", BaseException], Any]
 
 DEFAULT_TIMEOUT = 600.0
+DEFAULT_LEASE = 30.0
 
 
 def pattern_of(target: type[Event] | str) -> str:
@@ -164,10 +165,9 @@ class Listener:
 
     @property
     def claim_lease(self) -> float:
-        """How long a claim is held before another delivery may take it over."""
-        if self.lease is not None:
-            return self.lease
-        return (self.timeout or DEFAULT_TIMEOUT) + 60.0
+        """Seconds an idempotency claim lives unless renewed; it is renewed every third
+        of it while the handler runs, so only a dead process's claim expires."""
+        return self.lease if self.lease is not None else DEFAULT_LEASE
 
     def fallback(self, func: Fallback) -> Fallback:
         """Register ``func(event, ctx, error)`` to run once when retries are used up.

@@ -75,11 +75,21 @@ class Broker:
     """A raw aio-pika view of the broker for assertions, plus cleanup of what tests made."""
 
     def __init__(self, connection: AbstractConnection, prefix: str) -> None:
-        self.connection = connection
+        self._connection = connection
         self.prefix = prefix
         self.queues: set[str] = set()
         self.exchanges: set[str] = set()
         self.apps: list[Pigeon] = []
+
+    @property
+    def connection(self) -> AbstractConnection:
+        return self._connection
+
+    async def reconnect(self) -> None:
+        """A fresh connection, after a test restarted the broker under the old one."""
+        with contextlib.suppress(Exception):
+            await self._connection.close()
+        self._connection = await aio_pika.connect(AMQP_URL)
 
     async def get(self, queue: str, timeout: float = 10.0) -> aio_pika.abc.AbstractIncomingMessage:
         """Wait for one message on ``queue`` and ack it."""
@@ -107,6 +117,8 @@ class Broker:
             await channel.close()
 
     async def cleanup(self) -> None:
+        if self._connection.is_closed:
+            await self.reconnect()
         names_q = set(self.queues)
         names_x = set(self.exchanges)
         for app in self.apps:
@@ -141,7 +153,7 @@ async def broker(prefix: str) -> AsyncIterator[Broker]:
         yield b
     finally:
         await b.cleanup()
-        await connection.close()
+        await b.connection.close()
 
 
 AppFactory = Callable[..., Pigeon]

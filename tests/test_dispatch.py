@@ -74,7 +74,14 @@ async def test_sync_dispatch_from_eight_threads_at_once(
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
-    await asyncio.to_thread(lambda: [t.start() for t in threads] and [t.join() for t in threads])
+
+    def run_all() -> None:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    await asyncio.to_thread(run_all)
     assert errors == []
     assert len(set(ids)) == 400
     deadline = time.monotonic() + 10

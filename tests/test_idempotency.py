@@ -13,7 +13,7 @@ import re
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable
-from multiprocessing.queues import Queue
+from concurrent.futures import ProcessPoolExecutor
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from typing import Protocol
@@ -230,12 +230,24 @@ async def test_open_and_close_can_be_called_twice(store: IdempotencyStore, key: 
     await store.close()
 
 
-def _claim_all_in_a_process(
-    path: str, keys: list[str], start: Barrier, results: Queue[list[str]]
-) -> None:
+_start_together: Barrier | None = None
+
+
+def _share_the_start_barrier(barrier: Barrier) -> None:
+    global _start_together
+    _start_together = barrier
+
+
+def _claim_all_in_a_process(path: str, keys: list[str]) -> list[str]:
+    """Open the shared file and claim every key, both steps in step with the other process."""
+    start = _start_together
+    assert start is not None
+
     async def claim_all() -> list[str]:
         won = []
+        start.wait(timeout=60)
         async with SQLiteStore(path) as store:
+            start.wait(timeout=60)
             for key in keys:
                 claim = await store.claim(key, lease=60)
                 if claim.token is not None:
@@ -243,8 +255,7 @@ def _claim_all_in_a_process(
                     await store.done(key, claim.token)
         return won
 
-    start.wait()
-    results.put(asyncio.run(claim_all()))
+    return asyncio.run(claim_all())
 
 
 async def test_two_processes_sharing_a_sqlite_file_claim_each_key_exactly_once(
@@ -253,26 +264,11 @@ async def test_two_processes_sharing_a_sqlite_file_claim_each_key_exactly_once(
     path = str(tmp_path / "shared" / "idempotency.db")
     keys = [f"orders.audit:{n}" for n in range(200)]
     spawn = multiprocessing.get_context("spawn")
-    start, results = spawn.Barrier(2), spawn.Queue()
-    workers = [
-        spawn.Process(target=_claim_all_in_a_process, args=(path, keys, start, results))
-        for _ in range(2)
-    ]
-    for worker in workers:
-        worker.start()
-    try:
-        won = [await asyncio.to_thread(results.get, timeout=120) for _ in workers]
-        for worker in workers:
-            await asyncio.to_thread(worker.join, 30)
-            assert worker.exitcode == 0
-    finally:
-        for worker in workers:
-            if worker.is_alive():
-                worker.kill()
-                worker.join()
-            worker.close()
-        results.close()
-        results.join_thread()
+    with ProcessPoolExecutor(
+        2, mp_context=spawn, initializer=_share_the_start_barrier, initargs=(spawn.Barrier(2),)
+    ) as processes:
+        runs = [processes.submit(_claim_all_in_a_process, path, keys) for _ in range(2)]
+        won = await asyncio.wait_for(asyncio.gather(*map(asyncio.wrap_future, runs)), 120)
 
     assert sorted(won[0] + won[1]) == sorted(keys)
     async with SQLiteStore(path) as store:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from functools import partial
 
 import pytest
 
@@ -12,6 +13,14 @@ from pigeon.worker import Worker
 from tests.conftest import Broker, RunWorker, eventually, unique_settings
 from tests.events import OrderPlaced
 from tests.tcpproxy import TcpProxy
+
+
+def reconnected(worker: Worker, before: int) -> bool:
+    return worker.connections > before
+
+
+def contains(items: list[str], item: str) -> bool:
+    return item in items
 
 
 @pytest.fixture
@@ -41,10 +50,10 @@ async def test_the_worker_resumes_consuming_after_its_connection_is_cut(
     for round_ in range(3):
         before = worker.connections
         await proxy.cut()
-        await eventually(lambda b=before: worker.connections > b, message="worker reconnected")
+        await eventually(partial(reconnected, worker, before), message="worker reconnected")
         await eventually(worker.ready.is_set, timeout=30, message="worker consuming again")
         await producer.dispatch_async(OrderPlaced(order_id=f"after-{round_}"))
-        await eventually(lambda r=round_: f"after-{r}" in seen, timeout=15)
+        await eventually(partial(contains, seen, f"after-{round_}"), timeout=15)
     assert seen == ["before", "after-0", "after-1", "after-2"]
     assert proxy.connections >= 4
     await producer.close()

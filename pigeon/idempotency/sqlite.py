@@ -134,3 +134,20 @@ class SQLiteStore(IdempotencyStore):
     def _write(self, sql: str, params: tuple[object, ...]) -> int:
         assert self._conn is not None
         return self._conn.execute(sql, params).rowcount
+
+
+def _enable_wal(conn: sqlite3.Connection) -> None:
+    """Switch the file to WAL, waiting while another process opening it does the same.
+
+    SQLite does not call the busy handler for this switch, so without the
+    retry a second listener starting at the same moment fails at once.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorname != "SQLITE_BUSY" or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)

@@ -1,0 +1,207 @@
+"""Processes die and brokers restart; every event is still handled.
+
+These tests stop, restart and even reset the real RabbitMQ, so they are
+marked slow; CI runs them like every other test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from pigeon import headers
+from tests.conftest import AppFactory, Broker
+from tests.procs import env_for, recorded, start_listener, stop, wait_for_log, wait_recorded
+
+pytestmark = pytest.mark.slow
+
+
+def rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
+
+
+async def restart_broker(reset: bool = False, down_for: float = 2.0) -> None:
+    await asyncio.to_thread(rabbitmqctl, "stop_app")
+    if reset:
+        await asyncio.to_thread(rabbitmqctl, "reset")
+    await asyncio.sleep(down_for)
+    await asyncio.to_thread(rabbitmqctl, "start_app")
+    await asyncio.to_thread(rabbitmqctl, "await_startup")
+
+
+async def test_a_handler_that_kills_its_process_is_dead_lettered_by_the_delivery_limit(
+    make_app: AppFactory, broker: Broker, tmp_path: Path
+) -> None:
+    app = make_app("recorder")
+    rec = tmp_path / "rec.txt"
+    env = env_for(
+        app.settings,
+        app.service or "",
+        RECORDER_FILE=str(rec),
+        RECORDER_DELIVERY_LIMIT="2",
+        PIGEON_IDEMPOTENCY_URL=f"sqlite:///{tmp_path}/idem.db",
+    )
+    broker.queues.add(f"{app.service}.record")
+    log = tmp_path / "listen.log"
+    await app.declare([])
+    proc = start_listener(env, "--concurrency", "1", log=log)
+    wait_for_log(log, "worker.consuming")
+    poison = await app.dispatch_async("test.order.placed", {"mode": "exit"})
+    good = [await app.dispatch_async("test.order.placed", {"n": i}) for i in range(3)]
+    restarts = 0
+    deadline = time.monotonic() + 90
+    while len(recorded(rec)) < 3 and time.monotonic() < deadline:
+        if proc.poll() is not None:  # what supervisor does: start it again
+            assert proc.returncode == 3
+            restarts += 1
+            proc = start_listener(env, "--concurrency", "1", log=log)
+        await asyncio.sleep(0.1)
+    try:
+        assert sorted(recorded(rec)) == sorted(good), "the other messages were served"
+        letter = await broker.get(app.settings.dead_letter_queue, timeout=30)
+        assert letter.message_id == poison
+        deaths = letter.headers[headers.X_DEATH]
+        assert isinstance(deaths, list)
+        death = deaths[0]
+        assert isinstance(death, dict)
+        assert death["reason"] == "delivery_limit"
+        assert death["queue"] == f"{app.service}.record"
+        assert 2 <= restarts <= 4
+        assert len(recorded(rec, "exit")) == restarts
+    finally:
+        assert stop(proc) == 0
+
+
+async def test_kill_minus_nine_in_the_middle_loses_nothing(
+    make_app: AppFactory, broker: Broker, tmp_path: Path
+) -> None:
+    app = make_app("recorder")
+    rec = tmp_path / "rec.txt"
+    env = env_for(
+        app.settings,
+        app.service or "",
+        RECORDER_FILE=str(rec),
+        RECORDER_MODE="slow",
+        RECORDER_SECONDS="0.01",
+        RECORDER_LEASE="2",
+        PIGEON_IDEMPOTENCY_URL=f"sqlite:///{tmp_path}/idem.db",
+    )
+    broker.queues.add(f"{app.service}.record")
+    log = tmp_path / "listen.log"
+    await app.declare([])
+    proc = start_listener(env, "--concurrency", "20", log=log)
+    wait_for_log(log, "worker.consuming")
+    ids = await asyncio.gather(
+        *(app.dispatch_async("test.order.placed", {"n": i}) for i in range(1000))
+    )
+    wait_recorded(rec, 300, timeout=60)
+    proc.kill()
+    proc.wait()
+    killed_at = len(recorded(rec))
+    proc = start_listener(env, "--concurrency", "20", log=log)
+    try:
+        wait_recorded(rec, 1000, timeout=120)
+        await asyncio.sleep(3)  # claims of the killed process expire; late duplicates would show
+        done = recorded(rec)
+        assert set(done) == set(ids), "every event handled"
+        duplicates = len(done) - len(set(done))
+        assert duplicates <= 20, f"duplicates bounded by in-flight work, got {duplicates}"
+        assert 300 <= killed_at < 1000
+    finally:
+        assert stop(proc) == 0
+    (tmp_path / "figures.txt").write_text(f"sent=1000 handled={len(set(done))} dup={duplicates}")
+
+
+async def test_the_broker_restarting_under_a_producer_and_a_listener_loses_nothing(
+    make_app: AppFactory, broker: Broker, tmp_path: Path
+) -> None:
+    app = make_app("recorder")
+    app.settings.dispatch_timeout = 90
+    rec = tmp_path / "rec.txt"
+    env = env_for(
+        app.settings,
+        app.service or "",
+        RECORDER_FILE=str(rec),
+        PIGEON_IDEMPOTENCY_URL=f"sqlite:///{tmp_path}/idem.db",
+    )
+    broker.queues.add(f"{app.service}.record")
+    log = tmp_path / "listen.log"
+    proc = start_listener(env, log=log)
+    wait_for_log(log, "worker.consuming")
+    ids: list[str] = []
+
+    async def produce() -> None:
+        for i in range(300):
+            ids.append(await app.dispatch_async("test.order.placed", {"n": i}))
+            await asyncio.sleep(0.01)
+
+    producer = asyncio.create_task(produce())
+    await asyncio.sleep(0.8)
+    await restart_broker()
+    await asyncio.wait_for(producer, 120)  # no DispatchError within the dispatch timeout
+    try:
+        wait_recorded(rec, 300, timeout=90)
+        assert set(recorded(rec)) == set(ids)
+        assert len(ids) == 300
+        assert proc.poll() is None, "the listener resumed by itself"
+        assert "broker.connection_lost" in log.read_text()
+    finally:
+        assert stop(proc) == 0
+    await app.close()
+    await broker.reconnect()
+
+
+async def test_a_fresh_empty_broker_gets_its_topology_back_and_events_flow(
+    make_app: AppFactory, broker: Broker, tmp_path: Path
+) -> None:
+    app = make_app("recorder")
+    app.settings.dispatch_timeout = 90
+    rec = tmp_path / "rec.txt"
+    env = env_for(app.settings, app.service or "", RECORDER_FILE=str(rec))
+    broker.queues.add(f"{app.service}.record")
+    log = tmp_path / "listen.log"
+    proc = start_listener(env, log=log)
+    try:
+        wait_for_log(log, "worker.consuming")
+        before = await app.dispatch_async("test.order.placed", {"n": 0})
+        wait_recorded(rec, 1)
+        await restart_broker(reset=True)
+        # The producer's cached exchange is gone with the reset: it must re-declare.
+        after = [
+            await app.dispatch_async("test.order.placed", {"n": i}, message_id=str(uuid.uuid4()))
+            for i in range(1, 21)
+        ]
+        wait_recorded(rec, 21, timeout=90)
+        assert Counter(recorded(rec)) == Counter([before, *after])
+        assert proc.poll() is None
+    finally:
+        assert stop(proc) == 0
+    await app.close()
+    await broker.reconnect()
+
+
+async def test_max_messages_exits_zero_after_exactly_n(
+    make_app: AppFactory, broker: Broker, tmp_path: Path
+) -> None:
+    app = make_app("recorder")
+    rec = tmp_path / "rec.txt"
+    env = env_for(app.settings, app.service or "", RECORDER_FILE=str(rec))
+    queue = f"{app.service}.record"
+    broker.queues.add(queue)
+    await app.declare([])
+    proc = start_listener(env, "--max-messages", "5", "--concurrency", "3", log=tmp_path / "l.log")
+    wait_for_log(tmp_path / "l.log", "worker.consuming")
+    for i in range(12):
+        await app.dispatch_async("test.order.placed", {"n": i})
+    assert await asyncio.to_thread(proc.wait, 30) == 0
+    assert len(recorded(rec)) == 5
+    await asyncio.sleep(0.5)
+    assert await broker.count(queue) == 7
+    assert "max-messages" in (tmp_path / "l.log").read_text()
+    await app.close()
