@@ -17,7 +17,7 @@ from aio_pika.abc import AbstractConnection
 
 from pigeon import topology as topo
 from pigeon.connection import Connector
-from pigeon.dispatch import Outgoing, Publisher, bridge, build_outgoing
+from pigeon.dispatch import Publisher, bridge, build_outgoing
 from pigeon.errors import ConfigurationError
 from pigeon.events import Event
 from pigeon.listener import (
@@ -29,7 +29,7 @@ from pigeon.listener import (
     pattern_of,
 )
 from pigeon.metrics import DISPATCHED
-from pigeon.middleware import Middleware, PublishMiddleware, publish_chain
+from pigeon.middleware import Middleware, PublishMiddleware, PublishNext, publish_chain
 from pigeon.retry import Retry
 from pigeon.settings import Settings
 
@@ -53,6 +53,15 @@ class Runtime:
 
 
 _apps: weakref.WeakSet[Pigeon] = weakref.WeakSet()
+_sink: PublishNext | None = None
+
+
+def set_sink(sink: PublishNext | None) -> PublishNext | None:
+    """Send every dispatch of every app to ``sink`` instead of the broker (the testing
+    fake uses it); returns the previous sink."""
+    global _sink
+    previous, _sink = _sink, sink
+    return previous
 
 
 class Pigeon:
@@ -225,15 +234,11 @@ class Pigeon:
             causation_id=causation_id,
             headers=headers,
         )
-        publisher = self.runtime().publisher
+        send = _sink if _sink is not None else self.runtime().publisher.publish
         if self.publish_middleware:
-
-            async def publish(out: Outgoing) -> str:
-                return await publisher.publish(out)
-
-            message_id = await publish_chain(self.publish_middleware, publish)(outgoing)
+            message_id = await publish_chain(self.publish_middleware, send)(outgoing)
         else:
-            message_id = await publisher.publish(outgoing)
+            message_id = await send(outgoing)
         DISPATCHED.labels(outgoing.event_name).inc()
         return message_id
 

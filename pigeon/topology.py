@@ -206,3 +206,19 @@ def explain_mismatch(kind: str, name: str, wanted: Mapping[str, Any], detail: st
         f"Drain and delete the {kind} ({deletion}) so it is declared anew, "
         f"or configure the app to match the existing {kind} (see docs/topology.md)."
     )
+
+
+def matches(pattern: str, routing_key: str) -> bool:
+    """Whether a topic binding ``pattern`` (``*`` = one word, ``#`` = any) takes ``routing_key``."""
+    return _match(pattern.split("."), routing_key.split("."))
+
+
+def _match(pattern: list[str], words: list[str]) -> bool:
+    if not pattern:
+        return not words
+    head, rest = pattern[0], pattern[1:]
+    if head == "#":
+        return any(_match(rest, words[i:]) for i in range(len(words) + 1))
+    if not words:
+        return False
+    return (head in ("*", words[0])) and _match(rest, words[1:])

@@ -89,6 +89,15 @@ class IdempotencyStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def extend(self, key: str, token: str, lease: float) -> bool:
+        """Renew a claim still held with ``token`` for another ``lease`` seconds.
+
+        Lets a long handler keep its key: call it well before the lease ends.
+        Returns ``False`` when the claim is lost (expired, released, done or
+        taken by another claimer); then another worker may run the handler too.
+        """
+
+    @abc.abstractmethod
     async def done(self, key: str, token: str) -> None:
         """Mark ``key`` handled for ``retention`` seconds.
 

@@ -47,6 +47,14 @@ class MemoryStore(IdempotencyStore):
             self._purge_at = max(_MIN_PURGE_AT, 2 * len(self._rows))
         return Claim(ClaimState.CLAIMED, token)
 
+    async def extend(self, key: str, token: str, lease: float) -> bool:
+        now = time.monotonic()
+        row = self._rows.get(key)
+        if row is None or row[0] is not ClaimState.CLAIMED or row[1] != token or row[2] <= now:
+            return False
+        self._rows[key] = (ClaimState.CLAIMED, token, now + lease)
+        return True
+
     async def done(self, key: str, token: str) -> None:
         self._rows[key] = (ClaimState.DONE, token, time.monotonic() + self.retention)
 

@@ -41,6 +41,10 @@ VALUES ($1, 'done', $2, now() + make_interval(secs => $3))
 ON CONFLICT (key) DO UPDATE
 SET state = 'done', token = excluded.token, expires_at = excluded.expires_at
 """
+_EXTEND = """
+UPDATE pigeon_idempotency SET expires_at = now() + make_interval(secs => $3)
+WHERE key = $1 AND token = $2 AND state = 'claimed' AND expires_at > now()
+"""
 _RELEASE = "DELETE FROM pigeon_idempotency WHERE key = $1 AND token = $2 AND state = 'claimed'"
 _PURGE = "DELETE FROM pigeon_idempotency WHERE expires_at <= now()"
 
@@ -105,6 +109,10 @@ class PostgresStore(IdempotencyStore):
         if state == ClaimState.DONE.value:
             return Claim(ClaimState.DONE)
         return Claim(ClaimState.IN_PROGRESS, retry_after=max(retry_after, 0.0))
+
+    async def extend(self, key: str, token: str, lease: float) -> bool:
+        status = await self._opened().execute(_EXTEND, key, token, float(lease))
+        return bool(status == "UPDATE 1")
 
     async def done(self, key: str, token: str) -> None:
         await self._opened().execute(_DONE, key, token, self.retention)

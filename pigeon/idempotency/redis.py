@@ -21,6 +21,10 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, 0} e
 if redis.call('GET', KEYS[1]) == 'done' then return {2, 0} end
 return {3, redis.call('PTTL', KEYS[1])}
 """
+_EXTEND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -39,6 +43,7 @@ async def _close(client: aioredis.Redis) -> None:  # type: ignore[type-arg, unus
 class _Connection(NamedTuple):
     client: aioredis.Redis  # type: ignore[type-arg, unused-ignore]
     claim: AsyncScript
+    extend: AsyncScript
     release: AsyncScript
 
 
@@ -51,8 +56,9 @@ class RedisStore(IdempotencyStore):
 
     A claim is ``SET key token NX PX lease`` inside a Lua script that also
     reads the holder's state and remaining lease, so every claim is one atomic
-    round trip. Done is ``SET key done PX retention``. Release is a
-    compare-and-delete script, so only the token's holder can free a claim.
+    round trip. Done is ``SET key done PX retention``. Release and extend are
+    compare-and-delete / compare-and-expire scripts, so only the token's holder
+    can free or renew a claim.
     """
 
     def __init__(
@@ -79,9 +85,8 @@ class RedisStore(IdempotencyStore):
                 f"cannot reach the Redis idempotency store at {mask_url(self.url)}: {exc}. "
                 "Start Redis or fix PIGEON_IDEMPOTENCY_URL."
             ) from exc
-        self._conn = _Connection(
-            client, client.register_script(_CLAIM), client.register_script(_RELEASE)
-        )
+        script = client.register_script
+        self._conn = _Connection(client, script(_CLAIM), script(_EXTEND), script(_RELEASE))
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -96,6 +101,10 @@ class RedisStore(IdempotencyStore):
         if state == 2:
             return Claim(ClaimState.DONE)
         return Claim(ClaimState.IN_PROGRESS, retry_after=max(pttl, 0) / 1000)
+
+    async def extend(self, key: str, token: str, lease: float) -> bool:
+        conn = self._opened()
+        return bool(await conn.extend(keys=[KEY_PREFIX + key], args=[token, _ms(lease)]) == 1)
 
     async def done(self, key: str, token: str) -> None:
         await self._opened().client.set(KEY_PREFIX + key, "done", px=_ms(self.retention))
