@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
-from bench import dispatch
-from bench.common import table
+from bench import consume, dispatch
+from bench.common import quiet_logs, table
 
 
 async def run_all() -> None:
+    quiet_logs()
     rows = await dispatch.main()
+    rows += await consume.main()
     print(table(rows))
 
 

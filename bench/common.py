@@ -17,6 +17,14 @@ from pigeon.settings import Settings
 URL = os.environ.get("PIGEON_BENCH_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
+def quiet_logs() -> None:
+    """Production logging (JSON to stderr) at WARNING for every contender, so the
+    figures compare message handling, not log volume."""
+    from pigeon.logs import configure_logging
+
+    configure_logging("json", "WARNING")
+
+
 def bench_settings(prefix: str) -> Settings:
     return Settings(
         url=URL,

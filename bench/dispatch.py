@@ -23,6 +23,7 @@ from bench.common import (
     delete,
     in_flight,
     new_prefix,
+    quiet_logs,
     quorum_sink,
     table,
     timed,
@@ -124,4 +125,5 @@ async def main(
 
 
 if __name__ == "__main__":
+    quiet_logs()
     print(table(asyncio.run(main())))

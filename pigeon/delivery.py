@@ -139,6 +139,37 @@ def _is_json(content_type: str | None) -> bool:
     return media == "application/json" or media.endswith("+json")
 
 
+class _Renewal:
+    """Extends a claim every third of its lease while the handler runs.
+
+    Most handlers finish well within a third of the lease, so nothing but a
+    timer is created until a renewal is actually due.
+    """
+
+    __slots__ = ("_handle", "_task", "key", "lease", "store", "token")
+
+    def __init__(self, store: IdempotencyStore, key: str, token: str, lease: float) -> None:
+        self.store, self.key, self.token, self.lease = store, key, token, lease
+        self._task: asyncio.Task[None] | None = None
+        self._handle = asyncio.get_running_loop().call_later(lease / 3, self._start)
+
+    def _start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.store.extend(self.key, self.token, self.lease)
+            except Exception as exc:
+                log.warning("idempotency.renew_failed", key=self.key, error=repr(exc))
+            await asyncio.sleep(self.lease / 3)
+
+    def stop(self) -> None:
+        self._handle.cancel()
+        if self._task is not None:
+            self._task.cancel()
+
+
 class Processor:
     """Runs deliveries through one listener with its middleware, retry policy and store.
 
@@ -181,17 +212,16 @@ class Processor:
             return await self._failed(delivery, delivery.attempt, exc)
         if claim.token is None:
             return Outcome(OutcomeKind.DUPLICATE, delivery.attempt)
-        renewal = asyncio.ensure_future(self._renew(store, key, claim.token, lease))
+        renewal = _Renewal(store, key, claim.token, lease)
         try:
             outcome = await self._attempts(delivery)
         except BaseException:
-            renewal.cancel()
+            renewal.stop()
             await asyncio.shield(self._settle_claim(store, key, claim.token, released=True))
             raise
-        renewal.cancel()
-        await self._settle_claim(
-            store, key, claim.token, released=outcome.kind is not OutcomeKind.ACKED
-        )
+        renewal.stop()
+        failed = outcome.kind is not OutcomeKind.ACKED
+        await self._settle_claim(store, key, claim.token, released=failed)
         return outcome
 
     async def _claim(self, store: IdempotencyStore, key: str, lease: float) -> Claim:
@@ -206,14 +236,6 @@ class Processor:
             if claim.state is not ClaimState.IN_PROGRESS:
                 return claim
             await asyncio.sleep(min(max(claim.retry_after, 0.05), lease / 3, 1.0))
-
-    async def _renew(self, store: IdempotencyStore, key: str, token: str, lease: float) -> None:
-        while True:
-            await asyncio.sleep(lease / 3)
-            try:
-                await store.extend(key, token, lease)
-            except Exception as exc:
-                log.warning("idempotency.renew_failed", key=key, error=repr(exc))
 
     async def _settle_claim(
         self, store: IdempotencyStore, key: str, token: str, *, released: bool

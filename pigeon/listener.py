@@ -54,6 +54,7 @@ class Context:
 
     __slots__ = (
         "_app",
+        "_log",
         "_loop",
         "_loop_thread",
         "attempt",
@@ -62,7 +63,6 @@ class Context:
         "event_name",
         "headers",
         "listener",
-        "log",
         "message_id",
         "queue",
         "redelivered",
@@ -95,15 +95,22 @@ class Context:
         self.redelivered = redelivered
         self.queue = queue
         self.listener = listener
-        self.log: structlog.typing.FilteringBoundLogger = structlog.get_logger("pigeon").bind(
-            queue=queue,
-            listener=listener,
-            event_name=event_name,
-            message_id=message_id,
-            correlation_id=correlation_id,
-            causation_id=causation_id,
-            attempt=attempt,
-        )
+        self._log: structlog.typing.FilteringBoundLogger | None = None
+
+    @property
+    def log(self) -> structlog.typing.FilteringBoundLogger:
+        """A logger bound to this message's queue, event, ids and attempt."""
+        if self._log is None:
+            self._log = structlog.get_logger("pigeon").bind(
+                queue=self.queue,
+                listener=self.listener,
+                event_name=self.event_name,
+                message_id=self.message_id,
+                correlation_id=self.correlation_id,
+                causation_id=self.causation_id,
+                attempt=self.attempt,
+            )
+        return self._log
 
     def _dispatch_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         kwargs.setdefault("correlation_id", self.correlation_id or self.message_id)

@@ -38,6 +38,7 @@ from pigeon.retry import tier_queue
 log = structlog.get_logger("pigeon")
 
 SETTLE_TIMEOUT = 10.0
+PURGE_INTERVAL = 3600.0
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -103,6 +104,7 @@ class Worker:
         self._processors: dict[str, Processor] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._runtime: Runtime | None = None
+        self._purging: asyncio.Future[None] | None = None
 
     @property
     def connections(self) -> int:
@@ -131,24 +133,9 @@ class Worker:
         self._runtime = self.app.runtime()
         try:
             await self._open_store()
+            self._purging = asyncio.ensure_future(self._purge_periodically())
             self._build_processors()
-            while not self._stopping.is_set():
-                if not await self._connect():
-                    break
-                try:
-                    await self._start_consuming()
-                except RETRYABLE as exc:
-                    log.warning("worker.start_failed", error=repr(exc))
-                    self._runtime.connector.invalidate()
-                    continue
-                self.ready.set()
-                log.info(
-                    "worker.consuming",
-                    listeners=[listener.queue for listener in self.listeners],
-                    pid=os.getpid(),
-                )
-                await self._wait_for_stop_or_disconnect()
-                self.ready.clear()
+            await self._consume_until_stopped()
         finally:
             await self._drain()
             if self.handle_signals:
@@ -156,6 +143,27 @@ class Worker:
                     loop.remove_signal_handler(sig)
         log.info("worker.stopped", reason=self.stop_reason, **self.counts)
         return 0
+
+    async def _consume_until_stopped(self) -> None:
+        """Connect, consume, and after a lost connection do it all again."""
+        assert self._runtime is not None
+        while not self._stopping.is_set():
+            if not await self._connect():
+                return
+            try:
+                await self._start_consuming()
+            except RETRYABLE as exc:
+                log.warning("worker.start_failed", error=repr(exc))
+                self._runtime.connector.invalidate()
+                continue
+            self.ready.set()
+            log.info(
+                "worker.consuming",
+                listeners=[listener.queue for listener in self.listeners],
+                pid=os.getpid(),
+            )
+            await self._wait_for_stop_or_disconnect()
+            self.ready.clear()
 
     async def _open_store(self) -> None:
         if self.store is None and any(listener.idempotent for listener in self.listeners):
@@ -166,6 +174,17 @@ class Worker:
             async for attempt in self._retrying(Exception, "idempotency.store_unavailable"):
                 with attempt:
                     await self.store.open()
+
+    async def _purge_periodically(self) -> None:
+        """Bound the idempotency store: forget handled ids older than the retention."""
+        while self.store is not None:
+            try:
+                purged = await self.store.purge()
+                if purged:
+                    log.info("idempotency.purged", count=purged)
+            except Exception as exc:
+                log.warning("idempotency.purge_failed", error=repr(exc))
+            await asyncio.sleep(PURGE_INTERVAL)
 
     def _build_processors(self) -> None:
         if any(not listener.is_async for listener in self.listeners):
@@ -262,6 +281,8 @@ class Worker:
             log.warning("worker.reconnecting", in_flight=len(self._tasks))
 
     async def _drain(self) -> None:
+        if self._purging is not None:
+            self._purging.cancel()
         for queue, tag in self._consumers:
             try:
                 await queue.cancel(tag)

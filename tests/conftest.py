@@ -122,6 +122,8 @@ class Broker:
         names_q = set(self.queues)
         names_x = set(self.exchanges)
         for app in self.apps:
+            with contextlib.suppress(Exception):
+                await app.close()
             topo = app.topology()
             names_q |= {q.name for q in topo.queues}
             names_x |= {x.name for x in topo.exchanges}

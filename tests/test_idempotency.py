@@ -18,7 +18,7 @@ from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from typing import Protocol
 
-import asyncpg  # type: ignore[import-untyped, unused-ignore]
+import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
@@ -83,7 +83,18 @@ async def _delete_redis_keys(prefix: str) -> None:
         if keys:
             await client.delete(*keys)
     finally:
-        await client.aclose()  # type: ignore[attr-defined, unused-ignore]
+        await client.aclose()
+
+
+async def _postgres_keys(prefix: str) -> set[str]:
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:
+        rows = await conn.fetch(
+            "SELECT key FROM pigeon_idempotency WHERE key LIKE $1", prefix + "%"
+        )
+    finally:
+        await conn.close()
+    return {row["key"] for row in rows}
 
 
 async def _delete_postgres_keys(prefix: str) -> None:
@@ -179,6 +190,41 @@ async def test_done_after_the_lease_expired_still_marks_the_key_done(
     assert (await store.claim(key, lease=30)).state is ClaimState.DONE
 
 
+async def test_extend_keeps_a_claim_past_its_first_lease(store: IdempotencyStore, key: str) -> None:
+    token = await _claimed(store, key, lease=0.3)
+
+    assert await store.extend(key, token, lease=30)
+    await asyncio.sleep(0.4)
+
+    assert (await store.claim(key, lease=30)).state is ClaimState.IN_PROGRESS
+
+
+async def test_extend_of_a_lost_claim_is_false_and_leaves_the_new_holder_alone(
+    store: IdempotencyStore, key: str
+) -> None:
+    stale = await _claimed(store, key, lease=0.2)
+    await asyncio.sleep(0.3)
+    assert not await store.extend(key, stale, lease=30)
+
+    await _claimed(store, key, lease=0.3)
+    assert not await store.extend(key, stale, lease=30)
+    await asyncio.sleep(0.4)
+
+    assert (await store.claim(key, lease=30)).state is ClaimState.CLAIMED
+
+
+async def test_extend_after_done_or_release_is_false(store: IdempotencyStore, prefix: str) -> None:
+    done_key, released_key = f"{prefix}done", f"{prefix}released"
+    done_token = await _claimed(store, done_key)
+    await store.done(done_key, done_token)
+    released_token = await _claimed(store, released_key)
+    await store.release(released_key, released_token)
+
+    assert not await store.extend(done_key, done_token, lease=30)
+    assert not await store.extend(released_key, released_token, lease=30)
+    assert (await store.claim(done_key, lease=30)).state is ClaimState.DONE
+
+
 async def test_done_key_past_retention_can_be_claimed_again_before_any_purge(
     make_store: StoreFactory, key: str
 ) -> None:
@@ -203,8 +249,12 @@ async def test_purge_deletes_done_keys_past_retention_and_expired_claims(
 
     if store_kind == "redis":
         assert purged == 0, "Redis expires keys itself; purge has nothing to delete"
+    elif store_kind == "postgres":
+        assert await _postgres_keys(prefix) == {live_key}, (
+            "expired rows gone; the table is shared, so the count is not ours alone"
+        )
     else:
-        assert purged >= 2
+        assert purged == 2
     assert (await store.claim(done_key, lease=30)).state is ClaimState.CLAIMED
     assert (await store.claim(abandoned_key, lease=30)).state is ClaimState.CLAIMED
     assert (await store.claim(live_key, lease=30)).state is ClaimState.IN_PROGRESS

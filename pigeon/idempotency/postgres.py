@@ -6,7 +6,7 @@ with the server's ``now()``, so the hosts' clocks never need to agree.
 
 from __future__ import annotations
 
-import asyncpg  # type: ignore[import-untyped, unused-ignore]
+import asyncpg
 
 from pigeon.idempotency.base import Claim, ClaimState, IdempotencyStore, new_token
 from pigeon.settings import mask_url

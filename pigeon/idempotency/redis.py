@@ -35,13 +35,13 @@ def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
-async def _close(client: aioredis.Redis) -> None:  # type: ignore[type-arg, unused-ignore]
-    await client.aclose()  # type: ignore[attr-defined, unused-ignore]
+async def _close(client: aioredis.Redis) -> None:
+    await client.aclose()
     await client.connection_pool.disconnect()
 
 
 class _Connection(NamedTuple):
-    client: aioredis.Redis  # type: ignore[type-arg, unused-ignore]
+    client: aioredis.Redis
     claim: AsyncScript
     extend: AsyncScript
     release: AsyncScript

@@ -1,0 +1,212 @@
+"""Consume throughput: ``pigeon listen``'s worker vs FastStream vs raw aio-pika.
+
+Each contender drains the same number of pre-published events from its own
+quorum queue, acking each message after its handler returns, with the same
+prefetch. Pigeon is measured with its defaults (pydantic validation + SQLite
+idempotency) and with the other stores and idempotency off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import time
+import uuid
+from functools import partial
+from collections.abc import Awaitable, Callable
+
+import aio_pika
+from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
+
+from bench.common import URL, bench_settings, delete, new_prefix, quiet_logs, table
+from bench.dispatch import OrderPlaced, event
+from pigeon import Pigeon
+from pigeon.settings import Settings
+from pigeon.worker import Worker
+
+PREFETCH = 64
+
+
+async def fill(connection: aio_pika.abc.AbstractConnection, queue: str, count: int) -> None:
+    """Publish ``count`` events straight into ``queue`` (default exchange), confirmed."""
+    channel = await connection.channel(publisher_confirms=True)
+    semaphore = asyncio.Semaphore(512)
+
+    async def one(i: int) -> None:
+        async with semaphore:
+            await channel.default_exchange.publish(
+                aio_pika.Message(
+                    event(i).to_json(),
+                    content_type="application/json",
+                    message_id=str(uuid.uuid4()),
+                    type="bench.order.placed",
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                ),
+                queue,
+            )
+
+    await asyncio.gather(*(one(i) for i in range(count)))
+    await channel.close()
+
+
+async def pigeon_rate(settings: Settings, count: int, *, idempotent: bool, store_url: str) -> float:
+    app = Pigeon(service=f"{settings.exchange}-svc", settings=settings)
+    done = asyncio.Event()
+    seen = 0
+
+    @app.listener(OrderPlaced, idempotent=idempotent)
+    async def handle(e: OrderPlaced) -> None:
+        nonlocal seen
+        seen += 1
+        if seen == count:
+            done.set()
+
+    await app.declare()
+    connection = await aio_pika.connect(URL)
+    await fill(connection, handle.queue, count)
+    worker = Worker(
+        app,
+        handle_signals=False,
+        concurrency=PREFETCH,
+        idempotency_url=store_url,
+    )
+    task = asyncio.create_task(worker.run())
+    await worker.ready.wait()
+    started = time.perf_counter()
+    await done.wait()
+    rate = count / (time.perf_counter() - started)
+    worker.stop()
+    await task
+    await delete(connection, [handle.queue], [])
+    await connection.close()
+    return rate
+
+
+async def faststream_rate(prefix: str, count: int) -> float:
+    connection = await aio_pika.connect(URL)
+    queue = f"{prefix}.faststream"
+    channel = await connection.channel()
+    await channel.declare_queue(queue, durable=True, arguments={"x-queue-type": "quorum"})
+    await fill(connection, queue, count)
+    broker = RabbitBroker(URL, log_level=30)
+    done = asyncio.Event()
+    seen = 0
+
+    @broker.subscriber(
+        RabbitQueue(queue, durable=True, declare=False), channel=Channel(prefetch_count=PREFETCH)
+    )
+    async def handle(e: OrderPlaced) -> None:
+        nonlocal seen
+        seen += 1
+        if seen == count:
+            done.set()
+
+    started = time.perf_counter()
+    await broker.start()
+    await done.wait()
+    rate = count / (time.perf_counter() - started)
+    await broker.stop()
+    await channel.queue_delete(queue)
+    await connection.close()
+    return rate
+
+
+async def raw_rate(prefix: str, count: int) -> float:
+    connection = await aio_pika.connect(URL)
+    queue_name = f"{prefix}.raw"
+    channel = await connection.channel()
+    queue = await channel.declare_queue(
+        queue_name, durable=True, arguments={"x-queue-type": "quorum"}
+    )
+    await fill(connection, queue_name, count)
+    await channel.set_qos(prefetch_count=PREFETCH)
+    done = asyncio.Event()
+    seen = 0
+
+    async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        nonlocal seen
+        await message.ack()
+        seen += 1
+        if seen == count:
+            done.set()
+
+    started = time.perf_counter()
+    tag = await queue.consume(on_message)
+    await done.wait()
+    rate = count / (time.perf_counter() - started)
+    await queue.cancel(tag)
+    await channel.queue_delete(queue_name)
+    await connection.close()
+    return rate
+
+
+async def best_of(rounds: int, run: Callable[[], Awaitable[float]]) -> float:
+    return max([await run() for _ in range(rounds)])
+
+
+async def main(count: int = 10_000, rounds: int = 2) -> list[tuple[str, str, str, str]]:
+    prefix = new_prefix()
+    settings = bench_settings(prefix)
+    tmp = tempfile.mkdtemp(prefix="pigeon-bench-")
+    stores = {
+        "sqlite (default)": f"sqlite:///{os.path.join(tmp, 'idem.db')}",
+        "memory": "memory://",
+        "redis": "redis://127.0.0.1:6379/0",
+        "postgres": "postgresql://postgres@127.0.0.1:5432/test",
+    }
+    raw = await best_of(rounds, lambda: raw_rate(prefix, count))
+    fast = await best_of(rounds, lambda: faststream_rate(prefix, count))
+    rows = []
+    for label, url in stores.items():
+        rate = await best_of(
+            rounds, partial(pigeon_rate, settings, count, idempotent=True, store_url=url)
+        )
+        rows.append(
+            (
+                f"consume, idempotency {label} vs faststream",
+                f"{rate:,.0f}/s",
+                f"{fast:,.0f}/s",
+                f"{rate / fast:.2f}x",
+            )
+        )
+        rows.append(
+            (
+                f"consume, idempotency {label} vs aio-pika",
+                f"{rate:,.0f}/s",
+                f"{raw:,.0f}/s",
+                f"{rate / raw:.2f}x",
+            )
+        )
+    off = await best_of(
+        rounds, lambda: pigeon_rate(settings, count, idempotent=False, store_url="memory://")
+    )
+    rows.append(
+        (
+            "consume, idempotency off vs faststream",
+            f"{off:,.0f}/s",
+            f"{fast:,.0f}/s",
+            f"{off / fast:.2f}x",
+        )
+    )
+    rows.append(
+        (
+            "consume, idempotency off vs aio-pika",
+            f"{off:,.0f}/s",
+            f"{raw:,.0f}/s",
+            f"{off / raw:.2f}x",
+        )
+    )
+    connection = await aio_pika.connect(URL)
+    await delete(
+        connection,
+        [settings.unrouted_queue, settings.dead_letter_queue],
+        [settings.exchange, settings.unrouted_exchange, settings.dead_letter_exchange],
+    )
+    await connection.close()
+    return rows
+
+
+if __name__ == "__main__":
+    quiet_logs()
+    print(table(asyncio.run(main())))
