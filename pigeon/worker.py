@@ -39,6 +39,7 @@ log = structlog.get_logger("pigeon")
 
 SETTLE_TIMEOUT = 10.0
 PURGE_INTERVAL = 3600.0
+CONSUMER_CHECK_INTERVAL = 1.0
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -271,14 +272,34 @@ class Worker:
             self._consumers.append((queue, tag))
 
     async def _wait_for_stop_or_disconnect(self) -> None:
+        """Return when asked to stop, when the connection is lost, or when a consumer is gone.
+
+        RabbitMQ can cancel a consumer on its own (a queue deleted or moved, a
+        node reset) and aiormq forgets such a consumer without a word; the
+        watchdog notices and the worker subscribes again instead of idling.
+        """
         assert self._runtime is not None
         closed = asyncio.ensure_future(self._runtime.connector.closed.wait())
         stopping = asyncio.ensure_future(self._stopping.wait())
-        await asyncio.wait({closed, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        for fut in (closed, stopping):
+        watchdog = asyncio.ensure_future(self._watch_consumers())
+        await asyncio.wait({closed, stopping, watchdog}, return_when=asyncio.FIRST_COMPLETED)
+        for fut in (closed, stopping, watchdog):
             fut.cancel()
         if not self._stopping.is_set():
             log.warning("worker.reconnecting", in_flight=len(self._tasks))
+            self._runtime.connector.invalidate()
+
+    async def _watch_consumers(self) -> None:
+        while True:
+            await asyncio.sleep(CONSUMER_CHECK_INTERVAL)
+            for (queue, tag), channel in zip(self._consumers, self._channels, strict=True):
+                if channel.is_closed:
+                    log.warning("worker.channel_closed", queue=queue.name)
+                    return
+                underlay = await channel.get_underlay_channel()
+                if tag not in getattr(underlay, "consumers", (tag,)):
+                    log.warning("worker.consumer_cancelled_by_broker", queue=queue.name)
+                    return
 
     async def _drain(self) -> None:
         if self._purging is not None:

@@ -10,7 +10,7 @@ import pytest
 
 from pigeon import Context, Pigeon
 from pigeon.worker import Worker
-from tests.conftest import Broker, RunWorker, eventually, unique_settings
+from tests.conftest import AppFactory, Broker, RunWorker, eventually, unique_settings
 from tests.events import OrderPlaced
 from tests.tcpproxy import TcpProxy
 
@@ -108,3 +108,23 @@ async def test_dispatch_rides_out_a_cut_connection(
         await app.dispatch_async(OrderPlaced(order_id=f"o-{i}"))
     assert await broker.count(tap.name) == 30
     await app.close()
+
+
+async def test_a_consumer_cancelled_by_the_broker_is_subscribed_again(
+    make_app: AppFactory, run_worker: RunWorker, broker: Broker
+) -> None:
+    app = make_app("notification")
+    seen: list[str] = []
+
+    @app.listener(OrderPlaced)
+    async def send(event: OrderPlaced) -> None:
+        seen.append(event.order_id)
+
+    worker = await run_worker(app)
+    before = worker.connections
+    channel = await broker.connection.channel()
+    await channel.queue_delete(send.queue)  # RabbitMQ sends basic.cancel to the consumer
+    await eventually(lambda: worker.connections > before, message="worker re-subscribed")
+    await eventually(worker.ready.is_set)
+    await app.dispatch_async(OrderPlaced(order_id="after-cancel"))
+    await eventually(lambda: seen == ["after-cancel"])
