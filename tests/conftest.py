@@ -117,7 +117,10 @@ class Broker:
             await channel.close()
 
     async def cleanup(self) -> None:
-        if self._connection.is_closed:
+        try:
+            probe = await self._connection.channel()
+            await probe.close()
+        except Exception:  # the broker was restarted under this connection
             await self.reconnect()
         names_q = set(self.queues)
         names_x = set(self.exchanges)

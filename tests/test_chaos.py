@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -163,27 +162,41 @@ async def test_a_fresh_empty_broker_gets_its_topology_back_and_events_flow(
     app = make_app("recorder")
     app.settings.dispatch_timeout = 90
     rec = tmp_path / "rec.txt"
+    log = tmp_path / "listen.log"
     env = env_for(app.settings, app.service or "", RECORDER_FILE=str(rec))
     broker.queues.add(f"{app.service}.record")
-    log = tmp_path / "listen.log"
     proc = start_listener(env, log=log)
     try:
         wait_for_log(log, "worker.consuming")
         before = await app.dispatch_async("test.order.placed", {"n": 0})
         wait_recorded(rec, 1)
         await restart_broker(reset=True)
-        # The producer's cached exchange is gone with the reset: it must re-declare.
-        after = [
-            await app.dispatch_async("test.order.placed", {"n": i}, message_id=str(uuid.uuid4()))
-            for i in range(1, 21)
-        ]
+        # The producer's cached exchange is gone with the reset: it must re-declare. Until
+        # the listener has re-declared its queue, events have no queue: they are kept.
+        early = await app.dispatch_async("test.order.placed", {"n": 1})
+        await asyncio.to_thread(wait_for_log, log, 'generation": 2', 60)
+        await asyncio.to_thread(_wait_for_second_consuming, log)
+        later = [await app.dispatch_async("test.order.placed", {"n": i}) for i in range(2, 22)]
         wait_recorded(rec, 21, timeout=90)
-        assert Counter(recorded(rec)) == Counter([before, *after])
+        handled = Counter(recorded(rec))
+        assert handled[before] == 1
+        assert all(handled[m] == 1 for m in later), "every later dispatch handled once"
+        await broker.reconnect()
+        if handled[early] == 0:
+            kept = await broker.get(app.settings.unrouted_queue)
+            assert kept.message_id == early, "an event nobody could take yet was kept"
         assert proc.poll() is None
     finally:
         assert stop(proc) == 0
     await app.close()
-    await broker.reconnect()
+
+
+def _wait_for_second_consuming(log: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while log.read_text().count("worker.consuming") < 2:
+        if time.monotonic() > deadline:
+            raise AssertionError("the listener did not consume again after the reset")
+        time.sleep(0.1)
 
 
 async def test_max_messages_exits_zero_after_exactly_n(
