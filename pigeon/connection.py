@@ -114,4 +114,6 @@ class Connector:
         connection, self._connection = self._connection, None
         if connection is not None and not connection.is_closed:
             await connection.close()
+        if self._closing is not None:
+            await asyncio.gather(self._closing, return_exceptions=True)
         self.closed.set()

@@ -30,6 +30,7 @@ from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, DeliveryErr
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
+    retry_if_not_exception_type,
     stop_after_delay,
     wait_exponential_jitter,
 )
@@ -46,6 +47,8 @@ log = structlog.get_logger("pigeon")
 T = TypeVar("T")
 
 RETRYABLE = (AMQPError, ConnectionError, OSError, TimeoutError, ChannelInvalidStateError)
+"""Errors a later try can cure. A returned (unroutable) mandatory message is not one of
+them: :class:`aio_pika.exceptions.PublishError` is raised at once, wrapped in DispatchError."""
 
 
 @dataclass(slots=True)
@@ -163,13 +166,19 @@ class Publisher:
         try:
             await self._publish_once(outgoing, limit)
             return outgoing.message_id
+        except PublishError as exc:
+            raise DispatchError(
+                f"could not publish {outgoing.event_name} (message {outgoing.message_id}): "
+                f"{_explain(exc)}"
+            ) from exc
         except RETRYABLE as exc:
             self._reset(exc)
         try:
             async for attempt in AsyncRetrying(
                 stop=stop_after_delay(max(deadline - time.monotonic(), 0.0)),
                 wait=wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.5),
-                retry=retry_if_exception_type(RETRYABLE),
+                retry=retry_if_exception_type(RETRYABLE)
+                & retry_if_not_exception_type(PublishError),
                 reraise=True,
                 before_sleep=self._log_retry(outgoing),
             ):

@@ -23,6 +23,7 @@ from typing import Any
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.exceptions import PublishError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from pigeon import headers as h
@@ -30,6 +31,7 @@ from pigeon import topology
 from pigeon.app import Pigeon, Runtime
 from pigeon.delivery import Delivery, Outcome, OutcomeKind, Processor
 from pigeon.dispatch import RETRYABLE, Outgoing
+from pigeon.errors import DispatchError
 from pigeon.idempotency import IdempotencyStore, open_store
 from pigeon.listener import Listener
 from pigeon.metrics import HANDLER_SECONDS, IN_FLIGHT, MESSAGES
@@ -381,10 +383,18 @@ class Worker:
     ) -> bool:
         """Tell the broker; a retry or dead-letter copy is confirmed before the ack."""
         try:
-            if outcome.kind is OutcomeKind.RETRIED:
-                await self._publish_copy(delivery, outcome)
-            elif outcome.kind is OutcomeKind.DEAD_LETTERED:
-                await self._publish_dead_letter(delivery, outcome)
+            try:
+                await self._publish_outcome(delivery, outcome)
+            except DispatchError as exc:
+                if not isinstance(exc.__cause__, PublishError):
+                    raise
+                # The tier or dead-letter queue was deleted under us: declare it again, once.
+                log.warning("topology.missing", queue=delivery.listener.queue, error=str(exc))
+                self._tiers.clear()
+                assert self._runtime is not None
+                connection = await self._runtime.connector.get()
+                await topology.declare(connection, self.app.topology([delivery.listener]))
+                await self._publish_outcome(delivery, outcome)
         except Exception as exc:
             log.error(
                 "message.settle_failed",
@@ -408,6 +418,12 @@ class Worker:
             )
             return False
         return True
+
+    async def _publish_outcome(self, delivery: Delivery, outcome: Outcome) -> None:
+        if outcome.kind is OutcomeKind.RETRIED:
+            await self._publish_copy(delivery, outcome)
+        elif outcome.kind is OutcomeKind.DEAD_LETTERED:
+            await self._publish_dead_letter(delivery, outcome)
 
     def _copy(
         self, delivery: Delivery, exchange: str, routing_key: str, headers: dict[str, Any]

@@ -16,6 +16,7 @@ from typing import Any
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractConnection
+from aio_pika.exceptions import ChannelNotFoundEntity
 
 from pigeon import Pigeon
 from pigeon.settings import Settings
@@ -92,21 +93,27 @@ class Broker:
         self._connection = await aio_pika.connect(AMQP_URL)
 
     async def get(self, queue: str, timeout: float = 10.0) -> aio_pika.abc.AbstractIncomingMessage:
-        """Wait for one message on ``queue`` and ack it."""
+        """Wait for one message on ``queue`` (which may not exist yet) and ack it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         channel = await self.connection.channel()
         try:
-            q = await channel.get_queue(queue, ensure=False)
-            deadline = asyncio.get_running_loop().time() + timeout
             while True:
-                message = await q.get(fail=False)
+                try:
+                    q = await channel.get_queue(queue, ensure=False)
+                    message = await q.get(fail=False)
+                except ChannelNotFoundEntity:
+                    channel = await self.connection.channel()
+                    message = None
                 if message is not None:
                     await message.ack()
                     return message
-                if asyncio.get_running_loop().time() > deadline:
+                if loop.time() > deadline:
                     raise AssertionError(f"no message arrived on {queue} within {timeout}s")
                 await asyncio.sleep(0.05)
         finally:
-            await channel.close()
+            if not channel.is_closed:
+                await channel.close()
 
     async def count(self, queue: str) -> int:
         channel = await self.connection.channel()

@@ -320,3 +320,20 @@ async def test_a_huge_traceback_is_bounded_in_the_headers(
     letter = await broker.get(app.settings.dead_letter_queue)
     assert len(str(letter.headers[headers.EXCEPTION_MESSAGE])) <= 2_000
     assert len(str(letter.headers[headers.TRACEBACK])) <= 8_000
+
+
+async def test_a_deleted_dead_letter_queue_is_declared_again_before_the_dead_letter(
+    make_app: AppFactory, run_worker: RunWorker, broker: Broker
+) -> None:
+    app = make_app("seller")
+
+    @app.listener(OrderPlaced, retry=Retry(attempts=1))
+    async def reserve(event: OrderPlaced) -> None:
+        raise Reject("cannot ship")
+
+    await run_worker(app)
+    channel = await broker.connection.channel()
+    await channel.queue_delete(app.settings.dead_letter_queue)
+    await app.dispatch_async(OrderPlaced(order_id="o-1"))
+    letter = await broker.get(app.settings.dead_letter_queue)
+    assert letter.headers[headers.REASON] == "rejected"

@@ -1,0 +1,84 @@
+"""LetterThief's configuration: ``LETTERTHIEF_*`` variables, plus pigeon's ``PIGEON_*``.
+
+The exchange and queue names LetterThief reads come from :class:`pigeon.Settings`
+so it always agrees with the services it watches.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class LetterThiefSettings(BaseSettings):
+    """Each field is the environment variable ``LETTERTHIEF_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="LETTERTHIEF_", extra="ignore")
+
+    database_url: str = "sqlite:///letterthief.db"
+    username: str | None = None
+    password: SecretStr | None = None
+    api_token: SecretStr | None = None
+    secret_key: SecretStr | None = None
+    """Signs session cookies; a random one per process when unset (logins end on restart)."""
+    public_url: str = "http://127.0.0.1:8025"
+    slack_webhook_url: SecretStr | None = None
+    alert_interval: float = Field(default=60.0, gt=0)
+    retention_days: float = Field(default=30.0, gt=0)
+    batch_size: int = Field(default=500, ge=1)
+    """Dead letters committed (and acked) together by the collector."""
+    batch_wait: float = Field(default=0.05, ge=0)
+    """Seconds the collector waits for a batch to fill before committing what it has."""
+    replay_batch_size: int = Field(default=100, ge=1)
+    """Replays in flight at once during a bulk retry; bounds the load on the broker."""
+    replay_timeout: float = Field(default=10.0, gt=0)
+    session_max_age: int = Field(default=12 * 3600, ge=60)
+
+    @property
+    def has_login(self) -> bool:
+        """True when the UI (and HTTP Basic on the API) asks for a username and password."""
+        return bool(self.username and self.password and self.password.get_secret_value())
+
+    @property
+    def token(self) -> str | None:
+        return self.api_token.get_secret_value() if self.api_token else None
+
+    @property
+    def webhook(self) -> str | None:
+        return self.slack_webhook_url.get_secret_value() if self.slack_webhook_url else None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` only exposes the service to this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def async_database_url(url: str) -> str:
+    """Map the documented URL forms onto SQLAlchemy's async drivers.
+
+    ``sqlite:///path`` → ``sqlite+aiosqlite:///path``; ``postgresql://`` and
+    ``postgres://`` → ``postgresql+asyncpg://``. Explicit drivers are kept.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(
+            f"LETTERTHIEF_DATABASE_URL {url!r} is not a URL; use sqlite:///letterthief.db "
+            "or postgresql+asyncpg://user:password@host/db"
+        )
+    if scheme == "sqlite":
+        return f"sqlite+aiosqlite://{rest}"
+    if scheme in ("postgresql", "postgres"):
+        return f"postgresql+asyncpg://{rest}"
+    if scheme in ("sqlite+aiosqlite", "postgresql+asyncpg"):
+        return url
+    raise ValueError(
+        f"LETTERTHIEF_DATABASE_URL scheme {scheme!r} is not supported; "
+        "use sqlite:///path or postgresql+asyncpg://…"
+    )
