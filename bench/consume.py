@@ -13,8 +13,8 @@ import os
 import tempfile
 import time
 import uuid
-from functools import partial
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import aio_pika
 from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
