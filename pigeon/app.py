@@ -29,7 +29,7 @@ from pigeon.listener import (
     pattern_of,
 )
 from pigeon.metrics import DISPATCHED
-from pigeon.middleware import Middleware, PublishMiddleware, PublishNext, publish_chain
+from pigeon.middleware import Metrics, Middleware, PublishMiddleware, PublishNext, publish_chain
 from pigeon.retry import Retry
 from pigeon.settings import Settings
 
@@ -78,7 +78,7 @@ class Pigeon:
         *,
         url: str | None = None,
         settings: Settings | None = None,
-        middleware: Sequence[Middleware] = (),
+        middleware: Sequence[Middleware] | None = None,
         publish_middleware: Sequence[PublishMiddleware] = (),
         dispatches: Sequence[type[Event] | str] = (),
     ) -> None:
@@ -88,7 +88,7 @@ class Pigeon:
         self.settings = settings
         self.service = service or settings.service
         self.listeners: list[Listener] = []
-        self.middleware: list[Middleware] = list(middleware)
+        self.middleware: list[Middleware] = [Metrics()] if middleware is None else list(middleware)
         self.publish_middleware: list[PublishMiddleware] = list(publish_middleware)
         self.dispatches = list(dispatches)
         self._runtimes: dict[asyncio.AbstractEventLoop, Runtime] = {}

@@ -30,7 +30,7 @@ from pigeon.headers import Reason
 from pigeon.idempotency.base import ClaimState
 from pigeon.listener import Context, Listener
 from pigeon.middleware import chain
-from pigeon.retry import Reject, RetryLater
+from pigeon.retry import Reject, RetryLater, tier_delay
 
 if TYPE_CHECKING:
     from pigeon.idempotency import Claim, IdempotencyStore
@@ -101,6 +101,7 @@ class Delivery:
     payload: Event | dict[str, Any] | None = None
     context: Context | None = None
     handled: bool = False
+    store: IdempotencyStore | None = None
 
     @classmethod
     def create(
@@ -139,7 +140,7 @@ def _is_json(content_type: str | None) -> bool:
     return media == "application/json" or media.endswith("+json")
 
 
-class _Renewal:
+class Renewal:
     """Extends a claim every third of its lease while the handler runs.
 
     Most handlers finish well within a third of the lease, so nothing but a
@@ -187,6 +188,7 @@ class Processor:
     ) -> None:
         self.listener = listener
         self.store = store if listener.idempotent else None
+        self.lock_store = store
         self.executor = executor
         self.max_body_bytes = listener.max_body_bytes or max_body_bytes
         middleware = listener.middleware
@@ -197,6 +199,7 @@ class Processor:
 
     async def process(self, delivery: Delivery) -> Outcome:
         """Decide the fate of ``delivery``. Never raises, except on cancellation."""
+        delivery.store = self.lock_store
         try:
             delivery.payload = self.decode(delivery)
         except InvalidMessage as exc:
@@ -212,7 +215,7 @@ class Processor:
             return await self._failed(delivery, delivery.attempt, exc)
         if claim.token is None:
             return Outcome(OutcomeKind.DUPLICATE, delivery.attempt)
-        renewal = _Renewal(store, key, claim.token, lease)
+        renewal = Renewal(store, key, claim.token, lease)
         try:
             outcome = await self._attempts(delivery)
         except BaseException:
@@ -322,9 +325,12 @@ class Processor:
             except InvalidMessage as exc:
                 return self._dead(delivery, exc.reason, exc, attempt)
             except RetryLater as exc:
-                if attempt >= self.listener.retry.attempts:
+                policy = self.listener.retry
+                if exc.counts and attempt >= policy.attempts:
                     return await self._exhausted(delivery, attempt, exc)
-                return Outcome(OutcomeKind.RETRIED, attempt + 1, delay=exc.delay, error=exc)
+                later = tier_delay(exc.delay, policy)
+                next_attempt = attempt + 1 if exc.counts else attempt
+                return Outcome(OutcomeKind.RETRIED, next_attempt, delay=later, error=exc)
             except (Exception, SystemExit) as exc:
                 delay = self.listener.retry.next_delay(attempt)
                 if delay is None:

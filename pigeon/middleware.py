@@ -9,12 +9,18 @@ is outermost. A middleware may decide the outcome without calling
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+import structlog
 
 if TYPE_CHECKING:
     from pigeon.delivery import Delivery
     from pigeon.dispatch import Outgoing
+    from pigeon.idempotency import IdempotencyStore
 
 CallNext = Callable[["Delivery"], Awaitable[None]]
 PublishNext = Callable[["Outgoing"], Awaitable[str]]
@@ -60,3 +66,161 @@ def _bind_publish(mw: PublishMiddleware, call_next: PublishNext) -> PublishNext:
         return await mw(outgoing, call_next)
 
     return step
+
+
+# -- built-ins -----------------------------------------------------------------------
+
+
+class Logging:
+    """Logs each handler call: ``handler.started`` (debug) and ``handler.finished`` with
+    ``duration_ms`` and the error, if any. The worker's ``message.handled`` line (the
+    final outcome) is logged either way."""
+
+    async def __call__(self, delivery: Delivery, call_next: CallNext) -> None:
+        ctx = delivery.context
+        log = ctx.log if ctx is not None else structlog.get_logger("pigeon")
+        log.debug("handler.started")
+        started = time.perf_counter()
+        try:
+            await call_next(delivery)
+        except BaseException as exc:
+            log.warning(
+                "handler.finished",
+                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                error=repr(exc),
+            )
+            raise
+        log.info("handler.finished", duration_ms=round((time.perf_counter() - started) * 1000, 2))
+
+
+class Timeout:
+    """Cancels the rest of the chain after ``seconds``; the message then fails with
+    reason ``timeout`` like a listener's own ``timeout=``."""
+
+    def __init__(self, seconds: float) -> None:
+        if seconds <= 0:
+            raise ValueError("Timeout(seconds) must be positive")
+        self.seconds = seconds
+
+    async def __call__(self, delivery: Delivery, call_next: CallNext) -> None:
+        from pigeon.delivery import HandlerTimeout
+
+        try:
+            async with asyncio.timeout(self.seconds) as scope:
+                await call_next(delivery)
+        except TimeoutError as exc:
+            if not scope.expired():
+                raise
+            raise HandlerTimeout(
+                f"{delivery.listener.name} ran longer than Timeout({self.seconds:g})"
+            ) from exc
+
+
+KeyFunc = Callable[[Any], Hashable]
+
+
+class RateLimit:
+    """At most ``n`` handler calls per ``per`` seconds (per ``key`` value when given).
+
+    A message over the limit is not dropped and does not spin: it is postponed
+    through the retry tiers (``RetryLater(counts=False)``, so it spends no
+    attempt) until a slot is free. The window is kept in this process: with
+    ``P`` listener processes the total rate is up to ``P * n``.
+    """
+
+    def __init__(self, n: int, per: float = 1.0, key: KeyFunc | None = None) -> None:
+        if n < 1 or per <= 0:
+            raise ValueError("RateLimit needs n >= 1 and per > 0")
+        self.n, self.per, self.key = n, per, key
+        self._calls: dict[Hashable, deque[float]] = {}
+
+    async def __call__(self, delivery: Delivery, call_next: CallNext) -> None:
+        from pigeon.retry import RetryLater
+
+        bucket = self.key(delivery.payload) if self.key is not None else None
+        now = time.monotonic()
+        calls = self._calls.setdefault(bucket, deque())
+        while calls and calls[0] <= now - self.per:
+            calls.popleft()
+        if len(calls) >= self.n:
+            wait = calls[0] + self.per - now
+            raise RetryLater(
+                max(wait, 0.001), f"rate limit of {self.n}/{self.per:g}s", counts=False
+            )
+        calls.append(now)
+        if not calls:
+            del self._calls[bucket]
+        await call_next(delivery)
+
+
+class WithoutOverlapping:
+    """No two handler calls for the same ``key(event)`` run at once, across processes.
+
+    The lock is a lease in the listener's idempotency store: with Redis or
+    PostgreSQL it holds across hosts, with SQLite across the processes of one
+    host, with memory inside one process. The lease is renewed while the
+    handler runs, so a crashed holder frees the key after ``lease`` seconds.
+    A caller waits up to ``wait`` seconds, then postpones the message through
+    the retry tiers without spending an attempt.
+    """
+
+    def __init__(
+        self, key: KeyFunc, *, lease: float = 30.0, wait: float = 10.0, scope: str | None = None
+    ) -> None:
+        self.key, self.lease, self.wait, self.scope = key, lease, wait, scope
+        self._fallback: IdempotencyStore | None = None
+
+    async def _store(self, delivery: Delivery) -> IdempotencyStore:
+        if delivery.store is not None:
+            return delivery.store
+        if self._fallback is None:
+            from pigeon.idempotency import open_store
+
+            self._fallback = open_store("memory://")
+            await self._fallback.open()
+        return self._fallback
+
+    async def __call__(self, delivery: Delivery, call_next: CallNext) -> None:
+        from pigeon.delivery import Renewal
+        from pigeon.idempotency import ClaimState
+        from pigeon.retry import RetryLater
+
+        store = await self._store(delivery)
+        scope = self.scope or delivery.listener.queue
+        lock = f"lock:{scope}:{self.key(delivery.payload)}"
+        deadline = time.monotonic() + self.wait
+        while True:
+            claim = await store.claim(lock, self.lease)
+            if claim.state is ClaimState.CLAIMED and claim.token is not None:
+                break
+            if time.monotonic() >= deadline:
+                raise RetryLater(1.0, f"{lock} is held by another handler", counts=False)
+            await asyncio.sleep(min(max(claim.retry_after, 0.01), 0.2))
+        renewal = Renewal(store, lock, claim.token, self.lease)
+        try:
+            await call_next(delivery)
+        finally:
+            renewal.stop()
+            await asyncio.shield(store.release(lock, claim.token))
+
+
+class Metrics:
+    """Records ``pigeon_handler_duration_seconds{queue}`` and ``pigeon_in_flight{queue}``.
+
+    It is in every app's middleware unless the app is given its own list
+    (then add ``Metrics()`` to keep these two metrics). Outcome counts
+    (``pigeon_messages_total``) are recorded by the worker regardless.
+    """
+
+    async def __call__(self, delivery: Delivery, call_next: CallNext) -> None:
+        from pigeon.metrics import HANDLER_SECONDS, IN_FLIGHT
+
+        queue = delivery.listener.queue
+        gauge = IN_FLIGHT.labels(queue)
+        gauge.inc()
+        started = time.perf_counter()
+        try:
+            await call_next(delivery)
+        finally:
+            gauge.dec()
+            HANDLER_SECONDS.labels(queue).observe(time.perf_counter() - started)

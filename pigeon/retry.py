@@ -18,16 +18,21 @@ from pigeon.errors import ConfigurationError
 class RetryLater(Exception):
     """Raise from a handler to try the message again after ``delay`` seconds.
 
-    It counts as an attempt, so a message cannot be postponed forever; when
-    the attempts are used up it ends in the dead letters like any failure.
+    By default it counts as an attempt, so a message cannot be postponed
+    forever; when the attempts are used up it ends in the dead letters like
+    any failure. ``counts=False`` (used by :class:`pigeon.middleware.RateLimit`)
+    postpones without spending an attempt. Delays outside the listener's
+    policy are rounded up to :data:`DELAY_LADDER`, so they share a bounded set
+    of tier queues.
     """
 
-    def __init__(self, delay: float, reason: str = "") -> None:
+    def __init__(self, delay: float, reason: str = "", *, counts: bool = True) -> None:
         if delay <= 0:
             raise ValueError("RetryLater delay must be positive seconds")
         super().__init__(reason or f"retry requested in {delay:g}s")
         self.delay = delay
         self.reason = reason
+        self.counts = counts
 
 
 class Reject(Exception):
@@ -83,6 +88,17 @@ class Retry:
 
 
 NO_RETRY = Retry(attempts=1)
+
+
+DELAY_LADDER = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+
+
+def tier_delay(delay: float, policy: Retry) -> float:
+    """The delay a message really waits: ``delay`` if the policy has that tier, else the
+    next rung of :data:`DELAY_LADDER` (the last rung for anything longer)."""
+    if delay in policy.tier_delays():
+        return delay
+    return next((rung for rung in DELAY_LADDER if rung >= delay), DELAY_LADDER[-1])
 
 
 def tier_label(delay: float) -> str:

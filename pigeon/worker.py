@@ -34,7 +34,7 @@ from pigeon.dispatch import RETRYABLE, Outgoing
 from pigeon.errors import DispatchError
 from pigeon.idempotency import IdempotencyStore, open_store
 from pigeon.listener import Listener
-from pigeon.metrics import HANDLER_SECONDS, IN_FLIGHT, MESSAGES
+from pigeon.metrics import MESSAGES
 from pigeon.retry import tier_queue
 
 log = structlog.get_logger("pigeon")
@@ -354,9 +354,7 @@ class Worker:
     async def _handle(
         self, processor: Processor, semaphore: asyncio.Semaphore, message: AbstractIncomingMessage
     ) -> None:
-        in_flight = IN_FLIGHT.labels(processor.listener.queue)
         async with semaphore:
-            in_flight.inc()
             started = time.perf_counter()
             delivery = Delivery.create(
                 processor.listener,
@@ -371,11 +369,8 @@ class Worker:
                 timestamp=message.timestamp,
                 redelivered=bool(message.redelivered),
             )
-            try:
-                outcome = await processor.process(delivery)
-                settled = await self._settle(message, delivery, outcome)
-            finally:
-                in_flight.dec()
+            outcome = await processor.process(delivery)
+            settled = await self._settle(message, delivery, outcome)
             self._record(delivery, outcome, settled, time.perf_counter() - started)
 
     async def _settle(
@@ -474,7 +469,6 @@ class Worker:
         self.counts[outcome.kind.value] += 1
         queue = delivery.listener.queue
         MESSAGES.labels(queue, delivery.event_name, outcome.kind.value).inc()
-        HANDLER_SECONDS.labels(queue).observe(seconds)
         fields: dict[str, Any] = {
             "queue": delivery.listener.queue,
             "event_name": delivery.event_name,

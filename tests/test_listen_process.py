@@ -199,3 +199,63 @@ async def test_a_classic_queue_in_the_way_is_named_in_the_error(
     await channel.declare_queue(send.queue, durable=True)
     with pytest.raises(TopologyError, match=f"queue {send.queue} exists with x-"):
         await run_worker(app)
+
+
+async def test_metrics_port_serves_prometheus_metrics_and_health(
+    make_app: AppFactory, broker: Broker, tmp_path: Path
+) -> None:
+    import urllib.request
+
+    from tests.tcpproxy import TcpProxy
+
+    app = make_app("recorder")
+    rec = tmp_path / "rec.txt"
+    port = TcpProxy.free_port()
+    env = env_for(app.settings, app.service or "", RECORDER_FILE=str(rec))
+    log = tmp_path / "listen.log"
+    proc = start_listener(env, "--metrics-port", str(port), log=log)
+    broker.queues.add(f"{app.service}.record")
+    try:
+        wait_for_log(log, "worker.consuming")
+        await app.dispatch_async("test.order.placed", {"n": 1})
+        wait_recorded(rec, 1)
+        time.sleep(0.3)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as health:
+            assert health.status == 200
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+            text = page.read().decode()
+        queue = f"{app.service}.record"
+        assert (
+            f'pigeon_messages_total{{event="test.order.placed",outcome="acked",queue="{queue}"}} 1.0'
+            in text
+        )
+        assert f'pigeon_handler_duration_seconds_count{{queue="{queue}"}} 1.0' in text
+        assert f'pigeon_in_flight{{queue="{queue}"}} 0.0' in text
+    finally:
+        assert stop(proc) == 0
+
+
+def test_healthz_answers_503_while_the_worker_has_no_broker_connection() -> None:
+    import urllib.error
+    import urllib.request
+
+    from pigeon import Pigeon
+    from pigeon.metrics import serve_metrics
+    from pigeon.worker import Worker
+    from tests.tcpproxy import TcpProxy
+
+    app = Pigeon(service="idle")
+
+    @app.listener("test.order.placed")
+    async def idle(payload: dict[str, object]) -> None: ...
+
+    port = TcpProxy.free_port()
+    server = serve_metrics(port, Worker(app), host="127.0.0.1")
+    try:
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        assert info.value.code == 503
+        info.value.close()
+    finally:
+        server.shutdown()
+        server.server_close()
