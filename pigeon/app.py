@@ -16,6 +16,7 @@ from typing import Any
 from aio_pika.abc import AbstractConnection
 
 from pigeon import topology as topo
+from pigeon import tracing
 from pigeon.connection import Connector
 from pigeon.dispatch import Publisher, bridge, build_outgoing
 from pigeon.errors import ConfigurationError
@@ -79,7 +80,7 @@ class Pigeon:
         url: str | None = None,
         settings: Settings | None = None,
         middleware: Sequence[Middleware] | None = None,
-        publish_middleware: Sequence[PublishMiddleware] = (),
+        publish_middleware: Sequence[PublishMiddleware] | None = None,
         dispatches: Sequence[type[Event] | str] = (),
     ) -> None:
         settings = settings or Settings()
@@ -88,8 +89,14 @@ class Pigeon:
         self.settings = settings
         self.service = service or settings.service
         self.listeners: list[Listener] = []
-        self.middleware: list[Middleware] = [Metrics()] if middleware is None else list(middleware)
-        self.publish_middleware: list[PublishMiddleware] = list(publish_middleware)
+        self.middleware: list[Middleware] = (
+            [*tracing.default_middleware(), Metrics()] if middleware is None else list(middleware)
+        )
+        self.publish_middleware: list[PublishMiddleware] = (
+            [*tracing.default_publish_middleware()]
+            if publish_middleware is None
+            else list(publish_middleware)
+        )
         self.dispatches = list(dispatches)
         self._runtimes: dict[asyncio.AbstractEventLoop, Runtime] = {}
         _apps.add(self)

@@ -212,15 +212,24 @@ class Metrics:
     (``pigeon_messages_total``) are recorded by the worker regardless.
     """
 
-    async def __call__(self, delivery: Delivery, call_next: CallNext) -> None:
-        from pigeon.metrics import HANDLER_SECONDS, IN_FLIGHT
+    def __init__(self) -> None:
+        self._children: dict[str, tuple[Any, Any]] = {}
 
+    async def __call__(self, delivery: Delivery, call_next: CallNext) -> None:
         queue = delivery.listener.queue
-        gauge = IN_FLIGHT.labels(queue)
+        children = self._children.get(queue)
+        if children is None:
+            from pigeon.metrics import HANDLER_SECONDS, IN_FLIGHT
+
+            children = self._children[queue] = (
+                IN_FLIGHT.labels(queue),
+                HANDLER_SECONDS.labels(queue),
+            )
+        gauge, histogram = children
         gauge.inc()
         started = time.perf_counter()
         try:
             await call_next(delivery)
         finally:
             gauge.dec()
-            HANDLER_SECONDS.labels(queue).observe(time.perf_counter() - started)
+            histogram.observe(time.perf_counter() - started)

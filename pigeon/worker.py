@@ -19,11 +19,14 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractChannel
 from aio_pika.exceptions import PublishError
+from aiormq.abc import AbstractChannel as AmqpChannel
+from aiormq.abc import DeliveredMessage
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from pigeon import headers as h
@@ -52,6 +55,20 @@ def rss_mb() -> float:
             return int(f.read().split()[1]) * _PAGE / 1048576
     except OSError:
         return 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Consumer:
+    queue: str
+    channel: AbstractChannel
+    underlay: AmqpChannel
+    tag: str
+
+
+def _tag(message: DeliveredMessage) -> int:
+    tag = message.delivery_tag
+    assert tag is not None, "a consumed message always has a delivery tag"
+    return tag
 
 
 def _quiet_connection_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -100,8 +117,8 @@ class Worker:
         self.stop_reason: str | None = None
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._consumers: list[tuple[AbstractQueue, str]] = []
-        self._channels: list[AbstractChannel] = []
+        self._consumers: list[_Consumer] = []
+        self._counters: dict[tuple[str, str, str], Any] = {}
         self._tiers: set[str] = set()
         self._generation = -1
         self._processors: dict[str, Processor] = {}
@@ -250,7 +267,6 @@ class Worker:
                 for d in listener.retry.tier_delays()
             }
         self._consumers.clear()
-        self._channels.clear()
         for listener in self.listeners:
             concurrency = listener.concurrency or self.concurrency
             prefetch = max(self.prefetch or concurrency, 1)
@@ -258,20 +274,22 @@ class Worker:
                 prefetch = min(prefetch, self.max_messages)
             channel = await connection.channel(publisher_confirms=False)
             await channel.set_qos(prefetch_count=prefetch)
-            queue = await channel.get_queue(listener.queue, ensure=False)
+            underlay = await channel.get_underlay_channel()
             processor = self._processors[listener.queue]
             semaphore = asyncio.Semaphore(concurrency)
 
             async def on_message(
-                message: AbstractIncomingMessage,
+                message: DeliveredMessage,
                 processor: Processor = processor,
                 semaphore: asyncio.Semaphore = semaphore,
             ) -> None:
                 self._spawn(processor, semaphore, message)
 
-            tag = await queue.consume(on_message)
-            self._channels.append(channel)
-            self._consumers.append((queue, tag))
+            # aiormq directly: aio-pika's per-message IncomingMessage is the costliest
+            # step of the hot path and nothing here needs it.
+            ok = await underlay.basic_consume(listener.queue, on_message)
+            assert ok.consumer_tag is not None
+            self._consumers.append(_Consumer(listener.queue, channel, underlay, ok.consumer_tag))
 
     async def _wait_for_stop_or_disconnect(self) -> None:
         """Return when asked to stop, when the connection is lost, or when a consumer is gone.
@@ -294,23 +312,22 @@ class Worker:
     async def _watch_consumers(self) -> None:
         while True:
             await asyncio.sleep(CONSUMER_CHECK_INTERVAL)
-            for (queue, tag), channel in zip(self._consumers, self._channels, strict=True):
-                if channel.is_closed:
-                    log.warning("worker.channel_closed", queue=queue.name)
+            for consumer in self._consumers:
+                if consumer.channel.is_closed:
+                    log.warning("worker.channel_closed", queue=consumer.queue)
                     return
-                underlay = await channel.get_underlay_channel()
-                if tag not in getattr(underlay, "consumers", (tag,)):
-                    log.warning("worker.consumer_cancelled_by_broker", queue=queue.name)
+                if consumer.tag not in getattr(consumer.underlay, "consumers", (consumer.tag,)):
+                    log.warning("worker.consumer_cancelled_by_broker", queue=consumer.queue)
                     return
 
     async def _drain(self) -> None:
         if self._purging is not None:
             self._purging.cancel()
-        for queue, tag in self._consumers:
+        for consumer in self._consumers:
             try:
-                await queue.cancel(tag)
+                await consumer.underlay.basic_cancel(consumer.tag)
             except Exception as exc:
-                log.debug("worker.cancel_failed", queue=queue.name, error=repr(exc))
+                log.debug("worker.cancel_failed", queue=consumer.queue, error=repr(exc))
         self._consumers.clear()
         if self._tasks:
             log.info("worker.draining", in_flight=len(self._tasks), timeout=self.shutdown_timeout)
@@ -331,7 +348,7 @@ class Worker:
     # -- one message ---------------------------------------------------------------
 
     def _spawn(
-        self, processor: Processor, semaphore: asyncio.Semaphore, message: AbstractIncomingMessage
+        self, processor: Processor, semaphore: asyncio.Semaphore, message: DeliveredMessage
     ) -> None:
         if self._stopping.is_set() or (
             self.max_messages is not None and self.started >= self.max_messages
@@ -345,28 +362,29 @@ class Worker:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _give_back(self, message: AbstractIncomingMessage) -> None:
+    async def _give_back(self, message: DeliveredMessage) -> None:
         try:
-            await message.nack(requeue=True)
+            await message.channel.basic_nack(_tag(message), requeue=True)
         except Exception as exc:
             log.debug("message.give_back_failed", error=repr(exc))
 
     async def _handle(
-        self, processor: Processor, semaphore: asyncio.Semaphore, message: AbstractIncomingMessage
+        self, processor: Processor, semaphore: asyncio.Semaphore, message: DeliveredMessage
     ) -> None:
         async with semaphore:
             started = time.perf_counter()
+            props = message.header.properties
             delivery = Delivery.create(
                 processor.listener,
                 message.body,
-                event_name=message.type or message.routing_key or "",
-                message_id=message.message_id,
-                headers=message.headers,
-                correlation_id=message.correlation_id,
-                content_type=message.content_type,
-                content_encoding=message.content_encoding,
-                app_id=message.app_id,
-                timestamp=message.timestamp,
+                event_name=props.message_type or message.routing_key or "",
+                message_id=props.message_id,
+                headers=props.headers,
+                correlation_id=props.correlation_id,
+                content_type=props.content_type,
+                content_encoding=props.content_encoding,
+                app_id=props.app_id,
+                timestamp=props.timestamp,
                 redelivered=bool(message.redelivered),
             )
             outcome = await processor.process(delivery)
@@ -374,7 +392,7 @@ class Worker:
             self._record(delivery, outcome, settled, time.perf_counter() - started)
 
     async def _settle(
-        self, message: AbstractIncomingMessage, delivery: Delivery, outcome: Outcome
+        self, message: DeliveredMessage, delivery: Delivery, outcome: Outcome
     ) -> bool:
         """Tell the broker; a retry or dead-letter copy is confirmed before the ack."""
         try:
@@ -402,7 +420,7 @@ class Worker:
             await self._give_back(message)
             return False
         try:
-            await message.ack()
+            await message.channel.basic_ack(_tag(message))
         except Exception as exc:
             log.warning(
                 "message.ack_lost",
@@ -468,7 +486,11 @@ class Worker:
     def _record(self, delivery: Delivery, outcome: Outcome, settled: bool, seconds: float) -> None:
         self.counts[outcome.kind.value] += 1
         queue = delivery.listener.queue
-        MESSAGES.labels(queue, delivery.event_name, outcome.kind.value).inc()
+        labels = (queue, delivery.event_name, outcome.kind.value)
+        counter = self._counters.get(labels)
+        if counter is None:
+            counter = self._counters[labels] = MESSAGES.labels(*labels)
+        counter.inc()
         fields: dict[str, Any] = {
             "queue": delivery.listener.queue,
             "event_name": delivery.event_name,
