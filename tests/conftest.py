@@ -10,11 +10,12 @@ import asyncio
 import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import aio_pika
 import pytest
+import structlog
 from aio_pika.abc import AbstractConnection
 from aio_pika.exceptions import ChannelNotFoundEntity
 
@@ -60,6 +61,14 @@ def settings_env(settings: Settings) -> dict[str, str]:
     if settings.service:
         env["PIGEON_SERVICE"] = settings.service
     return env
+
+
+@pytest.fixture(autouse=True)
+def _fresh_structlog() -> Iterator[None]:
+    """CLIs run in-process configure logging globally; each test starts from the defaults."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture
