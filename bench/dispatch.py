@@ -107,6 +107,20 @@ async def main(
             conc[name].per_second.append(await timed(concurrent, run_conc))
         await (await raw_channel.get_queue(queue, ensure=False)).purge()
 
+    batch = {name: Rate(name, []) for name in ("pigeon", "aio-pika")}
+    for _ in range(rounds):
+
+        async def many() -> None:
+            await app.dispatch_many(event(i) for i in range(concurrent))
+
+        batch["pigeon"].per_second.append(await timed(concurrent, many))
+
+        async def raw_256() -> None:
+            await in_flight(concurrent, 256, raw)
+
+        batch["aio-pika"].per_second.append(await timed(concurrent, raw_256))
+        await (await raw_channel.get_queue(queue, ensure=False)).purge()
+
     await broker.stop()
     await app.close()
     await delete(
@@ -121,6 +135,10 @@ async def main(
         for peer in ("aio-pika", "faststream"):
             q = rates[peer].median
             rows.append((f"{label} vs {peer}", f"{p:,.0f}/s", f"{q:,.0f}/s", f"{p / q:.2f}x"))
+    p, q = batch["pigeon"].median, batch["aio-pika"].median
+    rows.append(
+        ("dispatch_many vs aio-pika 256 in flight", f"{p:,.0f}/s", f"{q:,.0f}/s", f"{p / q:.2f}x")
+    )
     return rows
 
 

@@ -7,7 +7,8 @@ import importlib
 import json
 import os
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import click
 
@@ -163,3 +164,33 @@ def topology_declare(target: str) -> None:
         click.echo(f"pigeon: {exc}", err=True)
         sys.exit(EX_CONFIG)
     click.echo(app.topology().describe())
+
+
+@main.command("asyncapi")
+@click.argument("targets", nargs=-1, required=True, metavar="MODULE:APP...")
+@click.option(
+    "--format", "fmt", type=click.Choice(["json", "yaml"]), default="json", show_default=True
+)
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write to FILE, not stdout.")
+@click.option("--title", default=None, help="info.title [Pigeon events: SERVICES].")
+@click.option("--api-version", default=None, help="info.version [1.0.0].")
+def asyncapi_command(
+    targets: tuple[str, ...],
+    fmt: Literal["json", "yaml"],
+    output: str | None,
+    title: str | None,
+    api_version: str | None,
+) -> None:
+    """Write the AsyncAPI 3.0 document of the events MODULE:APP... send and receive."""
+    from pigeon.asyncapi import build, render
+
+    apps = [load_app(target) for target in targets]
+    try:
+        text = render(build(apps, title=title, version=api_version), fmt)
+    except ConfigurationError as exc:
+        click.echo(f"pigeon: {exc}", err=True)
+        sys.exit(EX_CONFIG)
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        Path(output).write_text(text, encoding="utf-8")

@@ -101,6 +101,19 @@ def _tracer(provider: TracerProvider | None) -> Tracer | None:
     return trace.get_tracer(SCOPE, _VERSION, tracer_provider=provider)
 
 
+def _configured(provider: TracerProvider | None) -> bool:
+    """Whether spans can be recorded: an explicit provider, or a global SDK one.
+
+    Without one, a message that carries no trace context costs no span at all;
+    one that does still gets a non-recording span, so its context passes on.
+    """
+    if provider is not None:
+        return True
+    return not isinstance(
+        trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider
+    )
+
+
 def _record_failure(span: Span, exc: BaseException) -> None:
     error_type = type(exc).__qualname__
     module = type(exc).__module__
@@ -129,11 +142,16 @@ class Tracing:
     """
 
     def __init__(self, tracer_provider: TracerProvider | None = None) -> None:
+        self._provider = tracer_provider
         self._tracer = _tracer(tracer_provider)
 
     async def __call__(self, delivery: Delivery, call_next: CallNext) -> None:
         tracer = self._tracer
-        if tracer is None or not AVAILABLE:
+        if (
+            tracer is None
+            or not AVAILABLE
+            or (h.TRACEPARENT not in delivery.headers and not _configured(self._provider))
+        ):
             await call_next(delivery)
             return
         listener = delivery.listener
@@ -181,11 +199,15 @@ class PublishTracing:
     """
 
     def __init__(self, tracer_provider: TracerProvider | None = None) -> None:
+        self._provider = tracer_provider
         self._tracer = _tracer(tracer_provider)
 
     async def __call__(self, outgoing: Outgoing, call_next: PublishNext) -> str:
         tracer = self._tracer
         if tracer is None or not AVAILABLE:
+            return await call_next(outgoing)
+        current = trace.get_current_span().get_span_context()
+        if not current.is_valid and not _configured(self._provider):
             return await call_next(outgoing)
         attributes: Attributes = {
             "messaging.system": "rabbitmq",

@@ -184,3 +184,36 @@ async def test_the_unrouted_queue_is_bounded_and_refuses_rather_than_drops(prefi
 def test_mask_url_hides_only_the_password() -> None:
     assert mask_url("amqps://user:pa:ss@host:5671/vh") == "amqps://user:***@host:5671/vh"
     assert mask_url("amqp://host/") == "amqp://host/"
+
+
+async def test_dispatch_many_confirms_every_event_and_returns_their_ids(
+    tap: tuple[Pigeon, str], broker: Broker
+) -> None:
+    app, queue = tap
+    events = [OrderPlaced(order_id=f"o-{i}") for i in range(2500)]
+    ids = await app.dispatch_many([*events, ("test.order.cancelled", {"order_id": "o-0"})])
+    assert len(ids) == 2501
+    assert len(set(ids)) == 2501
+    assert await broker.count(queue) == 2501, "confirmed means stored when it returns"
+    first = await broker.get(queue)
+    assert first.message_id == ids[0]
+    assert first.type == "test.order.placed"
+
+
+async def test_dispatch_many_raises_instead_of_dropping_what_the_broker_refused(
+    prefix: str,
+) -> None:
+    settings = unique_settings(prefix, unrouted_max_length=5, dispatch_timeout=1.0)
+    app = Pigeon(service="orders", settings=settings)
+    connection = await aio_pika.connect(settings.url)
+    try:
+        with pytest.raises(DispatchError, match="refused it"):
+            await app.dispatch_many(("test.nobody.listens", {"n": n}) for n in range(50))
+    finally:
+        await app.close()
+        channel = await connection.channel()
+        await channel.queue_delete(settings.unrouted_queue)
+        for name in (settings.exchange, settings.unrouted_exchange, settings.dead_letter_exchange):
+            await channel.exchange_delete(name)
+        await channel.queue_delete(settings.dead_letter_queue)
+        await connection.close()
