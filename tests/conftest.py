@@ -124,6 +124,24 @@ class Broker:
             if not channel.is_closed:
                 await channel.close()
 
+    async def wait_count(self, queue: str, expected: int, timeout: float = 10.0) -> int:
+        """The message count of ``queue`` once it reached ``expected`` (or the timeout)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        count = await self.count(queue)
+        while count < expected and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+            count = await self.count(queue)
+        return count
+
+    def track(self, settings: Settings) -> None:
+        """Delete the shared exchanges and queues of ``settings`` after the test."""
+        self.queues |= {settings.unrouted_queue, settings.dead_letter_queue}
+        self.exchanges |= {
+            settings.exchange,
+            settings.unrouted_exchange,
+            settings.dead_letter_exchange,
+        }
+
     async def count(self, queue: str) -> int:
         channel = await self.connection.channel()
         try:

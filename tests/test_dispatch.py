@@ -8,7 +8,6 @@ import threading
 import time
 from collections.abc import AsyncIterator
 
-import aio_pika
 import pytest
 
 import pigeon
@@ -84,10 +83,7 @@ async def test_sync_dispatch_from_eight_threads_at_once(
     await asyncio.to_thread(run_all)
     assert errors == []
     assert len(set(ids)) == 400
-    deadline = time.monotonic() + 10
-    while await broker.count(queue) < 400 and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert await broker.count(queue) == 400
+    assert await broker.wait_count(queue, 400) == 400
 
 
 async def test_sync_dispatch_works_in_a_forked_child(
@@ -111,10 +107,7 @@ async def test_sync_dispatch_works_in_a_forked_child(
     assert os.waitstatus_to_exitcode(status) == 0
     assert len(child_id) == 36
     await asyncio.to_thread(app.dispatch, "test.order.placed", {"order_id": "parent-2"})
-    deadline = time.monotonic() + 10
-    while await broker.count(queue) < 3 and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert await broker.count(queue) == 3
+    assert await broker.wait_count(queue, 3) == 3
 
 
 async def test_module_level_dispatch_uses_the_default_app(
@@ -156,29 +149,21 @@ async def test_an_event_without_listeners_is_kept_in_the_unrouted_queue(
     await app.close()
 
 
-async def test_the_unrouted_queue_is_bounded_and_refuses_rather_than_drops(prefix: str) -> None:
+async def test_the_unrouted_queue_is_bounded_and_refuses_rather_than_drops(
+    prefix: str, broker: Broker
+) -> None:
     settings = unique_settings(prefix, unrouted_max_length=2, dispatch_timeout=1.0)
+    broker.track(settings)
     app = Pigeon(service="orders", settings=settings)
-    connection = await aio_pika.connect(settings.url)
-    try:
-        with pytest.raises(DispatchError, match="refused it") as info:  # noqa: PT012
-            for n in range(10):
-                await app.dispatch_async("test.nobody.listens", {"n": n})
-        assert "reject-publish" in str(info.value)
-        channel = await connection.channel()
-        queue = await channel.declare_queue(settings.unrouted_queue, passive=True)
-        stored = queue.declaration_result.message_count or 0
-        # Quorum queues admit one message past x-max-length before refusing.
-        assert 2 <= stored <= 3
-        assert n == stored, "every dispatch before the refusal was kept"
-    finally:
-        await app.close()
-        channel = await connection.channel()
-        await channel.queue_delete(settings.unrouted_queue)
-        for name in (settings.exchange, settings.unrouted_exchange, settings.dead_letter_exchange):
-            await channel.exchange_delete(name)
-        await channel.queue_delete(settings.dead_letter_queue)
-        await connection.close()
+    broker.apps.append(app)
+    with pytest.raises(DispatchError, match="refused it") as info:  # noqa: PT012
+        for n in range(10):
+            await app.dispatch_async("test.nobody.listens", {"n": n})
+    assert "reject-publish" in str(info.value)
+    stored = await broker.count(settings.unrouted_queue)
+    # Quorum queues admit one message past x-max-length before refusing.
+    assert 2 <= stored <= 3
+    assert n == stored, "every dispatch before the refusal was kept"
 
 
 def test_mask_url_hides_only_the_password() -> None:
@@ -201,22 +186,14 @@ async def test_dispatch_many_confirms_every_event_and_returns_their_ids(
 
 
 async def test_dispatch_many_raises_instead_of_dropping_what_the_broker_refused(
-    prefix: str,
+    prefix: str, broker: Broker
 ) -> None:
     settings = unique_settings(prefix, unrouted_max_length=5, dispatch_timeout=1.0)
+    broker.track(settings)
     app = Pigeon(service="orders", settings=settings)
-    connection = await aio_pika.connect(settings.url)
-    try:
-        # A quorum queue applies x-max-length a little late under a burst, so it takes a
-        # few batches to fill; then the refusal must surface, not vanish.
-        with pytest.raises(DispatchError, match="refused it"):  # noqa: PT012
-            for _ in range(10):
-                await app.dispatch_many(("test.nobody.listens", {"n": n}) for n in range(50))
-    finally:
-        await app.close()
-        channel = await connection.channel()
-        await channel.queue_delete(settings.unrouted_queue)
-        for name in (settings.exchange, settings.unrouted_exchange, settings.dead_letter_exchange):
-            await channel.exchange_delete(name)
-        await channel.queue_delete(settings.dead_letter_queue)
-        await connection.close()
+    broker.apps.append(app)
+    # A quorum queue applies x-max-length a little late under a burst, so it takes a
+    # few batches to fill; then the refusal must surface, not vanish.
+    with pytest.raises(DispatchError, match="refused it"):  # noqa: PT012
+        for _ in range(10):
+            await app.dispatch_many(("test.nobody.listens", {"n": n}) for n in range(50))
