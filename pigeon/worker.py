@@ -24,25 +24,21 @@ from typing import Any
 
 import structlog
 from aio_pika.abc import AbstractChannel
-from aio_pika.exceptions import PublishError
 from aiormq.abc import AbstractChannel as AmqpChannel
 from aiormq.abc import DeliveredMessage
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
-from pigeon import headers as h
 from pigeon import topology
 from pigeon.app import Pigeon, Runtime
 from pigeon.delivery import Delivery, Outcome, OutcomeKind, Processor
-from pigeon.dispatch import RETRYABLE, Outgoing
-from pigeon.errors import DispatchError
+from pigeon.dispatch import RETRYABLE
 from pigeon.idempotency import IdempotencyStore, open_store
 from pigeon.listener import Listener
 from pigeon.metrics import MESSAGES
-from pigeon.retry import tier_queue
+from pigeon.settle import Settler, give_back
 
 log = structlog.get_logger("pigeon")
 
-SETTLE_TIMEOUT = 10.0
 PURGE_INTERVAL = 3600.0
 CONSUMER_CHECK_INTERVAL = 1.0
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -63,12 +59,6 @@ class _Consumer:
     channel: AbstractChannel
     underlay: AmqpChannel
     tag: str
-
-
-def _tag(message: DeliveredMessage) -> int:
-    tag = message.delivery_tag
-    assert tag is not None, "a consumed message always has a delivery tag"
-    return tag
 
 
 def _quiet_connection_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -119,8 +109,7 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._consumers: list[_Consumer] = []
         self._counters: dict[tuple[str, str, str], Any] = {}
-        self._tiers: set[str] = set()
-        self._generation = -1
+        self._settler: Settler | None = None
         self._processors: dict[str, Processor] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._runtime: Runtime | None = None
@@ -259,13 +248,8 @@ class Worker:
         connector = self._runtime.connector
         connection = await connector.get()
         await topology.declare(connection, self.app.topology(self.listeners))
-        if connector.generation != self._generation:
-            self._generation = connector.generation
-            self._tiers = {
-                tier_queue(listener.queue, d)
-                for listener in self.listeners
-                for d in listener.retry.tier_delays()
-            }
+        if self._settler is None or self._settler.generation != connector.generation:
+            self._settler = Settler(self.app, self._runtime, self.listeners)
         self._consumers.clear()
         for listener in self.listeners:
             concurrency = listener.concurrency or self.concurrency
@@ -353,7 +337,7 @@ class Worker:
         if self._stopping.is_set() or (
             self.max_messages is not None and self.started >= self.max_messages
         ):
-            task = asyncio.ensure_future(self._give_back(message))
+            task = asyncio.ensure_future(give_back(message))
         else:
             self.started += 1
             if self.max_messages is not None and self.started >= self.max_messages:
@@ -361,12 +345,6 @@ class Worker:
             task = asyncio.ensure_future(self._handle(processor, semaphore, message))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def _give_back(self, message: DeliveredMessage) -> None:
-        try:
-            await message.channel.basic_nack(_tag(message), requeue=True)
-        except Exception as exc:
-            log.debug("message.give_back_failed", error=repr(exc))
 
     async def _handle(
         self, processor: Processor, semaphore: asyncio.Semaphore, message: DeliveredMessage
@@ -388,100 +366,9 @@ class Worker:
                 redelivered=bool(message.redelivered),
             )
             outcome = await processor.process(delivery)
-            settled = await self._settle(message, delivery, outcome)
+            assert self._settler is not None
+            settled = await self._settler.settle(message, delivery, outcome)
             self._record(delivery, outcome, settled, time.perf_counter() - started)
-
-    async def _settle(
-        self, message: DeliveredMessage, delivery: Delivery, outcome: Outcome
-    ) -> bool:
-        """Tell the broker; a retry or dead-letter copy is confirmed before the ack."""
-        try:
-            try:
-                await self._publish_outcome(delivery, outcome)
-            except DispatchError as exc:
-                if not isinstance(exc.__cause__, PublishError):
-                    raise
-                # The tier or dead-letter queue was deleted under us: declare it again, once.
-                log.warning("topology.missing", queue=delivery.listener.queue, error=str(exc))
-                self._tiers.clear()
-                assert self._runtime is not None
-                connection = await self._runtime.connector.get()
-                await topology.declare(connection, self.app.topology([delivery.listener]))
-                await self._publish_outcome(delivery, outcome)
-        except Exception as exc:
-            log.error(
-                "message.settle_failed",
-                queue=delivery.listener.queue,
-                message_id=delivery.message_id,
-                outcome=outcome.kind.value,
-                error=repr(exc),
-                note="message left unacked; the broker redelivers it",
-            )
-            await self._give_back(message)
-            return False
-        try:
-            await message.channel.basic_ack(_tag(message))
-        except Exception as exc:
-            log.warning(
-                "message.ack_lost",
-                queue=delivery.listener.queue,
-                message_id=delivery.message_id,
-                error=repr(exc),
-                note="redelivery will be recognised as a duplicate",
-            )
-            return False
-        return True
-
-    async def _publish_outcome(self, delivery: Delivery, outcome: Outcome) -> None:
-        if outcome.kind is OutcomeKind.RETRIED:
-            await self._publish_copy(delivery, outcome)
-        elif outcome.kind is OutcomeKind.DEAD_LETTERED:
-            await self._publish_dead_letter(delivery, outcome)
-
-    def _copy(
-        self, delivery: Delivery, exchange: str, routing_key: str, headers: dict[str, Any]
-    ) -> Outgoing:
-        return Outgoing(
-            exchange=exchange,
-            routing_key=routing_key,
-            body=delivery.body,
-            message_id=delivery.message_id,
-            event_name=delivery.event_name,
-            headers=headers,
-            correlation_id=delivery.correlation_id,
-            app_id=delivery.app_id,
-            content_type=delivery.content_type or "application/json",
-            content_encoding=delivery.content_encoding,
-            timestamp=delivery.timestamp,
-            mandatory=True,
-        )
-
-    async def _publish_copy(self, delivery: Delivery, outcome: Outcome) -> None:
-        assert self._runtime is not None
-        assert outcome.delay is not None
-        listener = delivery.listener
-        tier = tier_queue(listener.queue, outcome.delay)
-        if tier not in self._tiers:
-            connection = await self._runtime.connector.get()
-            await topology.declare(
-                connection,
-                topology.Topology(queues=(topology.retry_tier(listener.queue, outcome.delay),)),
-            )
-            self._tiers.add(tier)
-        headers = {**delivery.headers, h.ATTEMPT: outcome.attempt}
-        await self._runtime.publisher.publish(
-            self._copy(delivery, "", tier, headers), timeout=SETTLE_TIMEOUT
-        )
-
-    async def _publish_dead_letter(self, delivery: Delivery, outcome: Outcome) -> None:
-        assert self._runtime is not None
-        copy = self._copy(
-            delivery,
-            self.app.settings.dead_letter_exchange,
-            delivery.listener.queue,
-            outcome.headers,
-        )
-        await self._runtime.publisher.publish(copy, timeout=SETTLE_TIMEOUT)
 
     def _record(self, delivery: Delivery, outcome: Outcome, settled: bool, seconds: float) -> None:
         self.counts[outcome.kind.value] += 1
