@@ -1,18 +1,118 @@
-"""``python -m bench``: every benchmark, one table."""
+"""``python -m bench``: every benchmark in one run, one table, and ``docs/performance.md``."""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from datetime import UTC, datetime
+from pathlib import Path
 
-from bench import consume, dispatch
+from bench import consume, dispatch, latency, letterthief, memory
 from bench.common import quiet_logs, table
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
+
+INTRO = """\
+# Performance
+
+What `make bench` measured for issue #7 ("Fast and frugal"). This file is
+written by `python -m bench`; edit `bench/__main__.py`, not this file.
+
+The machine has 2 cores, shared with the RabbitMQ broker and with whatever
+else runs there, so absolute figures move from run to run. Each throughput
+and latency figure is therefore set against a peer (raw aio-pika, FastStream)
+measured in the same run, on the same broker, a moment apart: the ratio is
+the figure to read. Every contender uses quorum queues, persistent messages
+and, when it publishes, publisher confirms.
+
+The third column is the peer's figure or the target; the fourth is
+pigeon ÷ peer (for throughput higher is better, for latency lower is better)
+or whether the target was met.
+
+- **dispatch**: events published and confirmed per second into a quorum
+  queue, one at a time (sequential), 256 in flight, and through
+  `dispatch_many`.
+- **consume**: events per second a worker drains from a pre-filled quorum
+  queue, acking each after its handler returns (prefetch 64), per
+  idempotency store (SQLite is the default) and with idempotency off.
+- **latency**: milliseconds from `dispatch_async` to the start of the handler
+  at a steady 500 events/s, p50 and p99, worker with default settings
+  (SQLite idempotency), against a plain aio-pika consumer. Target: p99 ≤ 10 ms.
+- **listener RSS growth**: how much a `pigeon listen` process grows between
+  20,000 and 200,000 handled events (default settings, SQLite idempotency);
+  target ≤ 10 MiB. It must also exit 0 on SIGTERM.
+- **letterthief collector ingest**: dead letters per second from LetterThief's
+  start until 20,000 waiting ones are stored (SQLite); target ≥ 2,000/s.
+- **letterthief list**: p95 of the server's time (the ASGI call, no network)
+  over 200 requests with 100,000 letters stored (SQLite, login configured);
+  target ≤ 200 ms.
+"""
+
+REPRODUCE = """\
+## How to reproduce
+
+```sh
+make bench                      # every benchmark; rewrites this file
+.venv/bin/python -m bench.dispatch
+.venv/bin/python -m bench.consume
+.venv/bin/python -m bench.latency
+.venv/bin/python -m bench.memory
+.venv/bin/python -m bench.letterthief
+```
+
+Each module prints its rows without touching this file. The broker is
+`PIGEON_BENCH_URL` (default `amqp://guest:guest@127.0.0.1:5672/`); the consume
+rows for Redis and PostgreSQL expect them on 127.0.0.1:6379 and :5432. Each
+benchmark works on its own uniquely named (`bench…`) exchanges and queues.
+"""
+
+FINDINGS = """\
+## What the profile showed
+
+- Building aio-pika's `IncomingMessage` for every delivery was the largest
+  pigeon-attributable cost of consuming, so the worker consumes through
+  aiormq directly and reads the frame it already has.
+- SQLite idempotency cost two transactions per message (claim, then done).
+  Group commit runs whatever is pending in one transaction and answers each
+  caller only after that commit; it doubled default consume throughput.
+- aio-pika's `publish(timeout=...)` spawns a task per publish; pigeon wraps
+  an aiormq-level publish in `asyncio.timeout()` instead.
+- `dispatch_many` keeps every confirm of the batch in flight at once.
+- A JSON log line costs about 20 µs per message at INFO. It stays: it is the
+  audit trail. `PIGEON_LOG_LEVEL=WARNING` drops it.
+- The Redis and PostgreSQL idempotency stores are bound by two network round
+  trips per message.
+- At a steady 500 events/s the SQLite store's p99 comes from WAL
+  auto-checkpoints: every 1,000 WAL pages (about every 170 events at that
+  rate) a checkpoint syncs the file on the store's only thread and the
+  claims queued behind it wait about 15 ms. With auto-checkpoints off the
+  same run had p99 2.6 ms, and the memory store stays near aio-pika's tail.
+"""
+
+
+def document(rows: list[tuple[str, str, str, str]], when: datetime, minutes: float) -> str:
+    return (
+        f"{INTRO}\n"
+        f"## Figures\n\n"
+        f"Run of {when:%Y-%m-%d} ({minutes:.0f} min).\n\n"
+        f"{table(rows)}\n\n"
+        f"{REPRODUCE}\n"
+        f"{FINDINGS}"
+    )
 
 
 async def run_all() -> None:
     quiet_logs()
+    started = time.monotonic()
     rows = await dispatch.main()
     rows += await consume.main()
+    rows += await latency.main()
+    rows += await memory.main()
+    rows += await letterthief.main()
     print(table(rows))
+    minutes = (time.monotonic() - started) / 60
+    DOC.write_text(document(rows, datetime.now(UTC), minutes), encoding="utf-8")
+    print(f"wrote {DOC}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
 from bench.common import URL, bench_settings, delete, new_prefix, quiet_logs, table
 from bench.dispatch import OrderPlaced, event
 from pigeon import Pigeon
+from pigeon.retry import tier_label
 from pigeon.settings import Settings
 from pigeon.worker import Worker
 
@@ -78,7 +79,8 @@ async def pigeon_rate(settings: Settings, count: int, *, idempotent: bool, store
     rate = count / (time.perf_counter() - started)
     worker.stop()
     await task
-    await delete(connection, [handle.queue], [])
+    tiers = [f"{handle.queue}.retry.{tier_label(d)}" for d in handle.retry.tier_delays()]
+    await delete(connection, [handle.queue, *tiers], [])
     await connection.close()
     return rate
 
@@ -89,7 +91,7 @@ async def faststream_rate(prefix: str, count: int) -> float:
     channel = await connection.channel()
     await channel.declare_queue(queue, durable=True, arguments={"x-queue-type": "quorum"})
     await fill(connection, queue, count)
-    broker = RabbitBroker(URL, log_level=30)
+    broker = RabbitBroker(URL, logger=None)  # no per-message log lines, as for pigeon
     done = asyncio.Event()
     seen = 0
 

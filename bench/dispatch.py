@@ -54,7 +54,7 @@ async def main(
 
     raw_channel = await connection.channel(publisher_confirms=True)
     raw_exchange = await raw_channel.get_exchange(settings.exchange)
-    broker = RabbitBroker(URL, log_level=30)
+    broker = RabbitBroker(URL, logger=None)  # no per-message log lines, as for pigeon
     await broker.connect()
     fs_exchange = RabbitExchange(
         settings.exchange, type=ExchangeType.TOPIC, durable=True, declare=False
