@@ -128,8 +128,9 @@ class _Server(uvicorn.Server):
         yield
 
     def request_exit(self, sig: int) -> None:
-        log.info("letterthief.stopping", signal=signal.Signals(sig).name)
-        self.should_exit = True
+        self.should_exit = True  # before logging: a broken stderr must not keep us running
+        with contextlib.suppress(Exception):
+            log.info("letterthief.stopping", signal=signal.Signals(sig).name)
 
 
 def _status(value: str | None) -> str | None:

@@ -5,6 +5,7 @@ from pigeon.delivery import Delivery, Outcome, OutcomeKind
 from pigeon.errors import ConfigurationError, DispatchError, PigeonError, TopologyError
 from pigeon.events import Event
 from pigeon.listener import Context, Listener
+from pigeon.logs import configure_logging
 from pigeon.retry import Reject, Retry, RetryLater
 from pigeon.settings import Settings
 
@@ -24,6 +25,7 @@ __all__ = [
     "RetryLater",
     "Settings",
     "TopologyError",
+    "configure_logging",
     "default_app",
     "dispatch",
     "dispatch_async",

@@ -13,9 +13,10 @@ from typing import Any, Literal
 import click
 
 from pigeon.app import Pigeon, default_app
+from pigeon.dispatch import RETRYABLE
 from pigeon.errors import ConfigurationError, DispatchError, TopologyError
 from pigeon.logs import configure_logging
-from pigeon.settings import Settings
+from pigeon.settings import Settings, mask_url
 
 EX_CONFIG = 78
 
@@ -29,6 +30,9 @@ def load_app(target: str) -> Pigeon:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise click.BadParameter(f"cannot import {module_name!r}: {exc}") from exc
+    except ConfigurationError as exc:
+        click.echo(f"pigeon: {target}: {exc}", err=True)
+        sys.exit(EX_CONFIG)
     app = getattr(module, attr or "app", None)
     if not isinstance(app, Pigeon):
         raise click.BadParameter(f"{target} is not a pigeon.Pigeon app (use MODULE:ATTRIBUTE)")
@@ -59,6 +63,7 @@ def main() -> None:
 @click.option(
     "--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port."
 )
+@click.option("--metrics-host", default="0.0.0.0", show_default=True, help="Address for metrics.")
 def listen(
     target: str,
     listeners: tuple[str, ...],
@@ -68,6 +73,7 @@ def listen(
     max_memory: float | None,
     shutdown_timeout: float,
     metrics_port: int | None,
+    metrics_host: str,
 ) -> None:
     """Run the listeners of MODULE:APP until SIGTERM/SIGINT."""
     from pigeon.worker import Worker
@@ -83,18 +89,18 @@ def listen(
             max_messages=max_messages,
             max_memory=max_memory,
         )
-        code = asyncio.run(_serve(worker, metrics_port))
+        code = asyncio.run(_serve(worker, metrics_port, metrics_host))
     except (TopologyError, ConfigurationError) as exc:
         click.echo(f"pigeon: {exc}", err=True)
         sys.exit(EX_CONFIG)
     sys.exit(code)
 
 
-async def _serve(worker: Any, metrics_port: int | None) -> int:
+async def _serve(worker: Any, metrics_port: int | None, metrics_host: str) -> int:
     if metrics_port is not None:
         from pigeon.metrics import serve_metrics
 
-        serve_metrics(metrics_port, worker)
+        serve_metrics(metrics_port, worker, host=metrics_host)
     code: int = await worker.run()
     return code
 
@@ -163,6 +169,11 @@ def topology_declare(target: str) -> None:
     except TopologyError as exc:
         click.echo(f"pigeon: {exc}", err=True)
         sys.exit(EX_CONFIG)
+    except RETRYABLE as exc:
+        click.echo(
+            f"pigeon: cannot reach the broker at {mask_url(app.settings.url)}: {exc}", err=True
+        )
+        sys.exit(1)
     click.echo(app.topology().describe())
 
 

@@ -7,11 +7,30 @@ terminal (supervisor, containers), readable colours when it is.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
-from typing import Literal
+from typing import Literal, TextIO, cast
 
 import structlog
+
+
+class _Unbreakable:
+    """stderr that shrugs off a closed pipe: when supervisor dies, the process must still
+    stop cleanly on SIGTERM instead of failing on its first log line."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):
+            return 0
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()
 
 
 def configure_logging(fmt: Literal["console", "json"] = "json", level: str = "INFO") -> None:
@@ -32,7 +51,7 @@ def configure_logging(fmt: Literal["console", "json"] = "json", level: str = "IN
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(cast(TextIO, _Unbreakable(sys.stderr))),
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(sys.stderr)

@@ -126,8 +126,9 @@ class Worker:
         """Ask the worker to stop consuming and drain; safe to call more than once."""
         if not self._stopping.is_set():
             self.stop_reason = reason
-            log.info("worker.stopping", reason=reason, in_flight=len(self._tasks))
-            self._stopping.set()
+            self._stopping.set()  # before logging: a broken stderr must not keep us running
+            with contextlib.suppress(Exception):
+                log.info("worker.stopping", reason=reason, in_flight=len(self._tasks))
 
     async def run(self) -> int:
         """Consume until stopped; returns the process exit code."""

@@ -259,3 +259,44 @@ def test_healthz_answers_503_while_the_worker_has_no_broker_connection() -> None
     finally:
         server.shutdown()
         server.server_close()
+
+
+async def test_sigterm_stops_the_listener_even_when_its_log_pipe_is_gone(
+    make_app: AppFactory, broker: Broker, tmp_path: Path
+) -> None:
+    app = make_app("recorder")
+    env = env_for(app.settings, app.service or "", RECORDER_FILE=str(tmp_path / "rec.txt"))
+    broker.queues.add(f"{app.service}.record")
+    proc = subprocess.Popen(
+        [*PIGEON, "listen", "tests.apps.recorder:app"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 30
+    while b"worker.consuming" not in proc.stdout.readline():
+        assert time.monotonic() < deadline, "listener did not start"
+    proc.stdout.close()  # what a SIGKILLed supervisor leaves behind
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+
+
+async def test_topology_declare_with_the_broker_down_says_so_in_one_line(
+    make_app: AppFactory, tmp_path: Path
+) -> None:
+    app = make_app("recorder")
+    env = env_for(app.settings, app.service or "")
+    env["PIGEON_URL"] = "amqp://guest:s3cret@127.0.0.1:1/"
+    out = subprocess.run(
+        [*PIGEON, "topology", "declare", "tests.apps.recorder:app"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        timeout=60,
+    )
+    assert out.returncode == 1
+    assert b"pigeon: cannot reach the broker at amqp://guest:***@127.0.0.1:1/" in out.stderr
+    assert b"Traceback" not in out.stderr
+    assert b"s3cret" not in out.stderr
