@@ -82,11 +82,17 @@ FINDINGS = """\
   audit trail. `PIGEON_LOG_LEVEL=WARNING` drops it.
 - The Redis and PostgreSQL idempotency stores are bound by two network round
   trips per message.
-- At a steady 500 events/s the SQLite store's p99 comes from WAL
-  auto-checkpoints: every 1,000 WAL pages (about every 170 events at that
-  rate) a checkpoint syncs the file on the store's only thread and the
-  claims queued behind it wait about 15 ms. With auto-checkpoints off the
-  same run had p99 2.6 ms, and the memory store stays near aio-pika's tail.
+- At a steady 500 events/s the SQLite store's latency tail comes from WAL
+  checkpoints: every 1,000 WAL pages SQLite copies the WAL into the database
+  file and fsyncs it, and that fsync competes for the disk with RabbitMQ,
+  which shares it here, so deliveries pause meanwhile. Moving the checkpoint
+  to a background thread (passive, once a second) kept the store's own calls
+  fast but made the end-to-end p99 worse (~27 ms against ~11 ms), so
+  SQLite's automatic checkpoint stays. Skipping the fsync (`synchronous=OFF`)
+  would put the file at risk on power loss. When a tight tail matters, use
+  the Redis or PostgreSQL store, or put the SQLite file on another disk than
+  the broker's; the memory-store row shows the pipeline itself stays near
+  aio-pika's tail.
 """
 
 

@@ -159,6 +159,7 @@ async def main(
     queues = [raw_queue, settings.unrouted_queue, settings.dead_letter_queue]
     connection = await aio_pika.connect(URL)
     pigeon_ms: list[float] = []
+    memory_ms: list[float] = []
     raw_ms: list[float] = []
     with tempfile.TemporaryDirectory(prefix="pigeon-bench-") as tmp:
         store_url = f"sqlite:///{os.path.join(tmp, 'idem.db')}"
@@ -174,6 +175,10 @@ async def main(
                 )
                 queues += [q for q in listener_queues if q not in queues]
                 pigeon_ms += [s * 1000 for s in seconds]
+                seconds, listener_queues = await pigeon_round(
+                    settings, per_round, warmup, "memory://"
+                )
+                memory_ms += [s * 1000 for s in seconds]
                 raw_ms += [
                     s * 1000 for s in await raw_round(settings, raw_queue, per_round, warmup)
                 ]
@@ -191,15 +196,16 @@ async def main(
         rows.append(
             (f"latency p{q} at {rate} vs aio-pika", f"{p:.1f} ms", f"{r:.1f} ms", f"{p / r:.2f}x")
         )
-    p99 = percentile(pigeon_ms, 99)
-    rows.append(
-        (
-            f"latency p99 at {rate} vs target",
-            f"{p99:.1f} ms",
-            f"≤ {TARGET_P99_MS:.0f} ms",
-            "met" if p99 <= TARGET_P99_MS else "missed",
+    for label, samples in (("sqlite (default)", pigeon_ms), ("memory", memory_ms)):
+        p99 = percentile(samples, 99)
+        rows.append(
+            (
+                f"latency p99 at {rate}, idempotency {label}, vs target",
+                f"{p99:.1f} ms",
+                f"≤ {TARGET_P99_MS:.0f} ms",
+                "met" if p99 <= TARGET_P99_MS else "missed",
+            )
         )
-    )
     return rows
 
 

@@ -444,24 +444,3 @@ async def _claimed(store: IdempotencyStore, key: str, lease: float = 30) -> str:
     assert claim.state is ClaimState.CLAIMED
     assert claim.token is not None
     return claim.token
-
-
-async def test_sqlite_checkpoints_its_wal_in_the_background(tmp_path: Path) -> None:
-    """Auto-checkpoints are off (they stall commits); the background checkpoint must run."""
-    store = open_store(f"sqlite:///{tmp_path}/idem.db")
-    await store.open()
-    try:
-        main_file = tmp_path / "idem.db"
-        before = main_file.stat().st_size
-        for i in range(3000):
-            claim = await store.claim(f"k-{i}", 30)
-            assert claim.token is not None
-            await store.done(f"k-{i}", claim.token)
-        await asyncio.sleep(1.2)
-        await store.claim("after-the-interval", 30)  # a commit after the interval triggers it
-        deadline = asyncio.get_running_loop().time() + 10
-        while main_file.stat().st_size <= before:
-            assert asyncio.get_running_loop().time() < deadline, "WAL never checkpointed"
-            await asyncio.sleep(0.05)
-    finally:
-        await store.close()

@@ -9,11 +9,6 @@ Operations are group-committed: whatever callers asked for while the store's
 thread was busy runs in the next single transaction, and each caller gets its
 answer only after that transaction committed. Under load one commit serves
 dozens of messages; alone, a call costs one transaction as before.
-
-SQLite's automatic WAL checkpoint would run inside a commit and stall every
-caller waiting on it (the p99 of a listener); instead a second connection on
-its own thread runs a passive checkpoint at most once a second, which never
-blocks the writer and keeps the WAL file bounded.
 """
 
 from __future__ import annotations
@@ -27,16 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-import structlog
-
 from pigeon.idempotency.base import Claim, ClaimState, IdempotencyStore, new_token
-
-log = structlog.get_logger("pigeon")
 
 _T = TypeVar("_T")
 
 BUSY_TIMEOUT_MS = 30_000
-CHECKPOINT_EVERY = 1.0
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS pigeon_idempotency ("
@@ -84,39 +74,28 @@ class SQLiteStore(IdempotencyStore):
         self._lock = threading.Lock()
         self._pending: list[_Request] = []
         self._draining = False
-        self._checkpointer: ThreadPoolExecutor | None = None
-        self._checkpoint_conn: sqlite3.Connection | None = None
-        self._checkpointed_at = time.monotonic()
-        self._checkpointing = False
 
     async def open(self) -> None:
         if self._executor is not None:
             return
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="pigeon-idempotency-sqlite")
-        self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="pigeon-idempotency-wal")
         try:
             await self._run(self._connect)
         except BaseException:
             self._executor.submit(self._disconnect)
             self._executor.shutdown(wait=False)
             self._executor = None
-            self._checkpointer.shutdown(wait=False)
-            self._checkpointer = None
             raise
 
     async def close(self) -> None:
         executor = self._executor
         if executor is None:
             return
-        checkpointer, self._checkpointer = self._checkpointer, None
         try:
             await self._run(self._disconnect)
         finally:
             self._executor = None
             executor.shutdown(wait=True)
-            if checkpointer is not None:
-                checkpointer.submit(self._close_checkpoint_connection)
-                checkpointer.shutdown(wait=True)
 
     async def claim(self, key: str, lease: float) -> Claim:
         claim: Claim = await self._batched(self._claim, key, lease)
@@ -179,40 +158,6 @@ class SQLiteStore(IdempotencyStore):
                 by_loop.setdefault(loop, []).append((future, value, error))
             for loop, answers in by_loop.items():  # one wake-up per loop, not per caller
                 loop.call_soon_threadsafe(_resolve_all, answers)
-            self._maybe_checkpoint()
-
-    def _maybe_checkpoint(self) -> None:
-        checkpointer = self._checkpointer
-        if (
-            checkpointer is None
-            or self._checkpointing
-            or time.monotonic() - self._checkpointed_at < CHECKPOINT_EVERY
-        ):
-            return
-        self._checkpointing = True
-        self._checkpointed_at = time.monotonic()
-        try:
-            checkpointer.submit(self._checkpoint)
-        except RuntimeError:  # shut down meanwhile
-            self._checkpointing = False
-
-    def _checkpoint(self) -> None:
-        """On the checkpoint thread: copy committed WAL pages into the database file."""
-        try:
-            if self._checkpoint_conn is None:
-                self._checkpoint_conn = sqlite3.connect(
-                    self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None
-                )
-            self._checkpoint_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        except sqlite3.Error as exc:
-            log.warning("idempotency.checkpoint_failed", path=str(self.path), error=repr(exc))
-        finally:
-            self._checkpointing = False
-
-    def _close_checkpoint_connection(self) -> None:
-        if self._checkpoint_conn is not None:
-            self._checkpoint_conn.close()
-            self._checkpoint_conn = None
 
     async def _run(self, func: Callable[..., _T], *args: object) -> _T:
         if self._executor is None:
@@ -226,7 +171,6 @@ class SQLiteStore(IdempotencyStore):
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             _enable_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("PRAGMA wal_autocheckpoint = 0")
             for statement in _SCHEMA:
                 conn.execute(statement)
         except BaseException:
