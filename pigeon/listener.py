@@ -11,7 +11,7 @@ import asyncio
 import inspect
 import threading
 import typing
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -231,6 +231,3 @@ def inspect_handler(
 def default_listener_name(handler: Handler) -> str:
     """``send_confirmation`` → ``send-confirmation``: the listener part of a queue name."""
     return handler.__name__.replace("_", "-")
-
-
-AsyncHandler = Callable[..., Awaitable[Any]]

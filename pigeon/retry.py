@@ -87,9 +87,6 @@ class Retry:
         return tuple(sorted(d for d in delays if d))
 
 
-NO_RETRY = Retry(attempts=1)
-
-
 DELAY_LADDER = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 
 
