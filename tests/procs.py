@@ -6,10 +6,12 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from pigeon import Pigeon
 from pigeon.settings import Settings
-from tests.conftest import settings_env
+from tests.conftest import AppFactory, Broker, settings_env
 
 ROOT = Path(__file__).resolve().parent.parent
 PIGEON = [sys.executable, "-m", "pigeon"]
@@ -79,3 +81,23 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return True
+
+
+@dataclass(frozen=True)
+class Recorder:
+    """A ``tests.apps.recorder`` listener's app, environment and files."""
+
+    app: Pigeon
+    env: dict[str, str]
+    rec: Path
+    log: Path
+
+
+def recorder(make_app: AppFactory, broker: Broker, tmp_path: Path, **extra: str) -> Recorder:
+    """The recorder app on this test's exchanges, recording into ``tmp_path``; its queue
+    is deleted after the test."""
+    app = make_app("recorder")
+    rec = tmp_path / "rec.txt"
+    env = env_for(app.settings, app.service or "", RECORDER_FILE=str(rec), **extra)
+    broker.queues.add(f"{app.service}.record")
+    return Recorder(app, env, rec, tmp_path / "listen.log")

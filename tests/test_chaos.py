@@ -16,7 +16,15 @@ import pytest
 
 from pigeon import headers
 from tests.conftest import AppFactory, Broker
-from tests.procs import env_for, recorded, start_listener, stop, wait_for_log, wait_recorded
+from tests.procs import (
+    env_for,
+    recorded,
+    recorder,
+    start_listener,
+    stop,
+    wait_for_log,
+    wait_recorded,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -37,16 +45,14 @@ async def restart_broker(reset: bool = False, down_for: float = 2.0) -> None:
 async def test_a_handler_that_kills_its_process_is_dead_lettered_by_the_delivery_limit(
     make_app: AppFactory, broker: Broker, tmp_path: Path
 ) -> None:
-    app = make_app("recorder")
-    rec = tmp_path / "rec.txt"
-    env = env_for(
-        app.settings,
-        app.service or "",
-        RECORDER_FILE=str(rec),
+    setup = recorder(
+        make_app,
+        broker,
+        tmp_path,
         RECORDER_DELIVERY_LIMIT="2",
         PIGEON_IDEMPOTENCY_URL=f"sqlite:///{tmp_path}/idem.db",
     )
-    broker.queues.add(f"{app.service}.record")
+    app, rec, env = setup.app, setup.rec, setup.env
     log = tmp_path / "listen.log"
     await app.declare([])
     proc = start_listener(env, "--concurrency", "1", log=log)
@@ -80,18 +86,16 @@ async def test_a_handler_that_kills_its_process_is_dead_lettered_by_the_delivery
 async def test_kill_minus_nine_in_the_middle_loses_nothing(
     make_app: AppFactory, broker: Broker, tmp_path: Path
 ) -> None:
-    app = make_app("recorder")
-    rec = tmp_path / "rec.txt"
-    env = env_for(
-        app.settings,
-        app.service or "",
-        RECORDER_FILE=str(rec),
+    setup = recorder(
+        make_app,
+        broker,
+        tmp_path,
         RECORDER_MODE="slow",
         RECORDER_SECONDS="0.01",
         RECORDER_LEASE="2",
         PIGEON_IDEMPOTENCY_URL=f"sqlite:///{tmp_path}/idem.db",
     )
-    broker.queues.add(f"{app.service}.record")
+    app, rec, env = setup.app, setup.rec, setup.env
     log = tmp_path / "listen.log"
     await app.declare([])
     proc = start_listener(env, "--concurrency", "20", log=log)
@@ -120,16 +124,14 @@ async def test_kill_minus_nine_in_the_middle_loses_nothing(
 async def test_the_broker_restarting_under_a_producer_and_a_listener_loses_nothing(
     make_app: AppFactory, broker: Broker, tmp_path: Path
 ) -> None:
-    app = make_app("recorder")
-    app.settings.dispatch_timeout = 90
-    rec = tmp_path / "rec.txt"
-    env = env_for(
-        app.settings,
-        app.service or "",
-        RECORDER_FILE=str(rec),
+    setup = recorder(
+        make_app,
+        broker,
+        tmp_path,
         PIGEON_IDEMPOTENCY_URL=f"sqlite:///{tmp_path}/idem.db",
     )
-    broker.queues.add(f"{app.service}.record")
+    app, rec, env = setup.app, setup.rec, setup.env
+    app.settings.dispatch_timeout = 90
     log = tmp_path / "listen.log"
     proc = start_listener(env, log=log)
     wait_for_log(log, "worker.consuming")
@@ -205,9 +207,8 @@ def _wait_for_second_consuming(log: Path, timeout: float = 60.0) -> None:
 async def test_max_messages_exits_zero_after_exactly_n(
     make_app: AppFactory, broker: Broker, tmp_path: Path
 ) -> None:
-    app = make_app("recorder")
-    rec = tmp_path / "rec.txt"
-    env = env_for(app.settings, app.service or "", RECORDER_FILE=str(rec))
+    setup = recorder(make_app, broker, tmp_path)
+    app, rec, env = setup.app, setup.rec, setup.env
     queue = f"{app.service}.record"
     broker.queues.add(queue)
     await app.declare([])

@@ -13,7 +13,14 @@ from pigeon import Context, Pigeon, Retry
 from pigeon.idempotency import IdempotencyStore, open_store
 from tests.conftest import AppFactory, Broker, RunWorker, eventually, unique_settings
 from tests.events import OrderPlaced
-from tests.procs import env_for, recorded, start_listener, stop, wait_for_log, wait_recorded
+from tests.procs import (
+    recorded,
+    recorder,
+    start_listener,
+    stop,
+    wait_for_log,
+    wait_recorded,
+)
 from tests.tcpproxy import TcpProxy
 
 STORES = {
@@ -103,15 +110,13 @@ async def test_a_message_redelivered_after_a_lost_ack_is_not_handled_again(
 async def test_two_listener_processes_on_one_queue_handle_each_id_once(
     make_app: AppFactory, broker: Broker, tmp_path: Path
 ) -> None:
-    app = make_app("recorder")
-    rec = tmp_path / "rec.txt"
-    env = env_for(
-        app.settings,
-        app.service or "",
-        RECORDER_FILE=str(rec),
+    setup = recorder(
+        make_app,
+        broker,
+        tmp_path,
         PIGEON_IDEMPOTENCY_URL=f"sqlite:///{tmp_path}/shared.db",
     )
-    broker.queues.add(f"{app.service}.record")
+    app, rec, env = setup.app, setup.rec, setup.env
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     procs = [start_listener(env, "--concurrency", "8", log=log) for log in logs]
     try:

@@ -19,6 +19,7 @@ from tests.procs import (
     ROOT,
     env_for,
     recorded,
+    recorder,
     start_listener,
     stop,
     wait_for_log,
@@ -29,11 +30,10 @@ from tests.procs import (
 async def test_two_thousand_events_from_another_process_arrive_exactly_once(
     make_app: AppFactory, broker: Broker, tmp_path: Path
 ) -> None:
-    app = make_app("recorder")
-    env = env_for(app.settings, app.service or "", RECORDER_FILE=str(tmp_path / "rec.txt"))
+    setup = recorder(make_app, broker, tmp_path)
+    env = setup.env
     log = tmp_path / "listen.log"
     proc = start_listener(env, "--concurrency", "32", log=log)
-    broker.queues.add(f"{app.service}.record")
     try:
         wait_for_log(log, "worker.consuming")
         producer = textwrap.dedent(
@@ -64,11 +64,10 @@ async def test_two_thousand_events_from_another_process_arrive_exactly_once(
 async def test_pigeon_dispatch_from_the_shell_prints_the_id_the_listener_sees(
     make_app: AppFactory, broker: Broker, tmp_path: Path
 ) -> None:
-    app = make_app("recorder")
-    env = env_for(app.settings, app.service or "", RECORDER_FILE=str(tmp_path / "rec.txt"))
+    setup = recorder(make_app, broker, tmp_path)
+    env = setup.env
     log = tmp_path / "listen.log"
     proc = start_listener(env, log=log)
-    broker.queues.add(f"{app.service}.record")
     try:
         wait_for_log(log, "worker.consuming")
         out = subprocess.run(
@@ -103,18 +102,16 @@ async def test_pigeon_dispatch_rejects_a_payload_that_is_not_json(
 async def test_sigterm_lets_in_flight_handlers_finish_and_exits_zero(
     make_app: AppFactory, broker: Broker, tmp_path: Path
 ) -> None:
-    app = make_app("recorder")
-    rec = tmp_path / "rec.txt"
-    env = env_for(
-        app.settings,
-        app.service or "",
-        RECORDER_FILE=str(rec),
+    setup = recorder(
+        make_app,
+        broker,
+        tmp_path,
         RECORDER_MODE="slow",
         RECORDER_SECONDS="1.5",
     )
+    app, rec, env = setup.app, setup.rec, setup.env
     log = tmp_path / "listen.log"
     proc = start_listener(env, "--concurrency", "4", "--shutdown-timeout", "20", log=log)
-    broker.queues.add(f"{app.service}.record")
     wait_for_log(log, "worker.consuming")
     ids = [await app.dispatch_async("test.order.placed", {"order_id": f"o-{i}"}) for i in range(10)]
     started = wait_recorded(rec, 4, kind="start")
@@ -264,9 +261,8 @@ def test_healthz_answers_503_while_the_worker_has_no_broker_connection() -> None
 async def test_sigterm_stops_the_listener_even_when_its_log_pipe_is_gone(
     make_app: AppFactory, broker: Broker, tmp_path: Path
 ) -> None:
-    app = make_app("recorder")
-    env = env_for(app.settings, app.service or "", RECORDER_FILE=str(tmp_path / "rec.txt"))
-    broker.queues.add(f"{app.service}.record")
+    setup = recorder(make_app, broker, tmp_path)
+    env = setup.env
     proc = subprocess.Popen(
         [*PIGEON, "listen", "tests.apps.recorder:app"],
         env=env,
