@@ -7,6 +7,7 @@ duplicate (which idempotency absorbs), never a loss.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,7 +40,8 @@ def _tag(message: DeliveredMessage) -> int:
 async def give_back(message: DeliveredMessage) -> None:
     """Return ``message`` to its queue unhandled (it is delivered again later)."""
     try:
-        await message.channel.basic_nack(_tag(message), requeue=True)
+        async with asyncio.timeout(SETTLE_TIMEOUT):
+            await message.channel.basic_nack(_tag(message), requeue=True)
     except Exception as exc:
         log.debug("message.give_back_failed", error=repr(exc))
 
@@ -83,7 +85,10 @@ class Settler:
             await give_back(message)
             return False
         try:
-            await message.channel.basic_ack(_tag(message))
+            # Bounded: an ack written into a connection that just died can wait forever
+            # for its frame to drain, and would hold up the next SIGTERM's drain.
+            async with asyncio.timeout(SETTLE_TIMEOUT):
+                await message.channel.basic_ack(_tag(message))
         except Exception as exc:
             log.warning(
                 "message.ack_lost",
