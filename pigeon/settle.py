@@ -2,21 +2,21 @@
 
 The order is the guarantee: a retry copy or a dead letter is published and
 confirmed *before* the original is acked, so a crash in between leaves a
-duplicate (which idempotency absorbs), never a loss.
+duplicate (which idempotency absorbs), never a loss. The acks themselves go
+through the consumer channel's :class:`~pigeon.acks.Acker`.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from typing import Any
 
 import structlog
 from aio_pika.exceptions import PublishError
-from aiormq.abc import DeliveredMessage
 
 from pigeon import headers as h
 from pigeon import topology
+from pigeon.acks import Acker
 from pigeon.app import Pigeon, Runtime
 from pigeon.delivery import Delivery, Outcome, OutcomeKind
 from pigeon.dispatch import Outgoing
@@ -29,21 +29,6 @@ log = structlog.get_logger("pigeon")
 SETTLE_TIMEOUT = 10.0
 """Seconds a retry copy or dead letter may take to be confirmed before the original
 is handed back to the broker instead (it is redelivered later)."""
-
-
-def _tag(message: DeliveredMessage) -> int:
-    tag = message.delivery_tag
-    assert tag is not None, "a consumed message always has a delivery tag"
-    return tag
-
-
-async def give_back(message: DeliveredMessage) -> None:
-    """Return ``message`` to its queue unhandled (it is delivered again later)."""
-    try:
-        async with asyncio.timeout(SETTLE_TIMEOUT):
-            await message.channel.basic_nack(_tag(message), requeue=True)
-    except Exception as exc:
-        log.debug("message.give_back_failed", error=repr(exc))
 
 
 class Settler:
@@ -59,8 +44,12 @@ class Settler:
             for d in listener.retry.tier_delays()
         }
 
-    async def settle(self, message: DeliveredMessage, delivery: Delivery, outcome: Outcome) -> bool:
-        """Tell the broker; a retry or dead-letter copy is confirmed before the ack."""
+    async def settle(self, acker: Acker, tag: int, delivery: Delivery, outcome: Outcome) -> bool:
+        """Settle delivery ``tag``; a retry or dead-letter copy is confirmed before the ack.
+
+        Returns False when the copy could not be published and the message was
+        given back instead.
+        """
         try:
             try:
                 await self._publish_outcome(delivery, outcome)
@@ -82,22 +71,9 @@ class Settler:
                 error=repr(exc),
                 note="message left unacked; the broker redelivers it",
             )
-            await give_back(message)
+            acker.give_back(tag)
             return False
-        try:
-            # Bounded: an ack written into a connection that just died can wait forever
-            # for its frame to drain, and would hold up the next SIGTERM's drain.
-            async with asyncio.timeout(SETTLE_TIMEOUT):
-                await message.channel.basic_ack(_tag(message))
-        except Exception as exc:
-            log.warning(
-                "message.ack_lost",
-                queue=delivery.listener.queue,
-                message_id=delivery.message_id,
-                error=repr(exc),
-                note="redelivery will be recognised as a duplicate",
-            )
-            return False
+        acker.ack(tag)
         return True
 
     async def _publish_outcome(self, delivery: Delivery, outcome: Outcome) -> None:

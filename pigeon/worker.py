@@ -29,13 +29,14 @@ from aiormq.abc import DeliveredMessage
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from pigeon import topology
+from pigeon.acks import Acker
 from pigeon.app import Pigeon, Runtime
 from pigeon.delivery import Delivery, Outcome, OutcomeKind, Processor
 from pigeon.dispatch import RETRYABLE
 from pigeon.idempotency import IdempotencyStore, open_store
 from pigeon.listener import Listener
 from pigeon.metrics import MESSAGES
-from pigeon.settle import Settler, give_back
+from pigeon.settle import Settler
 
 log = structlog.get_logger("pigeon")
 
@@ -59,6 +60,7 @@ class _Consumer:
     channel: AbstractChannel
     underlay: AmqpChannel
     tag: str
+    acker: Acker
 
 
 def _quiet_connection_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -262,19 +264,23 @@ class Worker:
             underlay = await channel.get_underlay_channel()
             processor = self._processors[listener.queue]
             semaphore = asyncio.Semaphore(concurrency)
+            acker = Acker(underlay, listener.queue)
 
             async def on_message(
                 message: DeliveredMessage,
                 processor: Processor = processor,
                 semaphore: asyncio.Semaphore = semaphore,
+                acker: Acker = acker,
             ) -> None:
-                self._spawn(processor, semaphore, message)
+                self._spawn(processor, semaphore, acker, message)
 
             # aiormq directly: aio-pika's per-message IncomingMessage is the costliest
             # step of the hot path and nothing here needs it.
             ok = await underlay.basic_consume(listener.queue, on_message)
             assert ok.consumer_tag is not None
-            self._consumers.append(_Consumer(listener.queue, channel, underlay, ok.consumer_tag))
+            self._consumers.append(
+                _Consumer(listener.queue, channel, underlay, ok.consumer_tag, acker)
+            )
 
     async def _wait_for_stop_or_disconnect(self) -> None:
         """Return when asked to stop, when the connection is lost, or when a consumer is gone.
@@ -313,7 +319,6 @@ class Worker:
                 await consumer.underlay.basic_cancel(consumer.tag)
             except Exception as exc:
                 log.debug("worker.cancel_failed", queue=consumer.queue, error=repr(exc))
-        self._consumers.clear()
         if self._tasks:
             log.info("worker.draining", in_flight=len(self._tasks), timeout=self.shutdown_timeout)
             _, pending = await asyncio.wait(set(self._tasks), timeout=self.shutdown_timeout)
@@ -322,6 +327,8 @@ class Worker:
             if pending:
                 log.warning("worker.abandoned", count=len(pending), note="they will be redelivered")
                 await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(*(consumer.acker.close() for consumer in self._consumers))
+        self._consumers.clear()
         if self._runtime is not None:
             await self._runtime.close()
             self.app._runtimes.pop(self._runtime.loop, None)
@@ -333,22 +340,34 @@ class Worker:
     # -- one message ---------------------------------------------------------------
 
     def _spawn(
-        self, processor: Processor, semaphore: asyncio.Semaphore, message: DeliveredMessage
+        self,
+        processor: Processor,
+        semaphore: asyncio.Semaphore,
+        acker: Acker,
+        message: DeliveredMessage,
     ) -> None:
+        tag = message.delivery_tag
+        assert tag is not None, "a consumed message always has a delivery tag"
+        acker.delivered(tag)
         if self._stopping.is_set() or (
             self.max_messages is not None and self.started >= self.max_messages
         ):
-            task = asyncio.ensure_future(give_back(message))
-        else:
-            self.started += 1
-            if self.max_messages is not None and self.started >= self.max_messages:
-                self.stop("max-messages")
-            task = asyncio.ensure_future(self._handle(processor, semaphore, message))
+            acker.give_back(tag)
+            return
+        self.started += 1
+        if self.max_messages is not None and self.started >= self.max_messages:
+            self.stop("max-messages")
+        task = asyncio.ensure_future(self._handle(processor, semaphore, acker, tag, message))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _handle(
-        self, processor: Processor, semaphore: asyncio.Semaphore, message: DeliveredMessage
+        self,
+        processor: Processor,
+        semaphore: asyncio.Semaphore,
+        acker: Acker,
+        tag: int,
+        message: DeliveredMessage,
     ) -> None:
         async with semaphore:
             started = time.perf_counter()
@@ -368,7 +387,7 @@ class Worker:
             )
             outcome = await processor.process(delivery)
             assert self._settler is not None
-            settled = await self._settler.settle(message, delivery, outcome)
+            settled = await self._settler.settle(acker, tag, delivery, outcome)
             self._record(delivery, outcome, settled, time.perf_counter() - started)
 
     def _record(self, delivery: Delivery, outcome: Outcome, settled: bool, seconds: float) -> None:

@@ -130,6 +130,37 @@ async def test_sigterm_lets_in_flight_handlers_finish_and_exits_zero(
     await app.close()
 
 
+async def test_a_killed_listener_leaves_only_its_unfinished_message_to_be_redelivered(
+    make_app: AppFactory, broker: Broker, tmp_path: Path
+) -> None:
+    """Acks are coalesced (one ``multiple`` ack for a run of finished messages), yet a
+    message still in progress is never covered by one: after a SIGKILL only it comes back."""
+    setup = recorder(make_app, broker, tmp_path)
+    app, rec, env, log = setup.app, setup.rec, setup.env, setup.log
+    proc = start_listener(env, "--concurrency", "32", log=log)
+    wait_for_log(log, "worker.consuming")
+    # One burst, so that many finish in the same loop turn and their acks coalesce.
+    payloads = [{"i": i} for i in range(50)] + [{"mode": "hang"}]
+    payloads += [{"i": i} for i in range(50, 100)]
+    ids = await app.dispatch_many(("test.order.placed", p) for p in payloads)
+    hung = ids.pop(50)
+    assert sorted(wait_recorded(rec, 100)) == sorted(ids)
+    assert hung in recorded(rec, "start")
+    time.sleep(0.5)  # the acks leave at the end of the loop turn; give them far more
+    proc.kill()
+    proc.wait(10)
+    before = len(recorded(rec, "start"))
+    assert before == 101
+    proc = start_listener(env, "--shutdown-timeout", "1", log=log)
+    try:
+        wait_recorded(rec, before + 1, kind="start")
+        time.sleep(1.5)  # a wrongly redelivered fast message would show up by now
+        assert recorded(rec, "start")[before:] == [hung]
+    finally:
+        stop(proc)
+    await app.close()
+
+
 async def test_topology_commands_show_and_declare_the_listener_queue(
     make_app: AppFactory, broker: Broker, tmp_path: Path
 ) -> None:

@@ -1,39 +1,32 @@
-"""Settling on the broker is bounded: a dead connection cannot hold a message forever."""
+"""Settling is bounded: a dead connection cannot hold a message, or a drain, forever."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from types import SimpleNamespace
-from typing import cast
+from typing import Any, cast
 
-import pytest
-from aiormq.abc import DeliveredMessage
+import structlog
+from aiormq.abc import AbstractChannel
 
 from pigeon import Pigeon, settle
+from pigeon.acks import Acker
 from pigeon.delivery import Delivery, Outcome, OutcomeKind
 from tests.events import OrderPlaced
 
 
-class HungChannel:
-    """What aiormq gives when the connection died mid-write: the frame never drains.
-    (A hang cannot be made to happen on cue with a real broker, so it is simulated.)"""
-
-    async def basic_ack(self, delivery_tag: int) -> None:
-        await asyncio.sleep(3600)
-
-    async def basic_nack(self, delivery_tag: int, requeue: bool = True) -> None:
-        await asyncio.sleep(3600)
-
-
-def hung_message() -> DeliveredMessage:
-    return cast(DeliveredMessage, SimpleNamespace(delivery_tag=7, channel=HungChannel()))
+def stuck_channel() -> AbstractChannel:
+    """What aiormq looks like when its connection died mid-write: the channel still
+    reports open, and its write queue is full and never drained. (A hang cannot be made
+    to happen on cue with a real broker, so it is simulated.)"""
+    write_queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)
+    write_queue.put_nowait(object())
+    connection = SimpleNamespace(write_queue=write_queue)
+    return cast(AbstractChannel, SimpleNamespace(is_closed=False, number=1, connection=connection))
 
 
-async def test_an_ack_that_never_drains_gives_up_after_the_settle_timeout(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(settle, "SETTLE_TIMEOUT", 0.2)
+async def test_settling_on_a_stuck_connection_returns_and_closing_gives_up_in_time() -> None:
     app = Pigeon(service="svc")
 
     @app.listener(OrderPlaced)
@@ -43,17 +36,41 @@ async def test_an_ack_that_never_drains_gives_up_after_the_settle_timeout(
     delivery = Delivery.create(
         handle, b"{}", event_name="test.order.placed", message_id="m-1", headers={}
     )
-    started = time.monotonic()
-    settled = await settler.settle(hung_message(), delivery, Outcome(OutcomeKind.ACKED, 1))
-    assert settled is False, "reported as not settled: the redelivery is a known duplicate"
+    acker = Acker(stuck_channel(), handle.queue)
+    acker.delivered(7)
+    settled = await asyncio.wait_for(
+        settler.settle(acker, 7, delivery, Outcome(OutcomeKind.ACKED, 1)), 1
+    )
+    assert settled is True
+    await asyncio.sleep(0)  # the loop turn that tries to write the ack
+    with structlog.testing.capture_logs() as logs:
+        started = time.monotonic()
+        await acker.close(timeout=0.2)
     assert time.monotonic() - started < 2
+    assert [e["count"] for e in logs if e["event"] == "message.ack_lost"] == [1], logs
     await app.close()
 
 
-async def test_giving_back_a_message_on_a_dead_connection_does_not_hang(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(settle, "SETTLE_TIMEOUT", 0.2)
-    started = time.monotonic()
-    await settle.give_back(hung_message())
+async def test_a_give_back_on_a_stuck_connection_is_reported_lost_not_hung() -> None:
+    acker = Acker(stuck_channel(), "svc.handle")
+    for tag in (1, 2, 3):
+        acker.delivered(tag)
+        acker.give_back(tag)
+    await asyncio.sleep(0)
+    with structlog.testing.capture_logs() as logs:
+        started = time.monotonic()
+        await acker.close(timeout=0.2)
     assert time.monotonic() - started < 2
+    assert [e["count"] for e in logs if e["event"] == "message.ack_lost"] == [3]
+
+
+async def test_acks_for_a_closed_channel_are_dropped_with_a_warning() -> None:
+    channel = stuck_channel()
+    cast(Any, channel).is_closed = True
+    acker = Acker(channel, "svc.handle")
+    acker.delivered(1)
+    with structlog.testing.capture_logs() as logs:
+        acker.ack(1)
+        await asyncio.sleep(0)
+    assert [e["error"] for e in logs if e["event"] == "message.ack_lost"] == ["channel closed"]
+    assert acker.unsettled == 0

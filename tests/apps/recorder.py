@@ -3,7 +3,8 @@
 Configured entirely from the environment, as a real deployment would be:
 ``PIGEON_*`` for the bus, ``RECORDER_FILE`` where each handled message id is
 appended, ``RECORDER_MODE`` for misbehaviour (``ok``, ``slow``, ``exit``,
-``hang``, ``fail``) and ``RECORDER_SECONDS`` for ``slow``.
+``hang``, ``fail``; a payload's ``mode`` overrides it for that message) and
+``RECORDER_SECONDS`` for ``slow``.
 """
 
 from __future__ import annotations
@@ -37,12 +38,13 @@ def _append(line: str) -> None:
     timeout=float(os.environ.get("RECORDER_TIMEOUT", "30")),
 )
 async def record(payload: dict[str, Any], ctx: Context) -> None:
-    if payload.get("mode", MODE) == "exit":
+    mode = payload.get("mode", MODE)
+    if mode == "exit":
         _append(f"exit {ctx.message_id}")
         os._exit(3)
     _append(f"start {ctx.message_id}")
-    if MODE == "slow":
+    if mode == "slow":
         await asyncio.sleep(SECONDS)
-    elif MODE == "hang":
+    elif mode == "hang":
         await asyncio.sleep(3600)
     _append(f"done {ctx.message_id}")

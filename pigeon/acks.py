@@ -1,0 +1,185 @@
+"""Acks and give-backs for one consumer channel, written once per event-loop turn.
+
+The worker settles a message only once its outcome is safe: handled and
+marked done, or its retry copy or dead letter confirmed by the broker. Sending
+one ``basic.ack`` per message would cost a frame, a queue hop, a write and a
+syscall for each. The :class:`Acker` collects everything settled during one
+turn of the event loop and writes it in a single payload:
+
+- the run of acked delivery tags that starts at the lowest tag still
+  unsettled becomes one ``basic.ack(multiple=True)``; a tag that is still
+  being handled ends the run, so it is never acked by it;
+- any other ack, and every give-back (``basic.nack(requeue=True)``), is a frame
+  of its own;
+- the frames leave in order, and one payload at a time, so a give-back always
+  reaches the broker before a later ``multiple`` ack could cover its tag.
+
+What the broker learns is unchanged; it learns it at the end of the loop
+turn rather than at once. An ack lost with its connection means a
+redelivery, as before, and idempotency recognizes it as a duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import structlog
+from aiormq.abc import AbstractChannel, ChannelFrame
+from pamqp.commands import Basic
+
+log = structlog.get_logger("pigeon")
+
+CLOSE_TIMEOUT = 10.0
+"""Seconds :meth:`Acker.close` waits for the last acks to be written."""
+
+
+class Acker:
+    """Settles the deliveries of one aiormq channel; create it on the loop that consumes."""
+
+    __slots__ = (
+        "_holding",
+        "_loop",
+        "_scheduled",
+        "_settled",
+        "_unsettled",
+        "_writer",
+        "channel",
+        "queue",
+    )
+
+    def __init__(self, channel: AbstractChannel, queue: str) -> None:
+        self.channel = channel
+        self.queue = queue
+        self._loop = asyncio.get_running_loop()
+        self._unsettled: dict[int, None] = {}  # delivered, not yet sent; in tag order
+        self._settled: dict[int, bool] = {}  # tag -> give back (True) or ack (False)
+        self._scheduled = False
+        self._writer: asyncio.Task[None] | None = None
+        self._holding = 0  # messages settled by the payload the writer is waiting to put
+
+    @property
+    def unsettled(self) -> int:
+        """Deliveries whose ack or give-back has not been written yet."""
+        return len(self._unsettled)
+
+    def delivered(self, tag: int) -> None:
+        """Record a delivery; call it in tag order, before the message is handled."""
+        self._unsettled[tag] = None
+
+    def ack(self, tag: int) -> None:
+        """The message is safely handled: ack it with the next write."""
+        self._settle(tag, give_back=False)
+
+    def give_back(self, tag: int) -> None:
+        """Return the message to its queue unhandled (``basic.nack``, requeued)."""
+        self._settle(tag, give_back=True)
+
+    def _settle(self, tag: int, *, give_back: bool) -> None:
+        if tag not in self._unsettled or tag in self._settled:
+            return  # settled already, or delivered on an earlier channel
+        self._settled[tag] = give_back
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def frames(self) -> tuple[list[Any], int]:
+        """The frames for everything settled so far, and how many messages they settle.
+
+        Forgets what they settle: call it only when the frames are about to be written.
+        """
+        settled = self._settled
+        if not settled:
+            return [], 0
+        count = len(settled)
+        frames: list[Any] = []
+        run: list[int] = []
+        for tag in self._unsettled:
+            if settled.get(tag) is not False:
+                break
+            run.append(tag)
+        if len(run) > 1:
+            frames.append(Basic.Ack(delivery_tag=run[-1], multiple=True))
+            for tag in run:
+                del settled[tag]
+                del self._unsettled[tag]
+        for tag, give_back in settled.items():
+            del self._unsettled[tag]
+            if give_back:
+                frames.append(Basic.Nack(delivery_tag=tag, multiple=False, requeue=True))
+            else:
+                frames.append(Basic.Ack(delivery_tag=tag))
+        settled.clear()
+        return frames, count
+
+    def _payload(
+        self, drain: asyncio.Future[None] | None = None
+    ) -> tuple[ChannelFrame | None, int]:
+        frames, count = self.frames()
+        if not frames:
+            return None, 0
+        if self.channel.is_closed:
+            self._lost(count, "channel closed")
+            return None, 0
+        return ChannelFrame.marshall(self.channel.number, frames, drain_future=drain), count
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if self._writer is not None:
+            return  # waiting for room in the write queue; it sends this too, in order
+        payload, count = self._payload()
+        if payload is None:
+            return
+        try:
+            self.channel.connection.write_queue.put_nowait(payload)
+        except asyncio.QueueFull:
+            self._writer = asyncio.ensure_future(self._write_when_room(payload, count))
+
+    async def _write_when_room(self, payload: ChannelFrame, count: int) -> None:
+        self._holding = count
+        try:
+            while True:
+                await self.channel.connection.write_queue.put(payload)
+                next_payload, self._holding = self._payload()
+                if next_payload is None:
+                    return
+                payload = next_payload
+        except asyncio.CancelledError:
+            raise  # by close(), which reports what was held
+        except Exception as exc:
+            self._lost(self._holding, repr(exc))
+            self._holding = 0
+        finally:
+            self._writer = None
+
+    def _lost(self, count: int, error: str) -> None:
+        log.warning(
+            "message.ack_lost",
+            queue=self.queue,
+            count=count,
+            error=error,
+            note="the broker redelivers them; idempotency recognizes the duplicates",
+        )
+
+    async def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Write what is settled and wait, up to ``timeout``, until it has left the process."""
+        taken = 0  # settled by the last payload, not known to have left the process
+        try:
+            async with asyncio.timeout(timeout):
+                if self._writer is not None:
+                    await asyncio.wait({self._writer})
+                drained: asyncio.Future[None] = self._loop.create_future()
+                payload, taken = self._payload(drained)
+                if payload is not None:
+                    await self.channel.connection.write_queue.put(payload)
+                    await drained
+                return
+        except TimeoutError:
+            error = f"not written within {timeout:g}s"
+        except Exception as exc:
+            error = repr(exc)
+        writer = self._writer
+        if writer is not None:
+            writer.cancel()
+            await asyncio.wait({writer})
+        self._lost(self._holding + len(self._settled) + taken, error)
