@@ -33,12 +33,14 @@ log = structlog.get_logger("pigeon")
 CLOSE_TIMEOUT = 10.0
 """Seconds :meth:`Acker.close` waits for the last acks to be written."""
 
+ROOM_POLL = 0.001
+"""Seconds between looks at a full write queue."""
+
 
 class Acker:
     """Settles the deliveries of one aiormq channel; create it on the loop that consumes."""
 
     __slots__ = (
-        "_holding",
         "_loop",
         "_scheduled",
         "_settled",
@@ -56,7 +58,6 @@ class Acker:
         self._settled: dict[int, bool] = {}  # tag -> give back (True) or ack (False)
         self._scheduled = False
         self._writer: asyncio.Task[None] | None = None
-        self._holding = 0  # messages settled by the payload the writer is waiting to put
 
     @property
     def unsettled(self) -> int:
@@ -115,10 +116,12 @@ class Acker:
     def _payload(
         self, drain: asyncio.Future[None] | None = None
     ) -> tuple[ChannelFrame | None, int]:
+        """Plan and marshal what is settled; call it only when the write queue has room,
+        so that the channel's state checked here is still true when the payload is queued."""
         frames, count = self.frames()
         if not frames:
             return None, 0
-        if self.channel.is_closed:
+        if self.channel.is_closed:  # its number may be reused: never write old tags to it
             self._lost(count, "channel closed")
             return None, 0
         return ChannelFrame.marshall(self.channel.number, frames, drain_future=drain), count
@@ -126,29 +129,32 @@ class Acker:
     def _flush(self) -> None:
         self._scheduled = False
         if self._writer is not None:
-            return  # waiting for room in the write queue; it sends this too, in order
-        payload, count = self._payload()
-        if payload is None:
+            return  # waiting for room in the write queue; it writes this too
+        if self.channel.connection.write_queue.full() and not self.channel.is_closed:
+            self._writer = asyncio.ensure_future(self._write_when_room())
             return
-        try:
+        payload, _ = self._payload()
+        if payload is not None:
             self.channel.connection.write_queue.put_nowait(payload)
-        except asyncio.QueueFull:
-            self._writer = asyncio.ensure_future(self._write_when_room(payload, count))
 
-    async def _write_when_room(self, payload: ChannelFrame, count: int) -> None:
-        self._holding = count
+    async def _room(self) -> None:
+        """Wait until the connection's write queue (aiormq's, 10 payloads) has room,
+        or the channel closed.
+
+        Polled: asyncio.Queue has no wait-for-room, and putting a payload built
+        earlier could write to a channel that closed meanwhile. Rare: only while
+        the socket is backed up.
+        """
+        channel = self.channel
+        while channel.connection.write_queue.full() and not channel.is_closed:  # noqa: ASYNC110
+            await asyncio.sleep(ROOM_POLL)
+
+    async def _write_when_room(self) -> None:
         try:
-            while True:
-                await self.channel.connection.write_queue.put(payload)
-                next_payload, self._holding = self._payload()
-                if next_payload is None:
-                    return
-                payload = next_payload
-        except asyncio.CancelledError:
-            raise  # by close(), which reports what was held
-        except Exception as exc:
-            self._lost(self._holding, repr(exc))
-            self._holding = 0
+            await self._room()
+            payload, _ = self._payload()
+            if payload is not None:
+                self.channel.connection.write_queue.put_nowait(payload)
         finally:
             self._writer = None
 
@@ -163,23 +169,22 @@ class Acker:
 
     async def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Write what is settled and wait, up to ``timeout``, until it has left the process."""
+        if self._writer is not None:
+            self._writer.cancel()  # the frames it would write stay planned: written here
+            await asyncio.wait({self._writer})
         taken = 0  # settled by the last payload, not known to have left the process
         try:
             async with asyncio.timeout(timeout):
-                if self._writer is not None:
-                    await asyncio.wait({self._writer})
+                await self._room()
                 drained: asyncio.Future[None] = self._loop.create_future()
                 payload, taken = self._payload(drained)
-                if payload is not None:
-                    await self.channel.connection.write_queue.put(payload)
-                    await drained
+                if payload is None:
+                    return
+                self.channel.connection.write_queue.put_nowait(payload)
+                await drained
                 return
         except TimeoutError:
             error = f"not written within {timeout:g}s"
         except Exception as exc:
             error = repr(exc)
-        writer = self._writer
-        if writer is not None:
-            writer.cancel()
-            await asyncio.wait({writer})
-        self._lost(self._holding + len(self._settled) + taken, error)
+        self._lost(len(self._settled) + taken, error)

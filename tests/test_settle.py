@@ -8,7 +8,9 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import structlog
-from aiormq.abc import AbstractChannel
+from aiormq.abc import AbstractChannel, ChannelFrame
+from pamqp import frame
+from pamqp.commands import Basic
 
 from pigeon import Pigeon, settle
 from pigeon.acks import Acker
@@ -74,3 +76,36 @@ async def test_acks_for_a_closed_channel_are_dropped_with_a_warning() -> None:
         await asyncio.sleep(0)
     assert [e["error"] for e in logs if e["event"] == "message.ack_lost"] == ["channel closed"]
     assert acker.unsettled == 0
+
+
+async def test_acks_wait_for_room_in_a_backed_up_write_queue_and_then_leave() -> None:
+    channel = stuck_channel()
+    write_queue = channel.connection.write_queue
+    acker = Acker(channel, "svc.handle")
+    for tag in (1, 2):
+        acker.delivered(tag)
+        acker.ack(tag)
+    await asyncio.sleep(0.02)
+    assert write_queue.qsize() == 1, "nothing is written while the queue is full"
+    write_queue.get_nowait()  # the socket caught up
+    await asyncio.sleep(0.02)
+    payload = write_queue.get_nowait()
+    assert isinstance(payload, ChannelFrame)
+    _, channel_number, ack = frame.unmarshal(payload.payload)
+    assert channel_number == 1
+    assert isinstance(ack, Basic.Ack)
+    assert (ack.delivery_tag, ack.multiple) == (2, True)
+    assert acker.unsettled == 0
+
+
+async def test_acks_waiting_for_room_are_dropped_when_their_channel_closes() -> None:
+    channel = stuck_channel()
+    acker = Acker(channel, "svc.handle")
+    acker.delivered(1)
+    with structlog.testing.capture_logs() as logs:
+        acker.ack(1)
+        await asyncio.sleep(0.02)
+        cast(Any, channel).is_closed = True  # closed while the queue was still full
+        await asyncio.sleep(0.02)
+    assert [e["error"] for e in logs if e["event"] == "message.ack_lost"] == ["channel closed"]
+    assert channel.connection.write_queue.qsize() == 1, "nothing written to a closed channel"
