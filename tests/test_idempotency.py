@@ -21,12 +21,14 @@ from typing import Protocol
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from pigeon.idempotency import ClaimState, IdempotencyStore, open_store
 from pigeon.idempotency.memory import MemoryStore
 from pigeon.idempotency.postgres import PostgresStore
 from pigeon.idempotency.redis import KEY_PREFIX, RedisStore
 from pigeon.idempotency.sqlite import SQLiteStore
+from tests.tcpproxy import TcpProxy
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -444,3 +446,61 @@ async def _claimed(store: IdempotencyStore, key: str, lease: float = 30) -> str:
     assert claim.state is ClaimState.CLAIMED
     assert claim.token is not None
     return claim.token
+
+
+async def test_redis_answers_every_caller_of_one_pipeline_with_its_own_reply(prefix: str) -> None:
+    store = RedisStore(REDIS_URL)
+    await store.open()
+    try:
+        keys = [f"{prefix}k{i}" for i in range(200)]
+        first = await asyncio.gather(*(store.claim(k, 30) for k in keys))  # one loop turn
+        assert [c.state for c in first] == [ClaimState.CLAIMED] * 200
+        assert len({c.token for c in first}) == 200
+        await asyncio.gather(
+            *(store.done(k, c.token or "") for k, c in zip(keys[:100], first[:100], strict=True))
+        )
+        second = await asyncio.gather(*(store.claim(k, 30) for k in keys))
+        assert [c.state for c in second] == [ClaimState.DONE] * 100 + [ClaimState.IN_PROGRESS] * 100
+    finally:
+        await store.close()
+        await _delete_redis_keys(prefix)
+
+
+async def test_redis_claims_work_after_redis_lost_its_scripts(prefix: str) -> None:
+    store = RedisStore(REDIS_URL)
+    await store.open()
+    admin = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        await admin.script_flush()  # what a Redis restart does to loaded scripts
+        keys = [f"{prefix}k{i}" for i in range(3)]
+        claims = await asyncio.gather(*(store.claim(k, 30) for k in keys))
+        assert [c.state for c in claims] == [ClaimState.CLAIMED] * 3
+        await admin.script_flush()
+        await store.release(keys[0], claims[0].token or "")
+        assert (await store.claim(keys[0], 30)).state is ClaimState.CLAIMED
+    finally:
+        await admin.aclose()
+        await store.close()
+        await _delete_redis_keys(prefix)
+
+
+async def test_redis_going_away_fails_each_waiting_call_and_the_store_recovers(
+    prefix: str,
+) -> None:
+    proxy = TcpProxy(target_port=6379)
+    await proxy.start()
+    store = RedisStore(f"redis://127.0.0.1:{proxy.port}/15")
+    await store.open()
+    try:
+        await proxy.stop()
+        keys = [f"{prefix}k{i}" for i in range(5)]
+        failed = await asyncio.gather(*(store.claim(k, 30) for k in keys), return_exceptions=True)
+        assert all(isinstance(r, RedisConnectionError) for r in failed), failed
+        proxy = TcpProxy(target_port=6379, port=proxy.port)
+        await proxy.start()
+        claims = await asyncio.gather(*(store.claim(k, 30) for k in keys))
+        assert [c.state for c in claims] == [ClaimState.CLAIMED] * 5
+    finally:
+        await store.close()
+        await proxy.stop()
+        await _delete_redis_keys(prefix)

@@ -2,14 +2,22 @@
 
 Redis expires the keys itself (``PX`` on every write), so nothing needs
 purging and memory stays bounded by the keys live within ``retention``.
+
+Commands are pipelined: whatever the listener's tasks ask for during one turn
+of the event loop goes to Redis as one pipeline (not a transaction: each
+command stays atomic on its own), and each caller gets its own reply. Under
+load one round trip serves dozens of messages; alone, a call costs one round
+trip as before.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import asyncio
+import hashlib
+from typing import Any
 
 import redis.asyncio as aioredis
-from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from pigeon.idempotency.base import Claim, ClaimState, IdempotencyStore, new_token
 from pigeon.settings import mask_url
@@ -35,30 +43,34 @@ def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
+def _sha(script: str) -> str:
+    return hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
+
+
+_SCRIPTS = {_sha(script): script for script in (_CLAIM, _EXTEND, _RELEASE)}
+_CLAIM_SHA, _EXTEND_SHA, _RELEASE_SHA = _SCRIPTS
+
+_Command = tuple[str | int, ...]
+
+
 async def _close(client: aioredis.Redis) -> None:
     await client.aclose()
     await client.connection_pool.disconnect()
 
 
-class _Connection(NamedTuple):
-    client: aioredis.Redis
-    claim: AsyncScript
-    extend: AsyncScript
-    release: AsyncScript
-
-
 class RedisStore(IdempotencyStore):
     """Keys ``pigeon:idem:{key}`` holding a claim token or ``done``.
 
-    At most ``max_connections`` commands are in flight; more wait for a
+    At most ``max_connections`` pipelines are in flight; more wait for a
     connection (redis-py's blocking pool) instead of failing. A query string
     in ``url`` (``?max_connections=50``) overrides it.
 
     A claim is ``SET key token NX PX lease`` inside a Lua script that also
-    reads the holder's state and remaining lease, so every claim is one atomic
-    round trip. Done is ``SET key done PX retention``. Release and extend are
+    reads the holder's state and remaining lease, so every claim is atomic.
+    Done is ``SET key done PX retention``. Release and extend are
     compare-and-delete / compare-and-expire scripts, so only the token's holder
-    can free or renew a claim.
+    can free or renew a claim. The scripts are loaded when the store opens,
+    and again if Redis lost them (a restart, ``SCRIPT FLUSH``).
     """
 
     def __init__(
@@ -67,10 +79,12 @@ class RedisStore(IdempotencyStore):
         super().__init__(retention=retention)
         self.url = url
         self.max_connections = max_connections
-        self._conn: _Connection | None = None
+        self._client: aioredis.Redis | None = None
+        self._queued: list[tuple[_Command, asyncio.Future[Any]]] = []
+        self._sending: set[asyncio.Task[None]] = set()
 
     async def open(self) -> None:
-        if self._conn is not None:
+        if self._client is not None:
             return
         client = aioredis.Redis(
             connection_pool=aioredis.BlockingConnectionPool.from_url(
@@ -79,23 +93,30 @@ class RedisStore(IdempotencyStore):
         )
         try:
             await client.ping()
+            await _load_scripts(client)
         except (aioredis.ConnectionError, OSError) as exc:
             await _close(client)
             raise ConnectionError(
                 f"cannot reach the Redis idempotency store at {mask_url(self.url)}: {exc}. "
                 "Start Redis or fix PIGEON_IDEMPOTENCY_URL."
             ) from exc
-        script = client.register_script
-        self._conn = _Connection(client, script(_CLAIM), script(_EXTEND), script(_RELEASE))
+        self._client = client
 
     async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await _close(conn.client)
+        client = self._client
+        if client is None:
+            return
+        self._flush()
+        if self._sending:
+            await asyncio.wait(set(self._sending))
+        self._client = None
+        await _close(client)
 
     async def claim(self, key: str, lease: float) -> Claim:
         token = new_token()
-        state, pttl = await self._opened().claim(keys=[KEY_PREFIX + key], args=[token, _ms(lease)])
+        state, pttl = await self._call(
+            "EVALSHA", _CLAIM_SHA, 1, KEY_PREFIX + key, token, _ms(lease)
+        )
         if state == 1:
             return Claim(ClaimState.CLAIMED, token)
         if state == 2:
@@ -103,20 +124,75 @@ class RedisStore(IdempotencyStore):
         return Claim(ClaimState.IN_PROGRESS, retry_after=max(pttl, 0) / 1000)
 
     async def extend(self, key: str, token: str, lease: float) -> bool:
-        conn = self._opened()
-        return bool(await conn.extend(keys=[KEY_PREFIX + key], args=[token, _ms(lease)]) == 1)
+        result = await self._call("EVALSHA", _EXTEND_SHA, 1, KEY_PREFIX + key, token, _ms(lease))
+        return bool(result == 1)
 
     async def done(self, key: str, token: str) -> None:
-        await self._opened().client.set(KEY_PREFIX + key, "done", px=_ms(self.retention))
+        await self._call("SET", KEY_PREFIX + key, "done", "PX", _ms(self.retention))
 
     async def release(self, key: str, token: str) -> None:
-        await self._opened().release(keys=[KEY_PREFIX + key], args=[token])
+        await self._call("EVALSHA", _RELEASE_SHA, 1, KEY_PREFIX + key, token)
 
     async def purge(self) -> int:
         """Return 0: Redis deletes expired keys itself."""
         return 0
 
-    def _opened(self) -> _Connection:
-        if self._conn is None:
+    def _call(self, *command: str | int) -> asyncio.Future[Any]:
+        """Queue ``command`` for this loop turn's pipeline; the future is its reply."""
+        if self._client is None:
             raise RuntimeError("RedisStore is not open: await store.open() first")
-        return self._conn
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._queued:
+            loop.call_soon(self._flush)
+        self._queued.append((command, future))
+        return future
+
+    def _flush(self) -> None:
+        queued, self._queued = self._queued, []
+        if queued:
+            task = asyncio.ensure_future(self._send(queued))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, queued: list[tuple[_Command, asyncio.Future[Any]]]) -> None:
+        assert self._client is not None
+        client = self._client
+        try:
+            replies = await _pipeline(client, [command for command, _ in queued])
+            lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+            if lost:  # Redis restarted or flushed its scripts since we loaded them
+                await _load_scripts(client)
+                again = await _pipeline(client, [queued[i][0] for i in lost])
+                for i, reply in zip(lost, again, strict=True):
+                    replies[i] = reply
+        except Exception as exc:  # Redis unreachable: every caller fails this try
+            for _, future in queued:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        except BaseException:
+            for _, future in queued:
+                future.cancel()
+            raise
+        for (_, future), reply in zip(queued, replies, strict=True):
+            if future.done():
+                continue  # its caller was cancelled
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+
+async def _pipeline(client: aioredis.Redis, commands: list[_Command]) -> list[Any]:
+    """Run ``commands`` in one round trip; a command's error is its reply, not raised."""
+    async with client.pipeline(transaction=False) as pipe:
+        for command in commands:
+            pipe.execute_command(*command)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
+
+
+async def _load_scripts(client: aioredis.Redis) -> None:
+    for script in _SCRIPTS.values():
+        await client.script_load(script)
