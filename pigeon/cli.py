@@ -88,6 +88,7 @@ def listen(
             shutdown_timeout=shutdown_timeout,
             max_messages=max_messages,
             max_memory=max_memory,
+            freeze_heap=True,
         )
         code = asyncio.run(_serve(worker, metrics_port, metrics_host))
     except (TopologyError, ConfigurationError) as exc:

@@ -130,6 +130,21 @@ async def test_sigterm_lets_in_flight_handlers_finish_and_exits_zero(
     await app.close()
 
 
+async def test_the_listener_keeps_its_start_up_heap_out_of_full_gc_passes(
+    make_app: AppFactory, broker: Broker, tmp_path: Path
+) -> None:
+    setup = recorder(make_app, broker, tmp_path)
+    proc = start_listener(setup.env, log=setup.log)
+    try:
+        wait_for_log(setup.log, "worker.consuming")
+        lines = setup.log.read_text().splitlines()
+        frozen = [json.loads(line) for line in lines if "worker.heap_frozen" in line]
+        assert frozen[0]["objects"] > 10_000
+    finally:
+        assert stop(proc) == 0
+    await setup.app.close()
+
+
 async def test_a_killed_listener_leaves_only_its_unfinished_message_to_be_redelivered(
     make_app: AppFactory, broker: Broker, tmp_path: Path
 ) -> None:
