@@ -12,7 +12,7 @@ import multiprocessing
 import re
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
@@ -21,7 +21,6 @@ from typing import Protocol
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from pigeon.idempotency import ClaimState, IdempotencyStore, open_store
 from pigeon.idempotency.memory import MemoryStore
@@ -275,6 +274,21 @@ async def test_twenty_concurrent_claims_of_a_key_yield_exactly_one_claimed(
         assert states.count(ClaimState.IN_PROGRESS) == 19, k
 
 
+async def test_callers_of_one_loop_turn_each_get_their_own_answer(
+    store: IdempotencyStore, prefix: str
+) -> None:
+    """The shared stores batch what one loop turn asks for; the answers must not mix."""
+    keys = [f"{prefix}batch:{n}" for n in range(200)]
+    first = await asyncio.gather(*(store.claim(k, lease=30) for k in keys))
+    assert [c.state for c in first] == [ClaimState.CLAIMED] * 200
+    assert len({c.token for c in first}) == 200
+    done = [store.done(k, c.token or "") for k, c in zip(keys[:100], first[:100], strict=True)]
+    twice = [store.done(keys[0], first[0].token or "")]  # the same key twice in one batch
+    await asyncio.gather(*done, *twice)
+    second = await asyncio.gather(*(store.claim(k, lease=30) for k in keys))
+    assert [c.state for c in second] == [ClaimState.DONE] * 100 + [ClaimState.IN_PROGRESS] * 100
+
+
 async def test_open_and_close_can_be_called_twice(store: IdempotencyStore, key: str) -> None:
     await store.open()
     assert (await store.claim(key, lease=30)).state is ClaimState.CLAIMED
@@ -448,24 +462,6 @@ async def _claimed(store: IdempotencyStore, key: str, lease: float = 30) -> str:
     return claim.token
 
 
-async def test_redis_answers_every_caller_of_one_pipeline_with_its_own_reply(prefix: str) -> None:
-    store = RedisStore(REDIS_URL)
-    await store.open()
-    try:
-        keys = [f"{prefix}k{i}" for i in range(200)]
-        first = await asyncio.gather(*(store.claim(k, 30) for k in keys))  # one loop turn
-        assert [c.state for c in first] == [ClaimState.CLAIMED] * 200
-        assert len({c.token for c in first}) == 200
-        await asyncio.gather(
-            *(store.done(k, c.token or "") for k, c in zip(keys[:100], first[:100], strict=True))
-        )
-        second = await asyncio.gather(*(store.claim(k, 30) for k in keys))
-        assert [c.state for c in second] == [ClaimState.DONE] * 100 + [ClaimState.IN_PROGRESS] * 100
-    finally:
-        await store.close()
-        await _delete_redis_keys(prefix)
-
-
 async def test_redis_claims_work_after_redis_lost_its_scripts(prefix: str) -> None:
     store = RedisStore(REDIS_URL)
     await store.open()
@@ -484,23 +480,31 @@ async def test_redis_claims_work_after_redis_lost_its_scripts(prefix: str) -> No
         await _delete_redis_keys(prefix)
 
 
-async def test_redis_going_away_fails_each_waiting_call_and_the_store_recovers(
-    prefix: str,
+THROUGH_PROXY: dict[str, tuple[int, Callable[[int], IdempotencyStore]]] = {
+    "redis": (6379, lambda port: RedisStore(f"redis://127.0.0.1:{port}/15")),
+    "postgres": (5432, lambda port: PostgresStore(POSTGRES_URL.replace(":5432/", f":{port}/"))),
+}
+
+
+@pytest.mark.parametrize("kind", list(THROUGH_PROXY))
+async def test_the_server_going_away_fails_each_waiting_call_and_the_store_recovers(
+    kind: str, prefix: str
 ) -> None:
-    proxy = TcpProxy(target_port=6379)
+    target, make = THROUGH_PROXY[kind]
+    proxy = TcpProxy(target_port=target)
     await proxy.start()
-    store = RedisStore(f"redis://127.0.0.1:{proxy.port}/15")
+    store = make(proxy.port)
     await store.open()
     try:
         await proxy.stop()
         keys = [f"{prefix}k{i}" for i in range(5)]
         failed = await asyncio.gather(*(store.claim(k, 30) for k in keys), return_exceptions=True)
-        assert all(isinstance(r, RedisConnectionError) for r in failed), failed
-        proxy = TcpProxy(target_port=6379, port=proxy.port)
+        assert all(isinstance(r, Exception) for r in failed), failed
+        proxy = TcpProxy(target_port=target, port=proxy.port)
         await proxy.start()
         claims = await asyncio.gather(*(store.claim(k, 30) for k in keys))
         assert [c.state for c in claims] == [ClaimState.CLAIMED] * 5
     finally:
         await store.close()
         await proxy.stop()
-        await _delete_redis_keys(prefix)
+        await (_delete_redis_keys if kind == "redis" else _delete_postgres_keys)(prefix)
