@@ -18,6 +18,7 @@ import os
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -139,6 +140,12 @@ def build_outgoing(
     )
 
 
+async def _unconfirmed(part: list[Outgoing], confirms: asyncio.Future[list[Any]]) -> list[Outgoing]:
+    """The messages of ``part`` that the broker did not confirm."""
+    results = await confirms
+    return [out for out, result in zip(part, results, strict=True) if not _acked(result)]
+
+
 class Publisher:
     """Publishes with confirms on one cached channel of one connection."""
 
@@ -212,37 +219,45 @@ class Publisher:
         return outgoing.message_id
 
     async def publish_many(self, batch: list[Outgoing], *, chunk: int = 1000) -> list[str]:
-        """Publish ``batch`` with every confirm in flight at once; returns the message ids.
+        """Publish ``batch`` with its confirms pipelined; returns the message ids.
 
         The fast path hands frames straight to aiormq (no per-message aio-pika
-        objects) and waits for all confirms together. Any message that was not
-        confirmed — a nack, a lost connection — goes through :meth:`publish`,
-        with its retries and its ``DispatchError``: nothing is dropped silently.
+        objects). It works in chunks of ``chunk`` messages and keeps two in
+        flight: the next chunk is written while the broker still confirms the
+        last, so the link never idles waiting for a chunk's final confirm. Any
+        message that was not confirmed (a nack, a lost connection) goes through
+        :meth:`publish`, with its retries and its ``DispatchError``: nothing is
+        dropped silently.
         """
         failed: list[Outgoing] = []
+        in_flight: deque[tuple[list[Outgoing], asyncio.Future[list[Any]]]] = deque()
         for start in range(0, len(batch), chunk):
             part = batch[start : start + chunk]
             try:
                 underlay = await self._underlay()
-                results = await asyncio.gather(
-                    *(
-                        underlay.basic_publish(
-                            out.body,
-                            exchange=out.exchange,
-                            routing_key=out.routing_key,
-                            properties=out.to_properties(),
-                            mandatory=out.mandatory,
-                            wait=False,  # do not hold the channel lock until each frame drains
-                        )
-                        for out in part
-                    ),
-                    return_exceptions=True,
-                )
             except RETRYABLE as exc:
                 self._reset(exc)
                 failed.extend(part)
                 continue
-            failed.extend(out for out, r in zip(part, results, strict=True) if not _acked(r))
+            confirms = asyncio.gather(
+                *(
+                    underlay.basic_publish(
+                        out.body,
+                        exchange=out.exchange,
+                        routing_key=out.routing_key,
+                        properties=out.to_properties(),
+                        mandatory=out.mandatory,
+                        wait=False,  # do not hold the channel lock until each frame drains
+                    )
+                    for out in part
+                ),
+                return_exceptions=True,
+            )
+            in_flight.append((part, confirms))
+            if len(in_flight) > 1:
+                failed.extend(await _unconfirmed(*in_flight.popleft()))
+        while in_flight:
+            failed.extend(await _unconfirmed(*in_flight.popleft()))
         for out in failed:
             await self.publish(out)
         return [out.message_id for out in batch]
