@@ -23,6 +23,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from pigeon.idempotency import ClaimState, IdempotencyStore, open_store
+from pigeon.idempotency.base import answer_each
 from pigeon.idempotency.memory import MemoryStore
 from pigeon.idempotency.postgres import PostgresStore
 from pigeon.idempotency.redis import KEY_PREFIX, RedisStore
@@ -508,3 +509,27 @@ async def test_the_server_going_away_fails_each_waiting_call_and_the_store_recov
         await store.close()
         await proxy.stop()
         await (_delete_redis_keys if kind == "redis" else _delete_postgres_keys)(prefix)
+
+
+async def test_a_batch_hands_each_caller_its_answer_its_error_or_the_batch_failure() -> None:
+    loop = asyncio.get_running_loop()
+
+    async def replies() -> list[object]:
+        return ["a", ValueError("this one only"), "c"]
+
+    futures = [loop.create_future() for _ in range(3)]
+    futures[2].cancel()  # its caller gave up
+    await answer_each(futures, replies())
+    assert futures[0].result() == "a"
+    with pytest.raises(ValueError, match="this one only"):
+        futures[1].result()
+    assert futures[2].cancelled()
+
+    async def unreachable() -> list[object]:
+        raise ConnectionError("store down")
+
+    futures = [loop.create_future() for _ in range(2)]
+    await answer_each(futures, unreachable())
+    for future in futures:
+        with pytest.raises(ConnectionError, match="store down"):
+            future.result()

@@ -14,11 +14,13 @@ even before :meth:`IdempotencyStore.purge` deletes it.
 from __future__ import annotations
 
 import abc
+import asyncio
 import enum
 import os
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 
 class ClaimState(enum.Enum):
@@ -44,6 +46,37 @@ class Claim:
     state: ClaimState
     token: str | None = None
     retry_after: float = 0.0
+
+
+async def answer_each(
+    futures: Sequence[asyncio.Future[Any]], work: Awaitable[Sequence[Any]]
+) -> None:
+    """Await ``work``, a batch's answers in the order of ``futures``, and hand them out.
+
+    For the stores that batch one loop turn's calls into one round trip: an
+    answer that is an exception is raised to its caller alone; ``work``
+    failing fails every caller (the store is unreachable: each message fails
+    this try); cancelling it cancels them. A future already done, whose
+    caller was cancelled, is skipped.
+    """
+    try:
+        answers = await work
+    except Exception as exc:
+        for future in futures:
+            if not future.done():
+                future.set_exception(exc)
+        return
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        raise
+    for future, result in zip(futures, answers, strict=True):
+        if future.done():
+            continue
+        if isinstance(result, Exception):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
 
 
 def new_token() -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 import asyncpg
 
-from pigeon.idempotency.base import Claim, ClaimState, IdempotencyStore, new_token
+from pigeon.idempotency.base import Claim, ClaimState, IdempotencyStore, answer_each, new_token
 from pigeon.settings import mask_url
 
 _SCHEMA = """
@@ -174,7 +174,8 @@ class PostgresStore(IdempotencyStore):
             self._send(self._done_many(dones), dones)
 
     def _send(self, work: Coroutine[Any, Any, list[Any]], waiters: list[_Waiter]) -> None:
-        task = asyncio.ensure_future(_answer(work, waiters))
+        futures = [future for _, _, future in waiters]
+        task = asyncio.ensure_future(answer_each(futures, work))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
@@ -200,21 +201,3 @@ class PostgresStore(IdempotencyStore):
 
 
 _Waiter = tuple[str, str, "asyncio.Future[Any]"]
-
-
-async def _answer(work: Coroutine[Any, Any, list[Any]], waiters: list[_Waiter]) -> None:
-    """Await ``work`` (one answer per waiter) and hand each waiter its answer or the error."""
-    try:
-        answers = await work
-    except Exception as exc:  # the server is unreachable: every caller fails this try
-        for _, _, future in waiters:
-            if not future.done():
-                future.set_exception(exc)
-        return
-    except BaseException:
-        for _, _, future in waiters:
-            future.cancel()
-        raise
-    for (_, _, future), answer in zip(waiters, answers, strict=True):
-        if not future.done():  # done: its caller was cancelled
-            future.set_result(answer)

@@ -19,7 +19,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from pigeon.idempotency.base import Claim, ClaimState, IdempotencyStore, new_token
+from pigeon.idempotency.base import Claim, ClaimState, IdempotencyStore, answer_each, new_token
 from pigeon.settings import mask_url
 
 KEY_PREFIX = "pigeon:idem:"
@@ -156,32 +156,19 @@ class RedisStore(IdempotencyStore):
             task.add_done_callback(self._sending.discard)
 
     async def _send(self, queued: list[tuple[_Command, asyncio.Future[Any]]]) -> None:
+        await answer_each([future for _, future in queued], self._replies(queued))
+
+    async def _replies(self, queued: list[tuple[_Command, asyncio.Future[Any]]]) -> list[Any]:
         assert self._client is not None
         client = self._client
-        try:
-            replies = await _pipeline(client, [command for command, _ in queued])
-            lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-            if lost:  # Redis restarted or flushed its scripts since we loaded them
-                await _load_scripts(client)
-                again = await _pipeline(client, [queued[i][0] for i in lost])
-                for i, reply in zip(lost, again, strict=True):
-                    replies[i] = reply
-        except Exception as exc:  # Redis unreachable: every caller fails this try
-            for _, future in queued:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        except BaseException:
-            for _, future in queued:
-                future.cancel()
-            raise
-        for (_, future), reply in zip(queued, replies, strict=True):
-            if future.done():
-                continue  # its caller was cancelled
-            if isinstance(reply, Exception):
-                future.set_exception(reply)
-            else:
-                future.set_result(reply)
+        replies = await _pipeline(client, [command for command, _ in queued])
+        lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if lost:  # Redis restarted or flushed its scripts since we loaded them
+            await _load_scripts(client)
+            again = await _pipeline(client, [queued[i][0] for i in lost])
+            for i, reply in zip(lost, again, strict=True):
+                replies[i] = reply
+        return replies
 
 
 async def _pipeline(client: aioredis.Redis, commands: list[_Command]) -> list[Any]:
