@@ -28,13 +28,12 @@ import structlog
 from aiormq.abc import AbstractChannel, ChannelFrame
 from pamqp.commands import Basic
 
+from pigeon.frames import room
+
 log = structlog.get_logger("pigeon")
 
 CLOSE_TIMEOUT = 10.0
 """Seconds :meth:`Acker.close` waits for the last acks to be written."""
-
-ROOM_POLL = 0.001
-"""Seconds between looks at a full write queue."""
 
 
 class Acker:
@@ -137,21 +136,9 @@ class Acker:
         if payload is not None:
             self.channel.connection.write_queue.put_nowait(payload)
 
-    async def _room(self) -> None:
-        """Wait until the connection's write queue (aiormq's, 10 payloads) has room,
-        or the channel closed.
-
-        Polled: asyncio.Queue has no wait-for-room, and putting a payload built
-        earlier could write to a channel that closed meanwhile. Rare: only while
-        the socket is backed up.
-        """
-        channel = self.channel
-        while channel.connection.write_queue.full() and not channel.is_closed:  # noqa: ASYNC110
-            await asyncio.sleep(ROOM_POLL)
-
     async def _write_when_room(self) -> None:
         try:
-            await self._room()
+            await room(self.channel)
             payload, _ = self._payload()
             if payload is not None:
                 self.channel.connection.write_queue.put_nowait(payload)
@@ -175,7 +162,7 @@ class Acker:
         taken = 0  # settled by the last payload, not known to have left the process
         try:
             async with asyncio.timeout(timeout):
-                await self._room()
+                await room(self.channel)
                 drained: asyncio.Future[None] = self._loop.create_future()
                 payload, taken = self._payload(drained)
                 if payload is None:

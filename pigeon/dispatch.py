@@ -42,6 +42,7 @@ from pigeon import headers as h
 from pigeon.connection import Connector
 from pigeon.errors import DispatchError
 from pigeon.events import Event, encode_payload, validate_event_name
+from pigeon.frames import Publishes
 
 if TYPE_CHECKING:
     from pigeon.app import Pigeon
@@ -72,7 +73,7 @@ class Outgoing:
     mandatory: bool = False
 
     def to_properties(self) -> Basic.Properties:
-        """The AMQP properties of :meth:`to_message`, for publishing through aiormq."""
+        """The AMQP properties of :meth:`to_message`; :mod:`pigeon.frames` encodes the same."""
         return Basic.Properties(
             content_type=self.content_type,
             content_encoding=self.content_encoding,
@@ -140,6 +141,19 @@ def build_outgoing(
     )
 
 
+def _send_all(publishes: Publishes, part: list[Outgoing]) -> asyncio.Future[list[Any]]:
+    """Send ``part``; one future for all their answers (a send that failed is one)."""
+    answers: list[asyncio.Future[Any]] = []
+    for out in part:
+        try:
+            answers.append(publishes.send(out))
+        except ChannelInvalidStateError as exc:
+            failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            failed.set_exception(exc)
+            answers.append(failed)
+    return asyncio.gather(*answers, return_exceptions=True)
+
+
 async def _unconfirmed(part: list[Outgoing], confirms: asyncio.Future[list[Any]]) -> list[Outgoing]:
     """The messages of ``part`` that the broker did not confirm."""
     results = await confirms
@@ -155,31 +169,31 @@ class Publisher:
         self._channel: AbstractChannel | None = None
         self._lock = asyncio.Lock()
         self._closing: asyncio.Future[Any] | None = None
+        self._writer: Publishes | None = None
 
     async def _publish_once(self, outgoing: Outgoing, timeout: float) -> None:
         # asyncio.timeout() costs one timer handle; aio-pika's own timeout= spawns a task.
         async with asyncio.timeout(timeout):
-            underlay = await self._underlay()
-            result = await underlay.basic_publish(
-                outgoing.body,
-                exchange=outgoing.exchange,
-                routing_key=outgoing.routing_key,
-                properties=outgoing.to_properties(),
-                mandatory=outgoing.mandatory,
-                wait=False,  # the confirm below is the back-pressure
-            )
+            result = await (await self._publishes()).send(outgoing)
         if not _acked(result):
-            raise DeliveryError(None, result)  # type: ignore[arg-type]
+            raise DeliveryError(None, result)
 
-    async def _underlay(self) -> aiormq.Channel:
-        """The confirm channel's aiormq side: frames go straight to it, no aio-pika objects."""
+    async def _publishes(self) -> Publishes:
+        """The writer of the confirm channel: frames go straight to aiormq's write queue."""
+        publishes = self._writer
+        if publishes is not None and not publishes.channel.is_closed:
+            return publishes
         channel = self._channel
         if channel is None or channel.is_closed:
             async with self._lock:
                 channel = self._channel
                 if channel is None or channel.is_closed:
                     channel = self._channel = await self.connector.channel(confirms=True)
-        return cast(aiormq.Channel, await channel.get_underlay_channel())
+        underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+        publishes = self._writer
+        if publishes is None or publishes.channel is not underlay:
+            publishes = self._writer = Publishes(underlay)
+        return publishes
 
     async def publish(self, outgoing: Outgoing, *, timeout: float | None = None) -> str:
         """Publish and wait for the confirm; retry outages until ``timeout``, then raise."""
@@ -234,26 +248,12 @@ class Publisher:
         for start in range(0, len(batch), chunk):
             part = batch[start : start + chunk]
             try:
-                underlay = await self._underlay()
+                publishes = await self._publishes()
             except RETRYABLE as exc:
                 self._reset(exc)
                 failed.extend(part)
                 continue
-            confirms = asyncio.gather(
-                *(
-                    underlay.basic_publish(
-                        out.body,
-                        exchange=out.exchange,
-                        routing_key=out.routing_key,
-                        properties=out.to_properties(),
-                        mandatory=out.mandatory,
-                        wait=False,  # do not hold the channel lock until each frame drains
-                    )
-                    for out in part
-                ),
-                return_exceptions=True,
-            )
-            in_flight.append((part, confirms))
+            in_flight.append((part, _send_all(publishes, part)))
             if len(in_flight) > 1:
                 failed.extend(await _unconfirmed(*in_flight.popleft()))
         while in_flight:
