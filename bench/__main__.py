@@ -96,6 +96,14 @@ FINDINGS = """\
   longer GIL switch interval, prefetch above concurrency. Dropping the
   `expires_at` index would halve the statements' cost but turn the periodic
   purge into a full scan under the write lock; it stays.
+- After acks and the store, the largest cost of a delivery was aiormq's
+  own: each of its three frames (method, header, body) went through a queue
+  to the channel's reader task, a wake-up each, and then a task per message
+  existed only to call the consumer, which spawned the worker's task. The
+  worker now takes a consumer channel's frames as the connection reads them
+  (`pigeon.frames.Deliveries`) and spawns its task when a message's last
+  frame arrived; other frames still go to aiormq in order. That took about
+  40 µs of CPU off every consumed message, whatever the store.
 - Publishing through aiormq's `basic_publish` cost, per message, a wait on
   the channel lock, a generic pamqp marshal of three frames (about a fifth
   of the CPU), a slot in the connection's ten-slot write queue (full most of

@@ -147,7 +147,7 @@ def _send_all(publishes: Publishes, part: list[Outgoing]) -> asyncio.Future[list
     for out in part:
         try:
             answers.append(publishes.send(out))
-        except ChannelInvalidStateError as exc:
+        except (ChannelInvalidStateError, ValueError) as exc:  # publish() raises it again
             failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             failed.set_exception(exc)
             answers.append(failed)
@@ -179,21 +179,28 @@ class Publisher:
             raise DeliveryError(None, result)
 
     async def _publishes(self) -> Publishes:
-        """The writer of the confirm channel: frames go straight to aiormq's write queue."""
-        publishes = self._writer
-        if publishes is not None and not publishes.channel.is_closed:
-            return publishes
-        channel = self._channel
-        if channel is None or channel.is_closed:
-            async with self._lock:
-                channel = self._channel
-                if channel is None or channel.is_closed:
-                    channel = self._channel = await self.connector.channel(confirms=True)
-        underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
-        publishes = self._writer
-        if publishes is None or publishes.channel is not underlay:
-            publishes = self._writer = Publishes(underlay)
-        return publishes
+        """The writer of the confirm channel: frames go straight to aiormq's write queue.
+
+        One writer per channel (two would interleave their delivery tags), and
+        none for a channel that is closing: a channel the broker closed is
+        replaced at once.
+        """
+        for _ in range(3):
+            publishes = self._writer
+            if publishes is not None:
+                if publishes.usable:
+                    return publishes
+                self._reset(ChannelInvalidStateError("the publishing channel closed"))
+            channel = self._channel
+            if channel is None or channel.is_closed:
+                async with self._lock:
+                    channel = self._channel
+                    if channel is None or channel.is_closed:
+                        channel = self._channel = await self.connector.channel(confirms=True)
+            underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+            if self._channel is channel and self._writer is None:
+                self._writer = Publishes(underlay)
+        raise ChannelInvalidStateError("no usable publishing channel: each one closed at once")
 
     async def publish(self, outgoing: Outgoing, *, timeout: float | None = None) -> str:
         """Publish and wait for the confirm; retry outages until ``timeout``, then raise."""
@@ -262,7 +269,14 @@ class Publisher:
             await self.publish(out)
         return [out.message_id for out in batch]
 
+    def _forget_writer(self) -> None:
+        """After a reset: nothing more goes to the old channel, even while it closes."""
+        publishes, self._writer = self._writer, None
+        if publishes is not None:
+            publishes.close()
+
     def _reset(self, exc: BaseException) -> None:
+        self._forget_writer()
         channel, self._channel = self._channel, None
         if channel is not None and not channel.is_closed:
             self._closing = asyncio.ensure_future(channel.close())
@@ -284,6 +298,7 @@ class Publisher:
         return before_sleep
 
     async def close(self) -> None:
+        self._forget_writer()
         channel, self._channel = self._channel, None
         if channel is not None and not channel.is_closed:
             await channel.close()

@@ -1,6 +1,6 @@
-"""Publishes on one confirm channel: encoded here, written once per event-loop turn.
+"""The hot path's frames, in and out, past aiormq's per-message machinery.
 
-aiormq's ``basic_publish`` costs, for every message, a task-sized await on the
+**Out.** aiormq's ``basic_publish`` costs, for every message, a wait on the
 channel lock, a generic pamqp marshal of three frames, one slot of the
 connection's ten-slot write queue and one ``send()`` system call. With 256
 publishes in flight, the queue is full most of the time and every publisher
@@ -19,23 +19,39 @@ The channel must be used for publishing only through its :class:`Publishes`:
 delivery tags are numbered in the order messages reach the broker, and a
 publish through aiormq between a tag taken here and the payload written would
 break that order.
+
+**In.** aiormq passes each frame of a delivery (method, header, body)
+through a queue to the channel's reader task, one wake-up per frame, then
+starts a task per message only to call the consumer. :class:`Deliveries`
+takes a consumer channel's frames as the connection reads them and hands a
+message to the consumer, synchronously, the moment its last frame arrived;
+every other frame (``consume-ok``, ``cancel``, ``close``) still goes to
+aiormq's reader, in order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import Mapping
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import aiormq
+import structlog
 from aio_pika.exceptions import ChannelInvalidStateError
-from aiormq.abc import ChannelFrame
+from aiormq.abc import ChannelFrame, DeliveredMessage
+from pamqp.body import ContentBody
+from pamqp.commands import Basic
 from pamqp.encode import field_table
+from pamqp.header import ContentHeader
 
 if TYPE_CHECKING:
     from pigeon.dispatch import Outgoing
+
+log = structlog.get_logger("pigeon")
 
 ROOM_POLL = 0.001
 """Seconds between looks at a full write queue."""
@@ -150,7 +166,16 @@ async def room(channel: aiormq.abc.AbstractChannel) -> None:
 class Publishes:
     """The publishes of one aiormq confirm channel; create it on the loop that publishes."""
 
-    __slots__ = ("_loop", "_methods", "_pending", "_scheduled", "_waiting", "_writer", "channel")
+    __slots__ = (
+        "_closed",
+        "_loop",
+        "_methods",
+        "_pending",
+        "_scheduled",
+        "_waiting",
+        "_writer",
+        "channel",
+    )
 
     def __init__(self, channel: aiormq.Channel) -> None:
         if not channel.publisher_confirms:
@@ -162,6 +187,29 @@ class Publishes:
         self._waiting: list[asyncio.Future[Any]] = []  # their confirmations
         self._scheduled = False
         self._writer: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def usable(self) -> bool:
+        """Whether a publish can still go to this channel.
+
+        aiormq marks a channel closed only once it processed the close; its
+        connection forgets the channel number as soon as the broker's close
+        arrives. Frames sent in between would reach a channel number the
+        broker no longer knows, and RabbitMQ closes the whole connection for that.
+        """
+        channel = self.channel
+        return (
+            not self._closed
+            and not channel.is_closed
+            and channel.connection.channels.get(channel.number) is channel
+        )
+
+    def close(self) -> None:
+        """Send nothing more: what is not written yet fails (to be retried elsewhere)."""
+        self._closed = True
+        if not self._scheduled and self._writer is None:
+            self._put()
 
     def send(self, out: Outgoing) -> asyncio.Future[Any]:
         """Publish ``out`` with the next write; the future is the broker's answer.
@@ -181,8 +229,10 @@ class Publishes:
                 channel.number, out.exchange, out.routing_key, mandatory=out.mandatory
             )
             self._methods[key] = method
+        if out.mandatory and not out.message_id:  # a return is matched to its publish by id
+            out = replace(out, message_id=uuid.uuid4().hex)
         data = content(channel.number, out, channel.max_content_size)
-        if channel.is_closed:
+        if not self.usable:
             raise ChannelInvalidStateError(f"channel {channel.number} is closed")
         channel.delivery_tag += 1
         tag = channel.delivery_tag
@@ -225,7 +275,7 @@ class Publishes:
             return
         self._pending, self._waiting = [], []
         channel = self.channel
-        if channel.is_closed:  # its number may be reused: never write old frames to it
+        if not self.usable:  # its number may be reused: never write old frames to it
             error = ChannelInvalidStateError(f"channel {channel.number} closed before the write")
             for confirmation in waiting:
                 if not confirmation.done():
@@ -234,3 +284,79 @@ class Publishes:
         channel.connection.write_queue.put_nowait(
             ChannelFrame(payload=b"".join(pending), should_close=False)
         )
+
+
+class Deliveries:
+    """Hands the deliveries of one aiormq channel to ``on_message`` as they complete.
+
+    Installed in place of the channel's frame queue (the connection's reader
+    puts every frame of the channel there). ``on_message`` is called on the
+    reader's own step, so it must not block: spawn the handling. A delivery
+    for a consumer tag the channel no longer knows (cancelled) is dropped, as
+    aiormq drops it; the broker redelivers it when the channel closes.
+    """
+
+    __slots__ = ("_body", "_channel", "_deliver", "_frames", "_header", "_on_message", "_size")
+
+    def __init__(
+        self, channel: aiormq.Channel, on_message: Callable[[DeliveredMessage], None]
+    ) -> None:
+        frames = channel.frames
+        if not isinstance(frames, asyncio.Queue):
+            raise TypeError(f"channel {channel.number} has no frame queue to take over")
+        self._frames: asyncio.Queue[Any] = frames
+        self._channel = channel
+        self._on_message = on_message
+        self._deliver: Basic.Deliver | None = None
+        self._header: ContentHeader | None = None
+        self._body: list[bytes] = []
+        self._size = 0
+        channel.frames = self  # type: ignore[assignment]
+
+    async def put(self, item: tuple[int, Any]) -> None:
+        """Called by the connection's reader for every frame of this channel."""
+        frame = item[1]
+        if self._deliver is None:
+            if type(frame) is Basic.Deliver:
+                self._deliver = frame
+            else:
+                await self._frames.put(item)
+            return
+        if self._header is None:
+            if type(frame) is not ContentHeader:
+                raise ValueError(f"expected a content header after basic.deliver, got {frame!r}")
+            self._header = frame
+            if not frame.body_size:
+                self._complete()
+            return
+        if type(frame) is not ContentBody:
+            raise ValueError(f"expected a content body frame, got {frame!r}")
+        self._body.append(frame.value)
+        self._size += len(frame.value)
+        if self._size >= self._header.body_size:
+            self._complete()
+
+    def _complete(self) -> None:
+        deliver, header, body = self._deliver, self._header, self._body
+        assert deliver is not None
+        assert header is not None
+        self._deliver, self._header, self._body, self._size = None, None, [], 0
+        channel = self._channel
+        if deliver.consumer_tag not in channel.consumers:
+            log.warning(
+                "message.unclaimed",
+                channel=channel.number,
+                consumer_tag=deliver.consumer_tag,
+                delivery_tag=deliver.delivery_tag,
+                note="no consumer with this tag; redelivered when the channel closes",
+            )
+            return
+        content = body[0] if len(body) == 1 else b"".join(body)
+        self._on_message(DeliveredMessage(deliver, header, content, channel))
+
+    # What aiormq's own channel reader calls: the frames it still handles.
+    async def get(self) -> Any:
+        return await self._frames.get()
+
+    def task_done(self) -> None:
+        self._frames.task_done()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import os
 import signal
@@ -21,8 +22,9 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+import aiormq
 import structlog
 from aio_pika.abc import AbstractChannel
 from aiormq.abc import AbstractChannel as AmqpChannel
@@ -34,6 +36,7 @@ from pigeon.acks import Acker
 from pigeon.app import Pigeon, Runtime
 from pigeon.delivery import Delivery, Outcome, OutcomeKind, Processor
 from pigeon.dispatch import RETRYABLE
+from pigeon.frames import Deliveries
 from pigeon.idempotency import IdempotencyStore, open_store
 from pigeon.listener import Listener
 from pigeon.metrics import MESSAGES
@@ -289,7 +292,13 @@ class Worker:
                 self._spawn(processor, semaphore, acker, message)
 
             # aiormq directly: aio-pika's per-message IncomingMessage is the costliest
-            # step of the hot path and nothing here needs it.
+            # step of the hot path and nothing here needs it; Deliveries skips aiormq's
+            # queue hops and task per message too.
+            with contextlib.suppress(TypeError):  # an aiormq without it: on_message does
+                Deliveries(
+                    cast(aiormq.Channel, underlay),
+                    functools.partial(self._spawn, processor, semaphore, acker),
+                )
             ok = await underlay.basic_consume(listener.queue, on_message)
             assert ok.consumer_tag is not None
             self._consumers.append(

@@ -11,8 +11,9 @@ from typing import Any, cast
 
 import aiormq
 import pytest
+import structlog
 from aio_pika.exceptions import ChannelInvalidStateError, PublishError
-from aiormq.abc import ChannelFrame
+from aiormq.abc import ChannelFrame, DeliveredMessage
 from pamqp import frame as pframe
 from pamqp.body import ContentBody
 from pamqp.commands import Basic
@@ -21,8 +22,9 @@ from pamqp.header import ContentHeader
 from pigeon import DispatchError
 from pigeon.connection import Connector
 from pigeon.dispatch import Outgoing, Publisher
-from pigeon.frames import Publishes, content, publish_method
-from tests.conftest import AMQP_URL, Broker
+from pigeon.frames import Deliveries, Publishes, content, publish_method
+from tests.conftest import AMQP_URL, AppFactory, Broker, RunWorker, eventually
+from tests.events import OrderPlaced
 
 
 def outgoing(**overrides: Any) -> Outgoing:
@@ -95,20 +97,20 @@ def fake_channel(*, closed: bool = False, queue_size: int = 10) -> aiormq.Channe
     can fill: a socket that does not drain cannot be made to happen on cue."""
     loop = asyncio.get_running_loop()
     write_queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=queue_size)
-    return cast(
-        aiormq.Channel,
-        SimpleNamespace(
-            number=5,
-            is_closed=closed,
-            publisher_confirms=True,
-            max_content_size=4088,
-            delivery_tag=0,
-            confirmations={},
-            message_id_delivery_tag={},
-            create_future=loop.create_future,
-            connection=SimpleNamespace(write_queue=write_queue),
-        ),
+    connection = SimpleNamespace(write_queue=write_queue, channels={})
+    channel = SimpleNamespace(
+        number=5,
+        is_closed=closed,
+        publisher_confirms=True,
+        max_content_size=4088,
+        delivery_tag=0,
+        confirmations={},
+        message_id_delivery_tag={},
+        create_future=loop.create_future,
+        connection=connection,
     )
+    connection.channels[5] = channel
+    return cast(aiormq.Channel, channel)
 
 
 def written(channel: aiormq.Channel) -> list[Any]:
@@ -172,6 +174,41 @@ async def test_publishes_for_a_channel_that_closed_before_the_write_fail_and_are
     with pytest.raises(ChannelInvalidStateError):
         publishes.send(outgoing())
     assert channel.delivery_tag == 1, "a refused send takes no delivery tag"
+
+
+async def test_nothing_more_is_written_to_a_channel_whose_close_the_broker_sent() -> None:
+    channel = fake_channel()
+    publishes = Publishes(channel)
+    answer = publishes.send(outgoing())
+    channel.connection.channels[5] = None  # aiormq's reader saw the broker's channel.close
+    assert not publishes.usable
+    with pytest.raises(ChannelInvalidStateError, match="closed before the write"):
+        await asyncio.wait_for(answer, 1)
+    assert channel.connection.write_queue.qsize() == 0
+    with pytest.raises(ChannelInvalidStateError):
+        publishes.send(outgoing())
+
+
+async def test_a_closed_writer_fails_what_it_had_not_written_yet() -> None:
+    channel = fake_channel()
+    publishes = Publishes(channel)
+    answer = publishes.send(outgoing())
+    publishes.close()  # a reset: the publisher moves to a new channel
+    with pytest.raises(ChannelInvalidStateError):
+        await asyncio.wait_for(answer, 1)
+    assert channel.connection.write_queue.qsize() == 0
+
+
+async def test_a_mandatory_message_without_an_id_gets_one_so_its_return_can_find_it() -> None:
+    channel = fake_channel()
+    publishes = Publishes(channel)
+    publishes.send(outgoing(message_id="", mandatory=True))
+    await asyncio.sleep(0)
+    (header,) = [f for f in written(channel) if isinstance(f, ContentHeader)]
+    message_id = header.properties.message_id
+    assert message_id is not None
+    assert len(message_id) == 32
+    assert channel.message_id_delivery_tag == {message_id: 1}
 
 
 async def test_a_message_that_cannot_be_encoded_takes_no_delivery_tag() -> None:
@@ -240,3 +277,131 @@ async def test_a_channel_the_broker_closes_fails_its_publishes_and_the_next_ones
     assert await publisher.publish_many(good) == [f"ok-{i}" for i in range(50)]
     assert await broker.wait_count(queue.name, 50) == 50
     assert (await publisher._publishes()) is not publishes
+
+
+def consumer_channel() -> aiormq.Channel:
+    """The parts of an aiormq consumer channel a Deliveries touches."""
+    frames: asyncio.Queue[Any] = asyncio.Queue()
+    return cast(aiormq.Channel, SimpleNamespace(number=7, frames=frames, consumers={"ctag": None}))
+
+
+def deliver(tag: int, consumer_tag: str = "ctag") -> Basic.Deliver:
+    return Basic.Deliver(
+        consumer_tag=consumer_tag, delivery_tag=tag, exchange="shop.events", routing_key="k"
+    )
+
+
+def header(size: int, message_id: str) -> ContentHeader:
+    return ContentHeader(0, size, Basic.Properties(message_id=message_id))
+
+
+async def test_deliveries_hand_over_each_message_when_its_last_frame_arrives() -> None:
+    channel = consumer_channel()
+    original = channel.frames
+    got: list[DeliveredMessage] = []
+    Deliveries(channel, got.append)
+    frames: list[Any] = [
+        deliver(1),
+        header(12, "one"),
+        ContentBody(b"hello "),
+        ContentBody(b"world!"),
+        deliver(2),
+        header(0, "empty"),
+        deliver(3),
+        header(3, "three"),
+    ]
+    for f in frames:
+        await channel.frames.put((0, f))
+    assert [(m.delivery_tag, m.body) for m in got] == [(1, b"hello world!"), (2, b"")]
+    await channel.frames.put((0, ContentBody(b"abc")))
+    assert got[-1].delivery_tag == 3
+    assert got[-1].body == b"abc"
+    assert got[-1].header.properties.message_id == "three"
+    assert got[-1].channel is channel
+    assert original.empty(), "deliveries never reach aiormq's reader"
+
+
+async def test_other_frames_still_reach_aiormqs_reader_in_their_order() -> None:
+    channel = consumer_channel()
+    got: list[DeliveredMessage] = []
+    Deliveries(channel, got.append)
+    ok = Basic.ConsumeOk(consumer_tag="ctag")
+    cancel = Basic.Cancel(consumer_tag="ctag")
+    for f in (ok, deliver(1), header(1, "a"), ContentBody(b"x"), cancel):
+        await channel.frames.put((0, f))
+    # aiormq's reader takes frames through the same object it was given
+    assert await channel.frames.get() == (0, ok)
+    channel.frames.task_done()
+    assert await channel.frames.get() == (0, cancel)
+    assert [m.delivery_tag for m in got] == [1]
+
+
+async def test_a_delivery_for_a_consumer_the_channel_forgot_is_dropped_with_a_warning() -> None:
+    channel = consumer_channel()
+    got: list[DeliveredMessage] = []
+    Deliveries(channel, got.append)
+    with structlog.testing.capture_logs() as logs:
+        for f in (deliver(9, consumer_tag="cancelled"), header(1, "a"), ContentBody(b"x")):
+            await channel.frames.put((0, f))
+    assert got == []
+    assert [(e["event"], e["delivery_tag"]) for e in logs] == [("message.unclaimed", 9)]
+
+
+async def test_a_frame_out_of_place_fails_loudly_rather_than_mixing_two_messages() -> None:
+    channel = consumer_channel()
+    Deliveries(channel, lambda m: None)
+    await channel.frames.put((0, deliver(1)))
+    with pytest.raises(ValueError, match="expected a content header"):
+        await channel.frames.put((0, deliver(2)))
+
+
+async def test_a_worker_receives_a_body_of_many_frames_intact(
+    make_app: AppFactory, run_worker: RunWorker
+) -> None:
+    app = make_app("notification")
+    received: list[OrderPlaced] = []
+
+    @app.listener(OrderPlaced, max_body_bytes=2_000_000)
+    async def handle(event: OrderPlaced) -> None:
+        received.append(event)
+
+    await run_worker(app)
+    big = OrderPlaced(order_id="o-big", customer_email="x" * 1_000_000 + "@example.com")
+    small = OrderPlaced(order_id="o-small")
+    await app.dispatch_many([big, small])  # one write: the small one follows the big one's frames
+    await eventually(lambda: len(received) == 2)
+    assert received == [big, small]
+
+
+async def test_a_refused_publish_does_not_cost_the_connection_its_consumers(
+    publisher: Publisher, broker: Broker
+) -> None:
+    """A nack resets the publishing channel while other publishes are in flight; none of
+    them may reach the closing channel (RabbitMQ would close the whole connection)."""
+    channel = await broker.connection.channel()
+    good = await channel.declare_queue(f"{broker.prefix}.good", auto_delete=True)
+    full = await channel.declare_queue(
+        f"{broker.prefix}.full",
+        auto_delete=True,
+        arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
+    )
+    broker.queues |= {good.name, full.name}
+    connection = await publisher.connector.get()
+    lost: list[object] = []
+    connection.close_callbacks.add(lambda *args: lost.append(args))
+
+    async def steady(i: int) -> None:
+        for j in range(100):
+            await publisher.publish(
+                outgoing(exchange="", routing_key=good.name, message_id=f"{i}-{j}")
+            )
+
+    async def refused() -> None:
+        await asyncio.sleep(0.05)
+        with pytest.raises(DispatchError, match="refused it"):
+            await publisher.publish(outgoing(exchange="", routing_key=full.name), timeout=0.3)
+
+    await asyncio.gather(refused(), *(steady(i) for i in range(30)))
+    assert lost == [], "the shared connection stayed open"
+    assert not connection.is_closed
+    assert await broker.wait_count(good.name, 3000) == 3000
