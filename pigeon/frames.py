@@ -12,8 +12,8 @@ wire format defines), takes the next delivery tag at once, and writes
 everything published during one loop turn as one payload. The broker sees the
 same frames in the same order, so what it confirms is unchanged: the
 confirmation futures are aiormq's own, registered where its reader resolves
-them (acks, nacks, returns of mandatory messages) and rejected when the
-channel closes.
+them (acks, nacks) and rejected when the channel closes. Returns of
+mandatory messages are matched here, by message id, exchange and routing key.
 
 The channel must be used for publishing only through its :class:`Publishes`:
 delivery tags are numbered in the order messages reach the broker, and a
@@ -32,8 +32,10 @@ aiormq's reader, in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 import uuid
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -41,8 +43,9 @@ from typing import TYPE_CHECKING, Any
 
 import aiormq
 import structlog
-from aio_pika.exceptions import ChannelInvalidStateError
+from aio_pika.exceptions import ChannelInvalidStateError, PublishError
 from aiormq.abc import ChannelFrame, DeliveredMessage
+from aiormq.channel import Returning
 from pamqp.body import ContentBody
 from pamqp.commands import Basic
 from pamqp.encode import field_table
@@ -171,6 +174,7 @@ class Publishes:
         "_loop",
         "_methods",
         "_pending",
+        "_returnable",
         "_scheduled",
         "_waiting",
         "_writer",
@@ -188,6 +192,9 @@ class Publishes:
         self._scheduled = False
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
+        # the tags of mandatory publishes still unanswered, by what a return shows of them
+        self._returnable: dict[tuple[str, str, str], deque[int]] = {}
+        Intercepted(channel, Basic.Return, self._returned)
 
     @property
     def usable(self) -> bool:
@@ -238,11 +245,8 @@ class Publishes:
         tag = channel.delivery_tag
         confirmation = channel.create_future()
         channel.confirmations[tag] = confirmation
-        if out.mandatory:  # aiormq finds a returned message's confirmation by its id
-            ids = channel.message_id_delivery_tag
-            message_id = out.message_id
-            ids[message_id] = tag
-            confirmation.add_done_callback(lambda _: ids.pop(message_id, None))
+        if out.mandatory:
+            self._expect_return(confirmation, tag, (out.message_id, out.exchange, out.routing_key))
         self._pending.append(method)
         self._pending.append(data)
         self._waiting.append(confirmation)
@@ -250,6 +254,49 @@ class Publishes:
             self._scheduled = True
             self._loop.call_soon(self._flush)
         return confirmation
+
+    def _expect_return(
+        self, confirmation: asyncio.Future[Any], tag: int, key: tuple[str, str, str]
+    ) -> None:
+        tags = self._returnable.get(key)
+        if tags is None:
+            tags = self._returnable[key] = deque()
+        tags.append(tag)
+
+        def answered(_: object) -> None:
+            with contextlib.suppress(ValueError):
+                tags.remove(tag)
+            if not tags and self._returnable.get(key) is tags:
+                del self._returnable[key]
+
+        confirmation.add_done_callback(answered)
+
+    def _returned(self, frame: Basic.Return, header: ContentHeader, body: bytes) -> None:
+        """A mandatory message came back unroutable: fail its publish.
+
+        The broker sends the return before that message's ack, so the publish
+        is the oldest unanswered one with the returned message's id, exchange
+        and routing key (aiormq matches by id alone, which misattributes a
+        return when two publishes in flight share an id, as retry copies of
+        one event for two listeners do).
+        """
+        channel = self.channel
+        key = (header.properties.message_id or "", frame.exchange or "", frame.routing_key or "")
+        for tag in self._returnable.get(key, ()):
+            confirmation = channel.confirmations.get(tag)
+            if confirmation is None or confirmation.done():
+                continue
+            channel.confirmations[tag] = Returning()  # aiormq then ignores the ack that follows
+            message = DeliveredMessage(frame, header, body, channel)
+            confirmation.set_exception(PublishError(message, frame))
+            return
+        log.error(
+            "publish.return_unmatched",
+            message_id=key[0],
+            exchange=frame.exchange,
+            routing_key=frame.routing_key,
+            note="returned for no publish waiting on this channel",
+        )
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -286,28 +333,42 @@ class Publishes:
         )
 
 
-class Deliveries:
-    """Hands the deliveries of one aiormq channel to ``on_message`` as they complete.
+class Intercepted:
+    """Takes over an aiormq channel's frame queue (the connection's reader puts every
+    frame of the channel there).
 
-    Installed in place of the channel's frame queue (the connection's reader
-    puts every frame of the channel there). ``on_message`` is called on the
-    reader's own step, so it must not block: spawn the handling. A delivery
-    for a consumer tag the channel no longer knows (cancelled) is dropped, as
-    aiormq drops it; the broker redelivers it when the channel closes.
+    A message whose method frame is of type ``kind`` (``basic.deliver``,
+    ``basic.return``) is assembled from its header and body frames and given
+    to ``on_content`` the moment its last frame arrived, on the reader's own
+    step: ``on_content`` must not block. Every other frame still reaches
+    aiormq's channel reader, in order.
     """
 
-    __slots__ = ("_body", "_channel", "_deliver", "_frames", "_header", "_on_message", "_size")
+    __slots__ = (
+        "_body",
+        "_channel",
+        "_frames",
+        "_header",
+        "_kind",
+        "_method",
+        "_on_content",
+        "_size",
+    )
 
     def __init__(
-        self, channel: aiormq.Channel, on_message: Callable[[DeliveredMessage], None]
+        self,
+        channel: aiormq.Channel,
+        kind: type[Any],
+        on_content: Callable[[Any, ContentHeader, bytes], None],
     ) -> None:
         frames = channel.frames
         if not isinstance(frames, asyncio.Queue):
             raise TypeError(f"channel {channel.number} has no frame queue to take over")
         self._frames: asyncio.Queue[Any] = frames
         self._channel = channel
-        self._on_message = on_message
-        self._deliver: Basic.Deliver | None = None
+        self._kind = kind
+        self._on_content = on_content
+        self._method: Any = None
         self._header: ContentHeader | None = None
         self._body: list[bytes] = []
         self._size = 0
@@ -316,15 +377,15 @@ class Deliveries:
     async def put(self, item: tuple[int, Any]) -> None:
         """Called by the connection's reader for every frame of this channel."""
         frame = item[1]
-        if self._deliver is None:
-            if type(frame) is Basic.Deliver:
-                self._deliver = frame
+        if self._method is None:
+            if type(frame) is self._kind:
+                self._method = frame
             else:
                 await self._frames.put(item)
             return
         if self._header is None:
             if type(frame) is not ContentHeader:
-                raise ValueError(f"expected a content header after basic.deliver, got {frame!r}")
+                raise ValueError(f"expected a content header after {self._method!r}, got {frame!r}")
             self._header = frame
             if not frame.body_size:
                 self._complete()
@@ -337,10 +398,38 @@ class Deliveries:
             self._complete()
 
     def _complete(self) -> None:
-        deliver, header, body = self._deliver, self._header, self._body
-        assert deliver is not None
+        method, header, body = self._method, self._header, self._body
         assert header is not None
-        self._deliver, self._header, self._body, self._size = None, None, [], 0
+        self._method, self._header, self._body, self._size = None, None, [], 0
+        self._on_content(method, header, body[0] if len(body) == 1 else b"".join(body))
+
+    # What aiormq's own channel reader calls: the frames it still handles.
+    async def get(self) -> Any:
+        return await self._frames.get()
+
+    def task_done(self) -> None:
+        self._frames.task_done()
+
+
+class Deliveries(Intercepted):
+    """Hands the deliveries of one aiormq consumer channel to ``on_message``.
+
+    Without this, aiormq passes each frame of a delivery through a queue to
+    the channel's reader task, one wake-up per frame, then starts a task per
+    message only to call the consumer. A delivery for a consumer tag the
+    channel no longer knows (cancelled) is dropped, as aiormq drops it; the
+    broker redelivers it when the channel closes.
+    """
+
+    __slots__ = ("_on_message",)
+
+    def __init__(
+        self, channel: aiormq.Channel, on_message: Callable[[DeliveredMessage], None]
+    ) -> None:
+        self._on_message = on_message
+        super().__init__(channel, Basic.Deliver, self._delivered)
+
+    def _delivered(self, deliver: Basic.Deliver, header: ContentHeader, body: bytes) -> None:
         channel = self._channel
         if deliver.consumer_tag not in channel.consumers:
             log.warning(
@@ -351,12 +440,4 @@ class Deliveries:
                 note="no consumer with this tag; redelivered when the channel closes",
             )
             return
-        content = body[0] if len(body) == 1 else b"".join(body)
-        self._on_message(DeliveredMessage(deliver, header, content, channel))
-
-    # What aiormq's own channel reader calls: the frames it still handles.
-    async def get(self) -> Any:
-        return await self._frames.get()
-
-    def task_done(self) -> None:
-        self._frames.task_done()
+        self._on_message(DeliveredMessage(deliver, header, body, channel))

@@ -100,6 +100,7 @@ def fake_channel(*, closed: bool = False, queue_size: int = 10) -> aiormq.Channe
     connection = SimpleNamespace(write_queue=write_queue, channels={})
     channel = SimpleNamespace(
         number=5,
+        frames=asyncio.Queue(),
         is_closed=closed,
         publisher_confirms=True,
         max_content_size=4088,
@@ -208,7 +209,39 @@ async def test_a_mandatory_message_without_an_id_gets_one_so_its_return_can_find
     message_id = header.properties.message_id
     assert message_id is not None
     assert len(message_id) == 32
-    assert channel.message_id_delivery_tag == {message_id: 1}
+
+
+async def returned(channel: aiormq.Channel, message_id: str, routing_key: str) -> None:
+    """The frames of a ``basic.return`` for one message, as the connection's reader puts them."""
+    frame = Basic.Return(
+        reply_code=312, reply_text="NO_ROUTE", exchange="shop.events", routing_key=routing_key
+    )
+    for f in (frame, header(2, message_id), ContentBody(b"{}")):
+        await channel.frames.put((0, f))
+
+
+async def test_a_return_fails_the_publish_it_belongs_to_even_when_ids_repeat() -> None:
+    """Retry copies of one event for two listeners share its id; only the routing keys differ."""
+    channel = fake_channel()
+    publishes = Publishes(channel)
+    first, second, plain = (
+        publishes.send(outgoing(message_id="m-1", routing_key=key, mandatory=mandatory))
+        for key, mandatory in (("a.retry", True), ("b.retry", True), ("b.retry", False))
+    )
+    await returned(channel, "m-1", "b.retry")
+    with pytest.raises(PublishError):
+        await asyncio.wait_for(second, 1)
+    assert not first.done()
+    assert not plain.done(), "a publish that was not mandatory is never returned"
+    assert type(channel.confirmations[2]).__name__ == "Returning", "the ack that follows is ignored"
+
+
+async def test_a_return_nobody_waits_for_is_logged() -> None:
+    channel = fake_channel()
+    Publishes(channel)
+    with structlog.testing.capture_logs() as logs:
+        await returned(channel, "m-9", "nowhere")
+    assert [(e["event"], e["message_id"]) for e in logs] == [("publish.return_unmatched", "m-9")]
 
 
 async def test_a_message_that_cannot_be_encoded_takes_no_delivery_tag() -> None:
@@ -246,11 +279,20 @@ async def test_an_unroutable_mandatory_message_is_returned_and_its_neighbours_co
         )
         for key in ("routed", "nowhere", "routed-too")
     ]
-    first, returned, last = await asyncio.gather(*answers, return_exceptions=True)
+    first, unroutable, last = await asyncio.gather(*answers, return_exceptions=True)
     assert isinstance(first, Basic.Ack)
-    assert isinstance(returned, PublishError)
+    assert isinstance(unroutable, PublishError)
     assert isinstance(last, Basic.Ack)
     assert await broker.count(queue.name) == 2
+
+    same_id = [  # the unroutable one first, then a routable one with the same id
+        publishes.send(outgoing(exchange=exchange.name, routing_key=key, mandatory=True))
+        for key in ("nowhere", "routed")
+    ]
+    unroutable, routed = await asyncio.gather(*same_id, return_exceptions=True)
+    assert isinstance(unroutable, PublishError)
+    assert isinstance(routed, Basic.Ack)
+    assert await broker.wait_count(queue.name, 3) == 3
 
     with pytest.raises(DispatchError, match="returned it as unroutable"):
         await publisher.publish(
