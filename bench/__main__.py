@@ -84,18 +84,20 @@ FINDINGS = """\
   progress; see `docs/delivery-guarantees.md`). With idempotency off the
   worker now costs about what raw aio-pika does per message; with SQLite, ack
   writes fell from one per message to about one per forty.
-- What SQLite still adds, about 50 µs of CPU per message over the memory
-  store, is its two statements (claim, done: together about 40 µs measured
-  alone on a 200,000-row table) and two thread hops. But the SQLite row is
-  not CPU-bound: py-spy with `--gil` shows the loop thread holding the GIL
-  72% of the time and the store's thread 2% (its SQL runs with the GIL
-  released, 41% busy). Each message makes three hops in turn (claim, done,
-  then the ack that lets the broker send the next one), and with 64 in
-  flight that chain sets the rate. Tried and dropped, no gain: running
-  SQLite on the loop's thread, one JSON batch statement per transaction, a
-  longer GIL switch interval, prefetch above concurrency. Dropping the
-  `expires_at` index would halve the statements' cost but turn the periodic
-  purge into a full scan under the write lock; it stays.
+- What SQLite adds over the memory store, 40 to 60 µs of CPU per message,
+  is its two statements (claim, done: measured alone, in commits of 14
+  messages, about 20 µs together on a fresh file and 33 to 45 µs on a
+  200,000-row one) and two thread hops. On the store's thread the `COMMIT`
+  is the largest part: message ids are random, so each claim dirties a
+  different B-tree page and a commit of a dozen messages appends a few
+  dozen pages to the WAL. Tried and dropped, no gain: running SQLite on the
+  loop's thread, one JSON batch statement per transaction, a longer GIL
+  switch interval, prefetch above concurrency, handing one loop turn's
+  calls to the store's thread in one queue put instead of under a lock
+  (interleaved runs: 5,030/s against 4,920/s, within the noise). Dropping
+  the `expires_at` index made no consistent difference to the statements
+  (measured alone, 200,000 rows) and would turn the periodic purge into a
+  full scan under the write lock; it stays.
 - After acks and the store, the largest cost of a delivery was aiormq's
   own: each of its three frames (method, header, body) went through a queue
   to the channel's reader task, a wake-up each, and then a task per message
