@@ -262,62 +262,60 @@ async def publisher() -> AsyncIterator[Publisher]:
     await connector.close()
 
 
-async def test_an_unroutable_mandatory_message_is_returned_and_its_neighbours_confirmed(
-    publisher: Publisher, broker: Broker
-) -> None:
+async def exchange_with_queue(broker: Broker, *keys: str) -> tuple[str, str]:
+    """A topic exchange and a queue bound to it with ``keys``; their names."""
     channel = await broker.connection.channel()
     exchange = await channel.declare_exchange(f"{broker.prefix}.x", "topic", auto_delete=True)
     queue = await channel.declare_queue(f"{broker.prefix}.q", auto_delete=True)
-    await queue.bind(exchange, "routed")
-    await queue.bind(exchange, "routed-too")
+    for key in keys:
+        await queue.bind(exchange, key)
     broker.queues.add(queue.name)
     broker.exchanges.add(exchange.name)
+    await channel.close()
+    return exchange.name, queue.name
+
+
+async def test_an_unroutable_mandatory_message_is_returned_and_its_neighbours_confirmed(
+    publisher: Publisher, broker: Broker
+) -> None:
+    exchange, queue = await exchange_with_queue(broker, "routed", "routed-too")
     publishes = await publisher._publishes()
     answers = [
-        publishes.send(
-            outgoing(exchange=exchange.name, routing_key=key, message_id=key, mandatory=True)
-        )
+        publishes.send(outgoing(exchange=exchange, routing_key=key, message_id=key, mandatory=True))
         for key in ("routed", "nowhere", "routed-too")
     ]
     first, unroutable, last = await asyncio.gather(*answers, return_exceptions=True)
     assert isinstance(first, Basic.Ack)
     assert isinstance(unroutable, PublishError)
     assert isinstance(last, Basic.Ack)
-    assert await broker.count(queue.name) == 2
+    assert await broker.count(queue) == 2
 
     same_id = [  # the unroutable one first, then a routable one with the same id
-        publishes.send(outgoing(exchange=exchange.name, routing_key=key, mandatory=True))
+        publishes.send(outgoing(exchange=exchange, routing_key=key, mandatory=True))
         for key in ("nowhere", "routed")
     ]
     unroutable, routed = await asyncio.gather(*same_id, return_exceptions=True)
     assert isinstance(unroutable, PublishError)
     assert isinstance(routed, Basic.Ack)
-    assert await broker.wait_count(queue.name, 3) == 3
+    assert await broker.wait_count(queue, 3) == 3
 
     with pytest.raises(DispatchError, match="returned it as unroutable"):
-        await publisher.publish(
-            outgoing(exchange=exchange.name, routing_key="nowhere", mandatory=True)
-        )
+        await publisher.publish(outgoing(exchange=exchange, routing_key="nowhere", mandatory=True))
 
 
 async def test_a_channel_the_broker_closes_fails_its_publishes_and_the_next_ones_get_a_new_one(
     publisher: Publisher, broker: Broker
 ) -> None:
-    channel = await broker.connection.channel()
-    exchange = await channel.declare_exchange(f"{broker.prefix}.x", "topic", auto_delete=True)
-    queue = await channel.declare_queue(f"{broker.prefix}.q", auto_delete=True)
-    await queue.bind(exchange, "#")
-    broker.queues.add(queue.name)
-    broker.exchanges.add(exchange.name)
+    exchange, queue = await exchange_with_queue(broker, "#")
     missing = outgoing(exchange=f"{broker.prefix}.missing", message_id="lost")
     publishes = await publisher._publishes()
     answer = publishes.send(missing)  # the broker closes the channel: 404 NOT_FOUND
     with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
         await asyncio.wait_for(answer, 5)
 
-    good = [outgoing(exchange=exchange.name, message_id=f"ok-{i}") for i in range(50)]
+    good = [outgoing(exchange=exchange, message_id=f"ok-{i}") for i in range(50)]
     assert await publisher.publish_many(good) == [f"ok-{i}" for i in range(50)]
-    assert await broker.wait_count(queue.name, 50) == 50
+    assert await broker.wait_count(queue, 50) == 50
     assert (await publisher._publishes()) is not publishes
 
 
