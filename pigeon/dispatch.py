@@ -42,7 +42,7 @@ from pigeon import headers as h
 from pigeon.connection import Connector
 from pigeon.errors import DispatchError
 from pigeon.events import Event, encode_payload, validate_event_name
-from pigeon.frames import Publishes
+from pigeon.publishes import Publishes
 
 if TYPE_CHECKING:
     from pigeon.app import Pigeon

@@ -1,51 +1,29 @@
-"""The hot path's frames, in and out, past aiormq's per-message machinery.
+"""AMQP frames on the hot path, below aiormq's per-message machinery.
 
-**Out.** aiormq's ``basic_publish`` costs, for every message, a wait on the
-channel lock, a generic pamqp marshal of three frames, one slot of the
-connection's ten-slot write queue and one ``send()`` system call. With 256
-publishes in flight, the queue is full most of the time and every publisher
-queues on the lock. That was most of the CPU time of a confirmed dispatch.
+**Encoding.** The frames of a ``basic.publish`` (method, content header,
+body), byte for byte what pamqp marshals for the properties the wire format
+defines; :mod:`pigeon.publishes` writes them.
 
-A :class:`Publishes` encodes the frames of a publish itself (the method frame
-is cached per exchange and routing key; the properties are the fixed set the
-wire format defines), takes the next delivery tag at once, and writes
-everything published during one loop turn as one payload. The broker sees the
-same frames in the same order, so what it confirms is unchanged: the
-confirmation futures are aiormq's own, registered where its reader resolves
-them (acks, nacks) and rejected when the channel closes. Returns of
-mandatory messages are matched here, by message id, exchange and routing key.
-
-The channel must be used for publishing only through its :class:`Publishes`:
-delivery tags are numbered in the order messages reach the broker, and a
-publish through aiormq between a tag taken here and the payload written would
-break that order.
-
-**In.** aiormq passes each frame of a delivery (method, header, body)
-through a queue to the channel's reader task, one wake-up per frame, then
-starts a task per message only to call the consumer. :class:`Deliveries`
-takes a consumer channel's frames as the connection reads them and hands a
-message to the consumer, synchronously, the moment its last frame arrived;
-every other frame (``consume-ok``, ``cancel``, ``close``) still goes to
-aiormq's reader, in order.
+**Taking deliveries.** aiormq passes each frame of a delivery (method,
+header, body) through a queue to the channel's reader task, one wake-up per
+frame, then starts a task per message only to call the consumer.
+:class:`Intercepted` takes a channel's frames as the connection reads them,
+assembles the messages of one kind (deliveries, returns) and hands each over
+the moment its last frame arrived; every other frame (``consume-ok``,
+``cancel``, ``close``, confirms) still goes to aiormq's reader, in order.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import struct
-import uuid
-from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import aiormq
 import structlog
-from aio_pika.exceptions import ChannelInvalidStateError, PublishError
-from aiormq.abc import ChannelFrame, DeliveredMessage
-from aiormq.channel import Returning
+from aiormq.abc import DeliveredMessage
 from pamqp.body import ContentBody
 from pamqp.commands import Basic
 from pamqp.encode import field_table
@@ -79,8 +57,6 @@ TYPE = 1 << 5
 APP_ID = 1 << 3
 
 PERSISTENT = b"\x02"
-METHOD_CACHE = 1024
-"""Method frames kept per channel: one per (exchange, routing key, mandatory)."""
 
 
 def short_string(value: str, what: str) -> bytes:
@@ -166,173 +142,6 @@ async def room(channel: aiormq.abc.AbstractChannel) -> None:
         await asyncio.sleep(ROOM_POLL)
 
 
-class Publishes:
-    """The publishes of one aiormq confirm channel; create it on the loop that publishes."""
-
-    __slots__ = (
-        "_closed",
-        "_loop",
-        "_methods",
-        "_pending",
-        "_returnable",
-        "_scheduled",
-        "_waiting",
-        "_writer",
-        "channel",
-    )
-
-    def __init__(self, channel: aiormq.Channel) -> None:
-        if not channel.publisher_confirms:
-            raise ValueError("Publishes needs a channel in confirm mode")
-        self.channel = channel
-        self._loop = asyncio.get_running_loop()
-        self._methods: dict[tuple[str, str, bool], bytes] = {}
-        self._pending: list[bytes] = []
-        self._waiting: list[asyncio.Future[Any]] = []  # their confirmations
-        self._scheduled = False
-        self._writer: asyncio.Task[None] | None = None
-        self._closed = False
-        # the tags of mandatory publishes still unanswered, by what a return shows of them
-        self._returnable: dict[tuple[str, str, str], deque[int]] = {}
-        Intercepted(channel, Basic.Return, self._returned)
-
-    @property
-    def usable(self) -> bool:
-        """Whether a publish can still go to this channel.
-
-        aiormq marks a channel closed only once it processed the close; its
-        connection forgets the channel number as soon as the broker's close
-        arrives. Frames sent in between would reach a channel number the
-        broker no longer knows, and RabbitMQ closes the whole connection for that.
-        """
-        channel = self.channel
-        return (
-            not self._closed
-            and not channel.is_closed
-            and channel.connection.channels.get(channel.number) is channel
-        )
-
-    def close(self) -> None:
-        """Send nothing more: what is not written yet fails (to be retried elsewhere)."""
-        self._closed = True
-        if not self._scheduled and self._writer is None:
-            self._put()
-
-    def send(self, out: Outgoing) -> asyncio.Future[Any]:
-        """Publish ``out`` with the next write; the future is the broker's answer.
-
-        It resolves to ``Basic.Ack`` or to a returned message (unroutable, for
-        ``mandatory``), or fails with ``DeliveryError`` (a nack) or the error
-        that closed the channel. Raises at once, before anything is sent, when
-        ``out`` cannot be encoded or the channel is closed.
-        """
-        channel = self.channel
-        key = (out.exchange, out.routing_key, out.mandatory)
-        method = self._methods.get(key)
-        if method is None:
-            if len(self._methods) >= METHOD_CACHE:
-                self._methods.clear()
-            method = publish_method(
-                channel.number, out.exchange, out.routing_key, mandatory=out.mandatory
-            )
-            self._methods[key] = method
-        if out.mandatory and not out.message_id:  # a return is matched to its publish by id
-            out = replace(out, message_id=uuid.uuid4().hex)
-        data = content(channel.number, out, channel.max_content_size)
-        if not self.usable:
-            raise ChannelInvalidStateError(f"channel {channel.number} is closed")
-        channel.delivery_tag += 1
-        tag = channel.delivery_tag
-        confirmation = channel.create_future()
-        channel.confirmations[tag] = confirmation
-        if out.mandatory:
-            self._expect_return(confirmation, tag, (out.message_id, out.exchange, out.routing_key))
-        self._pending.append(method)
-        self._pending.append(data)
-        self._waiting.append(confirmation)
-        if not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon(self._flush)
-        return confirmation
-
-    def _expect_return(
-        self, confirmation: asyncio.Future[Any], tag: int, key: tuple[str, str, str]
-    ) -> None:
-        tags = self._returnable.get(key)
-        if tags is None:
-            tags = self._returnable[key] = deque()
-        tags.append(tag)
-
-        def answered(_: object) -> None:
-            with contextlib.suppress(ValueError):
-                tags.remove(tag)
-            if not tags and self._returnable.get(key) is tags:
-                del self._returnable[key]
-
-        confirmation.add_done_callback(answered)
-
-    def _returned(self, frame: Basic.Return, header: ContentHeader, body: bytes) -> None:
-        """A mandatory message came back unroutable: fail its publish.
-
-        The broker sends the return before that message's ack, so the publish
-        is the oldest unanswered one with the returned message's id, exchange
-        and routing key (aiormq matches by id alone, which misattributes a
-        return when two publishes in flight share an id, as retry copies of
-        one event for two listeners do).
-        """
-        channel = self.channel
-        key = (header.properties.message_id or "", frame.exchange or "", frame.routing_key or "")
-        for tag in self._returnable.get(key, ()):
-            confirmation = channel.confirmations.get(tag)
-            if confirmation is None or confirmation.done():
-                continue
-            channel.confirmations[tag] = Returning()  # aiormq then ignores the ack that follows
-            message = DeliveredMessage(frame, header, body, channel)
-            confirmation.set_exception(PublishError(message, frame))
-            return
-        log.error(
-            "publish.return_unmatched",
-            message_id=key[0],
-            exchange=frame.exchange,
-            routing_key=frame.routing_key,
-            note="returned for no publish waiting on this channel",
-        )
-
-    def _flush(self) -> None:
-        self._scheduled = False
-        if self._writer is not None:
-            return  # waiting for room in the write queue; it writes this too
-        channel = self.channel
-        if channel.connection.write_queue.full() and not channel.is_closed:
-            self._writer = asyncio.ensure_future(self._write_when_room())
-            return
-        self._put()
-
-    async def _write_when_room(self) -> None:
-        try:
-            await room(self.channel)
-            self._put()
-        finally:
-            self._writer = None
-
-    def _put(self) -> None:
-        """Queue what is pending as one payload; call it only when the write queue has room."""
-        pending, waiting = self._pending, self._waiting
-        if not pending:
-            return
-        self._pending, self._waiting = [], []
-        channel = self.channel
-        if not self.usable:  # its number may be reused: never write old frames to it
-            error = ChannelInvalidStateError(f"channel {channel.number} closed before the write")
-            for confirmation in waiting:
-                if not confirmation.done():
-                    confirmation.set_exception(error)
-            return
-        channel.connection.write_queue.put_nowait(
-            ChannelFrame(payload=b"".join(pending), should_close=False)
-        )
-
-
 class Intercepted:
     """Takes over an aiormq channel's frame queue (the connection's reader puts every
     frame of the channel there).
@@ -375,33 +184,56 @@ class Intercepted:
         channel.frames = self  # type: ignore[assignment]
 
     async def put(self, item: tuple[int, Any]) -> None:
-        """Called by the connection's reader for every frame of this channel."""
+        """Called by the connection's reader for every frame of this channel.
+
+        Never raises into that reader (it would take the whole connection down):
+        a frame out of order drops the message it interrupted, which stays
+        unacked and is redelivered when the channel closes, and an error of
+        the callback is logged.
+        """
         frame = item[1]
-        if self._method is None:
-            if type(frame) is self._kind:
-                self._method = frame
-            else:
-                await self._frames.put(item)
-            return
-        if self._header is None:
-            if type(frame) is not ContentHeader:
-                raise ValueError(f"expected a content header after {self._method!r}, got {frame!r}")
-            self._header = frame
-            if not frame.body_size:
-                self._complete()
-            return
-        if type(frame) is not ContentBody:
-            raise ValueError(f"expected a content body frame, got {frame!r}")
-        self._body.append(frame.value)
-        self._size += len(frame.value)
-        if self._size >= self._header.body_size:
-            self._complete()
+        if self._method is not None:
+            if self._header is None and type(frame) is ContentHeader:
+                self._header = frame
+                if not frame.body_size:
+                    self._complete()
+                return
+            if self._header is not None and type(frame) is ContentBody:
+                self._body.append(frame.value)
+                self._size += len(frame.value)
+                if self._size >= self._header.body_size:
+                    self._complete()
+                return
+            log.error(
+                "frames.out_of_order",
+                channel=self._channel.number,
+                interrupted=repr(self._method),
+                frame=repr(frame),
+                note="the interrupted message is dropped; redelivered when the channel closes",
+            )
+            self._reset()
+        if type(frame) is self._kind:
+            self._method = frame
+        else:
+            await self._frames.put(item)
+
+    def _reset(self) -> None:
+        self._method, self._header, self._body, self._size = None, None, [], 0
 
     def _complete(self) -> None:
         method, header, body = self._method, self._header, self._body
         assert header is not None
-        self._method, self._header, self._body, self._size = None, None, [], 0
-        self._on_content(method, header, body[0] if len(body) == 1 else b"".join(body))
+        self._reset()
+        try:
+            self._on_content(method, header, body[0] if len(body) == 1 else b"".join(body))
+        except Exception as exc:
+            log.error(
+                "frames.callback_failed",
+                channel=self._channel.number,
+                method=repr(method),
+                error=repr(exc),
+                note="a delivery stays unacked until its channel closes",
+            )
 
     # What aiormq's own channel reader calls: the frames it still handles.
     async def get(self) -> Any:
@@ -413,6 +245,9 @@ class Intercepted:
 
 class Deliveries(Intercepted):
     """Hands the deliveries of one aiormq consumer channel to ``on_message``.
+
+    For a channel with one consumer, as the worker's are: every delivery for
+    a consumer tag the channel knows goes to the same ``on_message``.
 
     Without this, aiormq passes each frame of a delivery through a queue to
     the channel's reader task, one wake-up per frame, then starts a task per
