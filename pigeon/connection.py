@@ -101,7 +101,13 @@ class Connector:
     async def channel(self, *, confirms: bool = True) -> AbstractChannel:
         """A new channel on the current connection; confirmed and raising on returns."""
         connection = await self.get()
-        return await connection.channel(publisher_confirms=confirms, on_return_raises=confirms)
+        try:
+            return await connection.channel(publisher_confirms=confirms, on_return_raises=confirms)
+        except RuntimeError as exc:  # aiormq: its side of the connection closed a moment ago
+            if not connection.is_closed and "closed" not in str(exc):
+                raise
+            self.invalidate()
+            raise ConnectionError(f"the connection to {self.masked_url} closed: {exc}") from exc
 
     def invalidate(self) -> None:
         """Forget the connection (after an error that left it unusable); it is closed later."""

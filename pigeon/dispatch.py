@@ -182,15 +182,19 @@ class Publisher:
         """The writer of the confirm channel: frames go straight to aiormq's write queue.
 
         One writer per channel (two would interleave their delivery tags), and
-        none for a channel that is closing: a channel the broker closed is
-        replaced at once.
+        none for a channel that is closing. Finding the channel closed raises
+        ``ChannelInvalidStateError`` after forgetting it, so the caller's
+        retry (with its backoff) opens the next one: the connection may be
+        closing too, and a new channel on it would fail at once.
         """
         for _ in range(3):
             publishes = self._writer
             if publishes is not None:
                 if publishes.usable:
                     return publishes
-                self._reset(ChannelInvalidStateError("the publishing channel closed"))
+                error = ChannelInvalidStateError("the publishing channel closed")
+                self._reset(error)
+                raise error
             channel = self._channel
             if channel is None or channel.is_closed:
                 async with self._lock:

@@ -226,7 +226,7 @@ async def test_a_message_that_cannot_be_encoded_takes_no_delivery_tag() -> None:
 @pytest.fixture
 async def publisher() -> AsyncIterator[Publisher]:
     connector = Connector(AMQP_URL, name="test-frames")
-    publisher = Publisher(connector, timeout=2.0)
+    publisher = Publisher(connector, timeout=10.0)
     yield publisher
     await publisher.close()
     await connector.close()
@@ -315,7 +315,7 @@ async def test_a_refused_publish_does_not_cost_the_connection_its_consumers(
     async def refused() -> None:
         await asyncio.sleep(0.05)
         with pytest.raises(DispatchError, match="refused it"):
-            await publisher.publish(outgoing(exchange="", routing_key=full.name), timeout=0.3)
+            await publisher.publish(outgoing(exchange="", routing_key=full.name), timeout=1.0)
 
     await asyncio.gather(refused(), *(steady(i) for i in range(30)))
     assert lost == [], "the shared connection stayed open"
