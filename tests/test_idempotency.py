@@ -192,6 +192,19 @@ async def test_done_after_the_lease_expired_still_marks_the_key_done(
     assert (await store.claim(key, lease=30)).state is ClaimState.DONE
 
 
+async def test_done_after_the_expired_claim_was_purged_still_marks_the_key_done(
+    store: IdempotencyStore, key: str
+) -> None:
+    """A handler slower than its lease and a purge in between: the row is gone."""
+    token = await _claimed(store, key, lease=0.1)
+    await asyncio.sleep(0.2)
+    await store.purge()
+
+    await store.done(key, token)
+
+    assert (await store.claim(key, lease=30)).state is ClaimState.DONE
+
+
 async def test_extend_keeps_a_claim_past_its_first_lease(store: IdempotencyStore, key: str) -> None:
     token = await _claimed(store, key, lease=0.3)
 
