@@ -84,20 +84,23 @@ FINDINGS = """\
   progress; see `docs/delivery-guarantees.md`). With idempotency off the
   worker now costs about what raw aio-pika does per message; with SQLite, ack
   writes fell from one per message to about one per forty.
-- What SQLite adds over the memory store, 40 to 60 µs of CPU per message,
-  is its two statements (claim, done: measured alone, in commits of 14
-  messages, about 20 µs together on a fresh file and 33 to 45 µs on a
-  200,000-row one) and two thread hops. On the store's thread the `COMMIT`
-  is the largest part: message ids are random, so each claim dirties a
-  different B-tree page and a commit of a dozen messages appends a few
-  dozen pages to the WAL. Tried and dropped, no gain: running SQLite on the
-  loop's thread, one JSON batch statement per transaction, a longer GIL
-  switch interval, prefetch above concurrency, handing one loop turn's
-  calls to the store's thread in one queue put instead of under a lock
-  (interleaved runs: 5,030/s against 4,920/s, within the noise). Dropping
-  the `expires_at` index made no consistent difference to the statements
-  (measured alone, 200,000 rows) and would turn the periodic purge into a
-  full scan under the write lock; it stays.
+- What SQLite adds over the memory store, 40 to 80 µs of CPU per message,
+  is its statements, not the thread they run on: a store with the same
+  thread and group commit but no SQL consumed like the memory store (75 to
+  98 µs per message against 62 to 81, real SQLite 107 to 148, interleaved).
+  Measured alone, a claim costs about 20 µs and a done mark 10 to 15 µs,
+  with its share of the commit: message ids are random, so every claim
+  dirties a different B-tree page, which the commit appends to the WAL and
+  a checkpoint later copies back. Tried and dropped, no gain beyond the
+  noise: running SQLite on the loop's thread; one JSON batch statement per
+  transaction; `executemany` for a batch's claims with one `SELECT` for the
+  tokens, or `rowcount` instead of `RETURNING` (claims within 2 µs of each
+  other); an `UPDATE` instead of an upsert for done marks; 1 KiB pages; a
+  larger page cache or `mmap`; a longer GIL switch interval; prefetch above
+  concurrency; handing one loop turn's calls to the store's thread in one
+  queue put instead of under a lock. Dropping the `expires_at` index made no
+  consistent difference to the statements and would turn the periodic purge
+  into a full scan under the write lock; it stays.
 - After acks and the store, the largest cost of a delivery was aiormq's
   own: each of its three frames (method, header, body) went through a queue
   to the channel's reader task, a wake-up each, and then a task per message
@@ -115,11 +118,12 @@ FINDINGS = """\
   exchange and routing key, the properties the wire format fixes), takes
   the delivery tag at once and writes everything published in one loop
   turn as one payload (`pigeon.publishes`); the confirmations stay
-  aiormq's own futures. The bytes are held
-  equal to pamqp's by the tests. `dispatch_many` went from about 80 to about
-  40 µs of CPU per event (measured in the same run: about 10,500/s to
-  14,000 to 19,000/s), and every dispatch row from below raw aio-pika to
-  above it.
+  aiormq's own futures. The tests hold the bytes equal to pamqp's.
+  `dispatch_many` went from about 80 to about 40 µs of CPU per event
+  (measured in the same run: about 10,500/s to 14,000 to 19,000/s), from
+  about 1.2× to about 2× raw aio-pika with 256 in flight; 256 concurrent
+  dispatches from 0.84 to 0.99× to about 1.2 to 1.3×. Sequential dispatch
+  waits for each confirm, so the broker's round trip sets it: about 1×.
 - `dispatch_many` keeps the confirms of a whole chunk (1,000 events) in
   flight, and two chunks at once, so the link does not idle while the broker
   confirms the end of one (about 5% over one chunk at a time, measured
@@ -137,7 +141,8 @@ FINDINGS = """\
   statement over arrays (`unnest`), and its done marks as another: one
   round trip and one commit for dozens of messages. It went from about
   1,700/s to 2,400 to 2,900/s, and from about 450 µs to 270 to 340 µs of CPU
-  per message.
+  per message. With the frame-level delivery path both now run at 0.8 to
+  0.9× raw aio-pika.
 - A full garbage-collector pass over a listener's heap (about 46,000
   objects after start-up) takes about 12 ms, longer than the whole p99
   budget. `pigeon listen` now freezes the start-up heap (`gc.freeze()`), so
