@@ -141,8 +141,8 @@ FINDINGS = """\
   statement over arrays (`unnest`), and its done marks as another: one
   round trip and one commit for dozens of messages. It went from about
   1,700/s to 2,400 to 2,900/s, and from about 450 µs to 270 to 340 µs of CPU
-  per message. With the frame-level delivery path both now run at 0.8 to
-  0.9× raw aio-pika.
+  per message. With the frame-level delivery path both ran at 0.6 to
+  0.9× raw aio-pika across this session's runs.
 - A full garbage-collector pass over a listener's heap (about 46,000
   objects after start-up) takes about 12 ms, longer than the whole p99
   budget. `pigeon listen` now freezes the start-up heap (`gc.freeze()`), so
