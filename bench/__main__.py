@@ -121,9 +121,9 @@ FINDINGS = """\
   aiormq's own futures. The tests hold the bytes equal to pamqp's.
   `dispatch_many` went from about 80 to about 40 µs of CPU per event
   (measured in the same run: about 10,500/s to 14,000 to 19,000/s), from
-  about 1.2× to about 2× raw aio-pika with 256 in flight; 256 concurrent
-  dispatches from 0.84 to 0.99× to about 1.2 to 1.3×. Sequential dispatch
-  waits for each confirm, so the broker's round trip sets it: about 1×.
+  about 1.2x to about 2x raw aio-pika with 256 in flight; 256 concurrent
+  dispatches from 0.84 to 0.99x to about 1.2 to 1.3x. Sequential dispatch
+  waits for each confirm, so the broker's round trip sets it: about 1x.
 - `dispatch_many` keeps the confirms of a whole chunk (1,000 events) in
   flight, and two chunks at once, so the link does not idle while the broker
   confirms the end of one (about 5% over one chunk at a time, measured
@@ -142,7 +142,7 @@ FINDINGS = """\
   round trip and one commit for dozens of messages. It went from about
   1,700/s to 2,400 to 2,900/s, and from about 450 µs to 270 to 340 µs of CPU
   per message. With the frame-level delivery path both ran at 0.6 to
-  0.9× raw aio-pika across this session's runs.
+  0.9x raw aio-pika across this session's runs.
 - A full garbage-collector pass over a listener's heap (about 46,000
   objects after start-up) takes about 12 ms, longer than the whole p99
   budget. `pigeon listen` now freezes the start-up heap (`gc.freeze()`), so
