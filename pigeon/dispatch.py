@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-import aio_pika
 import aiormq
 import structlog
-from aio_pika.abc import AbstractChannel, DeliveryMode
+from aio_pika.abc import AbstractChannel
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, DeliveryError, PublishError
 from pamqp.commands import Basic
 from tenacity import (
@@ -71,34 +70,6 @@ class Outgoing:
     content_encoding: str | None = None
     timestamp: datetime | None = None
     mandatory: bool = False
-
-    def to_properties(self) -> Basic.Properties:
-        """The AMQP properties of :meth:`to_message`; :mod:`pigeon.frames` encodes the same."""
-        return Basic.Properties(
-            content_type=self.content_type,
-            content_encoding=self.content_encoding,
-            headers=self.headers,
-            delivery_mode=DeliveryMode.PERSISTENT.value,
-            correlation_id=self.correlation_id,
-            message_id=self.message_id,
-            timestamp=self.timestamp,
-            message_type=self.event_name,
-            app_id=self.app_id,
-        )
-
-    def to_message(self) -> aio_pika.Message:
-        return aio_pika.Message(
-            self.body,
-            headers=self.headers,
-            content_type=self.content_type,
-            content_encoding=self.content_encoding,
-            delivery_mode=DeliveryMode.PERSISTENT,
-            message_id=self.message_id,
-            correlation_id=self.correlation_id,
-            type=self.event_name,
-            app_id=self.app_id,
-            timestamp=self.timestamp,
-        )
 
 
 def build_outgoing(

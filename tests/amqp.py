@@ -27,5 +27,20 @@ def outgoing(**overrides: Any) -> Outgoing:
     return Outgoing(**values)
 
 
+def properties(out: Outgoing) -> Basic.Properties:
+    """The properties of ``out`` as pamqp objects: what pamqp would marshal for it."""
+    return Basic.Properties(
+        content_type=out.content_type,
+        content_encoding=out.content_encoding,
+        headers=out.headers,
+        delivery_mode=2,
+        correlation_id=out.correlation_id,
+        message_id=out.message_id,
+        timestamp=out.timestamp,
+        message_type=out.event_name,
+        app_id=out.app_id,
+    )
+
+
 def header(size: int, message_id: str) -> ContentHeader:
     return ContentHeader(0, size, Basic.Properties(message_id=message_id))

@@ -20,7 +20,7 @@ from pamqp.header import ContentHeader
 
 from pigeon.dispatch import Outgoing
 from pigeon.frames import Deliveries, content, publish_method
-from tests.amqp import header, outgoing
+from tests.amqp import header, outgoing, properties
 from tests.conftest import AppFactory, RunWorker, eventually
 from tests.events import OrderPlaced
 
@@ -29,7 +29,7 @@ def pamqp_frames(channel: int, out: Outgoing, max_body: int) -> bytes:
     """What aiormq's basic_publish writes for ``out``: the reference."""
     frames: list[Any] = [
         Basic.Publish(exchange=out.exchange, routing_key=out.routing_key, mandatory=out.mandatory),
-        ContentHeader(0, len(out.body), out.to_properties()),
+        ContentHeader(0, len(out.body), properties(out)),
     ]
     frames += [ContentBody(out.body[i : i + max_body]) for i in range(0, len(out.body), max_body)]
     return b"".join(pframe.marshal(f, channel) for f in frames)

@@ -40,7 +40,6 @@ def fake_channel(*, closed: bool = False, queue_size: int = 10) -> aiormq.Channe
         max_content_size=4088,
         delivery_tag=0,
         confirmations={},
-        message_id_delivery_tag={},
         create_future=loop.create_future,
         connection=connection,
     )
