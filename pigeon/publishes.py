@@ -27,7 +27,6 @@ break that order.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections import deque
 from dataclasses import replace
@@ -79,8 +78,8 @@ class Publishes:
         self._scheduled = False
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
-        # the tags of mandatory publishes still unanswered, by what a return shows of them
-        self._returnable: dict[tuple[str, str, str], deque[int]] = {}
+        # the tag of the mandatory publish in flight, by what a return shows of it
+        self._returnable: dict[tuple[str, str, str], int] = {}
         # mandatory publishes waiting for one with the same id, exchange and key to be answered
         self._held: dict[tuple[str, str, str], deque[tuple[Outgoing, asyncio.Future[Any]]]] = {}
         Intercepted(channel, Basic.Return, self._returned)
@@ -151,15 +150,10 @@ class Publishes:
     def _expect_return(
         self, confirmation: asyncio.Future[Any], tag: int, key: tuple[str, str, str]
     ) -> None:
-        tags = self._returnable.get(key)
-        if tags is None:
-            tags = self._returnable[key] = deque()
-        tags.append(tag)
+        self._returnable[key] = tag
 
         def answered(_: object) -> None:
-            with contextlib.suppress(ValueError):
-                tags.remove(tag)
-            if not tags and self._returnable.get(key) is tags:
+            if self._returnable.get(key) == tag:
                 del self._returnable[key]
                 self._release(key)
 
@@ -190,28 +184,27 @@ class Publishes:
     def _returned(self, frame: Basic.Return, header: ContentHeader, body: bytes) -> None:
         """A mandatory message came back unroutable: fail its publish.
 
-        The broker sends the return before that message's ack, so the publish
-        is the oldest unanswered one with the returned message's id, exchange
-        and routing key (aiormq matches by id alone, which misattributes a
-        return when two publishes in flight share an id, as retry copies of
-        one event for two listeners do).
+        Found by the returned message's id, exchange and routing key, of which
+        only one publish is in flight at a time. (aiormq matches by id alone,
+        which misattributes a return when two publishes in flight share an
+        id, as retry copies of one event for two listeners do.)
         """
         channel = self.channel
         key = (header.properties.message_id or "", frame.exchange or "", frame.routing_key or "")
-        for tag in self._returnable.get(key, ()):
-            confirmation = channel.confirmations.get(tag)
-            if confirmation is None or confirmation.done():
-                continue
-            channel.confirmations[tag] = Returning()  # aiormq then ignores the ack that follows
-            message = DeliveredMessage(frame, header, body, channel)
-            confirmation.set_exception(PublishError(message, frame))
+        tag = self._returnable.get(key, 0)  # delivery tags start at 1
+        confirmation = channel.confirmations.get(tag)
+        if confirmation is None or confirmation.done():
+            log.error(
+                "publish.return_unmatched",
+                message_id=key[0],
+                exchange=frame.exchange,
+                routing_key=frame.routing_key,
+                note="returned for no publish waiting on this channel",
+            )
             return
-        log.error(
-            "publish.return_unmatched",
-            message_id=key[0],
-            exchange=frame.exchange,
-            routing_key=frame.routing_key,
-            note="returned for no publish waiting on this channel",
+        channel.confirmations[tag] = Returning()  # aiormq then ignores the ack that follows
+        confirmation.set_exception(
+            PublishError(DeliveredMessage(frame, header, body, channel), frame)
         )
 
     def _flush(self) -> None:
