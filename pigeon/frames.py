@@ -232,7 +232,7 @@ class Intercepted:
                 channel=self._channel.number,
                 method=repr(method),
                 error=repr(exc),
-                note="a delivery stays unacked until its channel closes",
+                note="not handled; a delivery is redelivered when its channel closes",
             )
 
     # What aiormq's own channel reader calls: the frames it still handles.
@@ -247,13 +247,10 @@ class Deliveries(Intercepted):
     """Hands the deliveries of one aiormq consumer channel to ``on_message``.
 
     For a channel with one consumer, as the worker's are: every delivery for
-    a consumer tag the channel knows goes to the same ``on_message``.
-
-    Without this, aiormq passes each frame of a delivery through a queue to
-    the channel's reader task, one wake-up per frame, then starts a task per
-    message only to call the consumer. A delivery for a consumer tag the
-    channel no longer knows (cancelled) is dropped, as aiormq drops it; the
-    broker redelivers it when the channel closes.
+    a consumer tag the channel knows goes to the same ``on_message``. A
+    delivery for a consumer tag the channel no longer knows (cancelled) is
+    dropped, as aiormq drops it; the broker redelivers it when the channel
+    closes.
     """
 
     __slots__ = ("_on_message",)
