@@ -106,7 +106,8 @@ class Connector:
         except RuntimeError as exc:  # aiormq: its side of the connection closed a moment ago
             if not connection.is_closed and "closed" not in str(exc):
                 raise
-            self.invalidate()
+            if self._connection is connection:  # not a newer one opened meanwhile
+                self.invalidate()
             raise ConnectionError(f"the connection to {self.masked_url} closed: {exc}") from exc
 
     def invalidate(self) -> None:

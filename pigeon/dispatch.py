@@ -118,7 +118,9 @@ def _send_all(publishes: Publishes, part: list[Outgoing]) -> asyncio.Future[list
     for out in part:
         try:
             answers.append(publishes.send(out))
-        except (ChannelInvalidStateError, ValueError) as exc:  # publish() raises it again
+        except (
+            Exception
+        ) as exc:  # closed channel, or a message it cannot encode: publish() retries or raises
             failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             failed.set_exception(exc)
             answers.append(failed)
@@ -143,9 +145,16 @@ class Publisher:
         self._writer: Publishes | None = None
 
     async def _publish_once(self, outgoing: Outgoing, timeout: float) -> None:
-        # asyncio.timeout() costs one timer handle; aio-pika's own timeout= spawns a task.
-        async with asyncio.timeout(timeout):
-            result = await (await self._publishes()).send(outgoing)
+        """One try; a retryable failure resets the channel it happened on (if current)."""
+        publishes: Publishes | None = None
+        try:
+            # asyncio.timeout() costs one timer handle; aio-pika's timeout= spawns a task.
+            async with asyncio.timeout(timeout):
+                publishes = await self._publishes()
+                result = await publishes.send(outgoing)
+        except RETRYABLE as exc:
+            self._reset(exc, publishes)
+            raise
         if not _acked(result):
             raise DeliveryError(None, result)
 
@@ -164,7 +173,7 @@ class Publisher:
                 if publishes.usable:
                     return publishes
                 error = ChannelInvalidStateError("the publishing channel closed")
-                self._reset(error)
+                self._reset(error, publishes)
                 raise error
             channel = self._channel
             if channel is None or channel.is_closed:
@@ -189,8 +198,8 @@ class Publisher:
                 f"could not publish {outgoing.event_name} (message {outgoing.message_id}): "
                 f"{_explain(exc)}"
             ) from exc
-        except RETRYABLE as exc:
-            self._reset(exc)
+        except RETRYABLE:
+            pass  # retried below, with backoff
         try:
             async for attempt in AsyncRetrying(
                 stop=stop_after_delay(max(deadline - time.monotonic(), 0.0)),
@@ -201,12 +210,8 @@ class Publisher:
                 before_sleep=self._log_retry(outgoing),
             ):
                 with attempt:
-                    try:
-                        remaining = max(deadline - time.monotonic(), 0.5)
-                        await self._publish_once(outgoing, remaining)
-                    except RETRYABLE as exc:
-                        self._reset(exc)
-                        raise
+                    remaining = max(deadline - time.monotonic(), 0.5)
+                    await self._publish_once(outgoing, remaining)
         except RETRYABLE as exc:
             raise DispatchError(
                 f"could not publish {outgoing.event_name} (message {outgoing.message_id}) to "
@@ -231,8 +236,7 @@ class Publisher:
             part = batch[start : start + chunk]
             try:
                 publishes = await self._publishes()
-            except RETRYABLE as exc:
-                self._reset(exc)
+            except RETRYABLE:  # the channel is reset; publish() retries these with backoff
                 failed.extend(part)
                 continue
             in_flight.append((part, _send_all(publishes, part)))
@@ -240,8 +244,14 @@ class Publisher:
                 failed.extend(await _unconfirmed(*in_flight.popleft()))
         while in_flight:
             failed.extend(await _unconfirmed(*in_flight.popleft()))
-        for out in failed:
-            await self.publish(out)
+        first_error: BaseException | None = None
+        for out in failed:  # every one is tried; the first error is raised after
+            try:
+                await self.publish(out)
+            except Exception as exc:
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
         return [out.message_id for out in batch]
 
     def _forget_writer(self) -> None:
@@ -250,7 +260,13 @@ class Publisher:
         if publishes is not None:
             publishes.close()
 
-    def _reset(self, exc: BaseException) -> None:
+    def _reset(self, exc: BaseException, failed: Publishes | None = None) -> None:
+        """Drop the channel after ``exc`` (raised on ``failed``'s channel, if known).
+
+        An error from a channel already replaced leaves the current one alone.
+        """
+        if failed is not None and failed is not self._writer:
+            return
         self._forget_writer()
         channel, self._channel = self._channel, None
         if channel is not None and not channel.is_closed:

@@ -137,15 +137,20 @@ class Publishes:
         tag = channel.delivery_tag
         confirmation = channel.create_future()
         channel.confirmations[tag] = confirmation
-        if out.mandatory:
-            self._expect_return(confirmation, tag, returnable)
         self._pending.append(method)
         self._pending.append(data)
         self._waiting.append(confirmation)
         if not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self._flush)
-        return confirmation
+        if not out.mandatory:
+            return confirmation
+        # The caller gets a future of its own: cancelling it (a timeout) must not end
+        # the publish here, which stays the one a return of its key belongs to.
+        self._expect_return(confirmation, tag, returnable)
+        answer: asyncio.Future[Any] = self._loop.create_future()
+        _chain(confirmation, answer)
+        return answer
 
     def _expect_return(
         self, confirmation: asyncio.Future[Any], tag: int, key: tuple[str, str, str]
@@ -193,7 +198,7 @@ class Publishes:
         key = (header.properties.message_id or "", frame.exchange or "", frame.routing_key or "")
         tag = self._returnable.get(key, 0)  # delivery tags start at 1
         confirmation = channel.confirmations.get(tag)
-        if confirmation is None or confirmation.done():
+        if confirmation is None or confirmation.done() or isinstance(confirmation, Returning):
             log.error(
                 "publish.return_unmatched",
                 message_id=key[0],
@@ -246,11 +251,14 @@ def _chain(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:
     """Settle ``target`` as ``source`` settles (unless ``target`` was settled first)."""
 
     def copy(done: asyncio.Future[Any]) -> None:
+        if done.cancelled():
+            if not target.done():
+                target.cancel()
+            return
+        error = done.exception()  # retrieved even when nobody waits any more
         if target.done():
             return
-        if done.cancelled():
-            target.cancel()
-        elif (error := done.exception()) is not None:
+        if error is not None:
             target.set_exception(error)
         else:
             target.set_result(done.result())

@@ -200,7 +200,9 @@ async def test_a_held_publish_fails_when_the_channel_closes_before_its_turn() ->
     second = publishes.send(outgoing(mandatory=True))
     await asyncio.sleep(0)
     cast(Any, channel).is_closed = True
-    first.set_exception(ChannelInvalidStateError("closed"))  # as aiormq rejects it
+    channel.confirmations[1].set_exception(ChannelInvalidStateError("closed"))  # as aiormq does
+    with pytest.raises(ChannelInvalidStateError):
+        await first
     with pytest.raises(ChannelInvalidStateError):
         await asyncio.wait_for(second, 1)
 
@@ -343,3 +345,34 @@ async def test_of_two_publishes_alike_but_for_their_headers_only_the_unroutable_
     with pytest.raises(PublishError):
         await asyncio.wait_for(unroutable, 5)
     assert await broker.count(queue.name) == 1
+
+
+async def test_a_cancelled_caller_does_not_end_its_publish_nor_release_the_next_early() -> None:
+    """A return for the first publish must still find the first, not the one held behind it."""
+    channel = fake_channel()
+    publishes = Publishes(channel)
+    first = publishes.send(outgoing(message_id="m-1", routing_key="r", mandatory=True))
+    second = publishes.send(outgoing(message_id="m-1", routing_key="r", mandatory=True))
+    await asyncio.sleep(0)
+    first.cancel()  # its caller timed out
+    await asyncio.sleep(0)
+    assert sorted(channel.confirmations) == [1], "the second stays held"
+    publish = channel.confirmations[1]
+    assert not publish.done(), "the publish itself goes on"
+    await returned(channel, "m-1", "r")
+    with pytest.raises(PublishError):
+        await asyncio.wait_for(publish, 1)
+    await asyncio.sleep(0)
+    assert sorted(channel.confirmations) == [1, 2], "the second goes once the first is answered"
+    assert not second.done()
+
+
+async def test_a_batch_publishes_everything_it_can_before_raising_for_a_bad_message(
+    publisher: Publisher, broker: Broker
+) -> None:
+    exchange, queue = await exchange_with_queue(broker, "#")
+    batch = [outgoing(exchange=exchange, message_id=f"m-{i}") for i in range(250)]
+    batch[150] = outgoing(exchange=exchange, message_id="bad", headers={"raw": b"\x00"})
+    with pytest.raises(TypeError, match="raw"):
+        await publisher.publish_many(batch, chunk=100)
+    assert await broker.wait_count(queue, 249) == 249, "all but the one that cannot be encoded"
