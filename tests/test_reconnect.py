@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from functools import partial
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
+from aio_pika.abc import AbstractConnection
 from structlog.testing import capture_logs
 
 from pigeon import Context, Pigeon
+from pigeon.connection import Connector
+from pigeon.dispatch import RETRYABLE
 from pigeon.worker import Worker
-from tests.conftest import AppFactory, Broker, RunWorker, eventually, unique_settings
+from tests.conftest import AMQP_URL, AppFactory, Broker, RunWorker, eventually, unique_settings
 from tests.events import OrderPlaced
 from tests.tcpproxy import TcpProxy
 
@@ -132,3 +137,25 @@ async def test_a_consumer_cancelled_by_the_broker_is_subscribed_again(
     await eventually(worker.ready.is_set)
     await app.dispatch_async(OrderPlaced(order_id="after-cancel"))
     await eventually(lambda: seen == ["after-cancel"])
+
+
+async def test_a_channel_asked_of_a_connection_that_just_closed_is_a_retryable_error() -> None:
+    """The instant after the broker shut the connection: aiormq knows, aio-pika not yet.
+    (That instant cannot be made to happen on cue with a real broker, so the connection
+    is simulated.)"""
+    connector = Connector(AMQP_URL, name="test")
+    closing = SimpleNamespace(is_closed=False)
+
+    async def channel(**_: object) -> None:
+        closing.is_closed = True
+        raise RuntimeError('<Connection: "amqp://guest:******@127.0.0.1:5672/"> closed')
+
+    closing.channel = channel
+    connector._connection = cast(AbstractConnection, closing)
+    with pytest.raises(ConnectionError, match="closed"):
+        await connector.channel()
+    assert not connector.is_open, "forgotten: the next call connects afresh"
+    assert issubclass(ConnectionError, RETRYABLE), "so dispatch retries it with backoff"
+    real = await connector.channel()
+    assert not real.is_closed
+    await connector.close()
