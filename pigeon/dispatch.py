@@ -118,9 +118,8 @@ def _send_all(publishes: Publishes, part: list[Outgoing]) -> asyncio.Future[list
     for out in part:
         try:
             answers.append(publishes.send(out))
-        except (
-            Exception
-        ) as exc:  # closed channel, or a message it cannot encode: publish() retries or raises
+        # a closed channel, or a message it cannot encode: publish() retries it or raises
+        except Exception as exc:
             failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             failed.set_exception(exc)
             answers.append(failed)
