@@ -43,10 +43,10 @@ async def test_serve_runs_collector_web_and_api_and_stops_cleanly_on_sigterm(
     )
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
-            for _ in range(200):
+            for _ in range(400):  # the web answers first; the collector connects meanwhile
                 try:
                     health = await c.get("/healthz")
-                    if health.status_code == 200:
+                    if health.status_code == 200 and health.json()["collector"] == "consuming":
                         break
                 except httpx.TransportError:
                     pass
