@@ -11,14 +11,14 @@ import asyncio
 import os
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Unpack
 
 from aio_pika.abc import AbstractConnection
 
 from pigeon import topology as topo
 from pigeon import tracing
 from pigeon.connection import Connector
-from pigeon.dispatch import Publisher, bridge, build_outgoing
+from pigeon.dispatch import Publisher, bridge, build_outgoing, on_bridge_shutdown
 from pigeon.errors import ConfigurationError
 from pigeon.events import Event
 from pigeon.listener import (
@@ -29,6 +29,7 @@ from pigeon.listener import (
     inspect_handler,
     pattern_of,
 )
+from pigeon.messages import DispatchOptions
 from pigeon.metrics import DISPATCHED
 from pigeon.middleware import Metrics, Middleware, PublishMiddleware, PublishNext, publish_chain
 from pigeon.retry import Retry
@@ -221,26 +222,16 @@ class Pigeon:
         self,
         event: Event | str,
         payload: Mapping[str, Any] | None = None,
-        *,
-        message_id: str | None = None,
-        correlation_id: str | None = None,
-        causation_id: str | None = None,
-        headers: Mapping[str, Any] | None = None,
+        **options: Unpack[DispatchOptions],
     ) -> str:
         """Publish an event and return its message id once the broker confirmed it.
 
+        Keywords (all optional): ``message_id``, ``correlation_id``,
+        ``causation_id``, ``headers`` (:class:`~pigeon.messages.DispatchOptions`).
         Raises :class:`pigeon.DispatchError` if the broker could not confirm it
         within ``PIGEON_DISPATCH_TIMEOUT`` seconds.
         """
-        outgoing = build_outgoing(
-            self,
-            event,
-            payload,
-            message_id=message_id,
-            correlation_id=correlation_id,
-            causation_id=causation_id,
-            headers=headers,
-        )
+        outgoing = build_outgoing(self.settings.exchange, self.service, event, payload, **options)
         send = _sink if _sink is not None else self.runtime().publisher.publish
         if self.publish_middleware:
             message_id = await publish_chain(self.publish_middleware, send)(outgoing)
@@ -267,9 +258,9 @@ class Pigeon:
         """
         batch = [
             build_outgoing(
-                self,
+                self.settings.exchange,
+                self.service,
                 *(item if isinstance(item, tuple) else (item, None)),
-                message_id=None,
                 correlation_id=correlation_id,
                 causation_id=causation_id,
                 headers=headers,
@@ -289,23 +280,10 @@ class Pigeon:
         self,
         event: Event | str,
         payload: Mapping[str, Any] | None = None,
-        *,
-        message_id: str | None = None,
-        correlation_id: str | None = None,
-        causation_id: str | None = None,
-        headers: Mapping[str, Any] | None = None,
+        **options: Unpack[DispatchOptions],
     ) -> str:
         """The blocking form of :meth:`dispatch_async`, for sync code and threads."""
-        return bridge().run(
-            self.dispatch_async(
-                event,
-                payload,
-                message_id=message_id,
-                correlation_id=correlation_id,
-                causation_id=causation_id,
-                headers=headers,
-            )
-        )
+        return bridge().run(self.dispatch_async(event, payload, **options))
 
     async def close(self) -> None:
         """Close this app's connection on the running loop."""
@@ -321,6 +299,8 @@ async def close_runtimes_on(loop: asyncio.AbstractEventLoop) -> None:
         if runtime is not None and runtime.pid == os.getpid():
             await runtime.close()
 
+
+on_bridge_shutdown(close_runtimes_on)
 
 _default: Pigeon | None = None
 
@@ -339,13 +319,19 @@ def set_default_app(app: Pigeon | None) -> None:
     _default = app
 
 
-def dispatch(event: Event | str, payload: Mapping[str, Any] | None = None, **kwargs: Any) -> str:
+def dispatch(
+    event: Event | str,
+    payload: Mapping[str, Any] | None = None,
+    **options: Unpack[DispatchOptions],
+) -> str:
     """Publish with the default app and block until confirmed; see :meth:`Pigeon.dispatch_async`."""
-    return default_app().dispatch(event, payload, **kwargs)
+    return default_app().dispatch(event, payload, **options)
 
 
 async def dispatch_async(
-    event: Event | str, payload: Mapping[str, Any] | None = None, **kwargs: Any
+    event: Event | str,
+    payload: Mapping[str, Any] | None = None,
+    **options: Unpack[DispatchOptions],
 ) -> str:
     """Publish with the default app; returns the message id after the broker's confirm."""
-    return await default_app().dispatch_async(event, payload, **kwargs)
+    return await default_app().dispatch_async(event, payload, **options)

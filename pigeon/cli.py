@@ -101,7 +101,7 @@ async def _serve(worker: Any, metrics_port: int | None, metrics_host: str) -> in
     if metrics_port is not None:
         from pigeon.metrics import serve_metrics
 
-        serve_metrics(metrics_port, worker, host=metrics_host)
+        serve_metrics(metrics_port, worker.ready.is_set, host=metrics_host)
     code: int = await worker.run()
     return code
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import enum
 import functools
 import json
 import uuid
 from collections.abc import Mapping
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -25,60 +24,30 @@ from pydantic import ValidationError
 
 from pigeon import headers as h
 from pigeon.deadletter import dead_letter_headers
+from pigeon.errors import HandlerTimeout, InvalidMessage
 from pigeon.events import Event
 from pigeon.headers import Reason
 from pigeon.idempotency.base import ClaimState
+from pigeon.idempotency.lease import Renewal
 from pigeon.listener import Context, Listener
-from pigeon.middleware import chain
+from pigeon.messages import Outcome, OutcomeKind
+from pigeon.pipeline import chain
 from pigeon.retry import Reject, RetryLater, tier_delay
 
 if TYPE_CHECKING:
-    from pigeon.idempotency import Claim, IdempotencyStore
+    from pigeon.idempotency.base import Claim, IdempotencyStore
+
+__all__ = [  # Outcome, Renewal and the two errors lived here first; these paths still work
+    "Delivery",
+    "HandlerTimeout",
+    "InvalidMessage",
+    "Outcome",
+    "OutcomeKind",
+    "Processor",
+    "Renewal",
+]
 
 log = structlog.get_logger("pigeon")
-
-
-class OutcomeKind(enum.StrEnum):
-    ACKED = "acked"
-    RETRIED = "retried"
-    DEAD_LETTERED = "dead_lettered"
-    DUPLICATE = "duplicate"
-
-
-@dataclass(slots=True)
-class Outcome:
-    """What happened to a delivery, and what the broker must be told."""
-
-    kind: OutcomeKind
-    attempt: int
-    delay: float | None = None
-    reason: str | None = None
-    error: BaseException | None = None
-    headers: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def acked(self) -> bool:
-        return self.kind in (OutcomeKind.ACKED, OutcomeKind.DUPLICATE)
-
-    @property
-    def retried(self) -> bool:
-        return self.kind is OutcomeKind.RETRIED
-
-    @property
-    def dead_lettered(self) -> bool:
-        return self.kind is OutcomeKind.DEAD_LETTERED
-
-
-class HandlerTimeout(Exception):
-    """The handler ran past its listener's ``timeout=`` and was cancelled."""
-
-
-class InvalidMessage(Exception):
-    """The message cannot be handled by any retry: wrong type, size or schema."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(slots=True)
@@ -138,37 +107,6 @@ def _is_json(content_type: str | None) -> bool:
         return True
     media = content_type.split(";", 1)[0].strip().lower()
     return media == "application/json" or media.endswith("+json")
-
-
-class Renewal:
-    """Extends a claim every third of its lease while the handler runs.
-
-    Most handlers finish well within a third of the lease, so nothing but a
-    timer is created until a renewal is actually due.
-    """
-
-    __slots__ = ("_handle", "_task", "key", "lease", "store", "token")
-
-    def __init__(self, store: IdempotencyStore, key: str, token: str, lease: float) -> None:
-        self.store, self.key, self.token, self.lease = store, key, token, lease
-        self._task: asyncio.Task[None] | None = None
-        self._handle = asyncio.get_running_loop().call_later(lease / 3, self._start)
-
-    def _start(self) -> None:
-        self._task = asyncio.ensure_future(self._run())
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.store.extend(self.key, self.token, self.lease)
-            except Exception as exc:
-                log.warning("idempotency.renew_failed", key=self.key, error=repr(exc))
-            await asyncio.sleep(self.lease / 3)
-
-    def stop(self) -> None:
-        self._handle.cancel()
-        if self._task is not None:
-            self._task.cancel()
 
 
 class Processor:

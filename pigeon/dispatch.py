@@ -19,10 +19,9 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Coroutine, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import Any, TypeVar, Unpack, cast
 
 import aiormq
 import structlog
@@ -41,10 +40,18 @@ from pigeon import headers as h
 from pigeon.connection import Connector
 from pigeon.errors import DispatchError
 from pigeon.events import Event, encode_payload, validate_event_name
+from pigeon.messages import DISPATCH_OPTIONS, DispatchOptions, Outgoing
 from pigeon.publishes import Publishes
 
-if TYPE_CHECKING:
-    from pigeon.app import Pigeon
+__all__ = [  # Outgoing lives in pigeon.messages; this path still works
+    "RETRYABLE",
+    "Bridge",
+    "Outgoing",
+    "Publisher",
+    "bridge",
+    "build_outgoing",
+    "on_bridge_shutdown",
+]
 
 log = structlog.get_logger("pigeon")
 T = TypeVar("T")
@@ -54,35 +61,24 @@ RETRYABLE = (AMQPError, ConnectionError, OSError, TimeoutError, ChannelInvalidSt
 them: :class:`aio_pika.exceptions.PublishError` is raised at once, wrapped in DispatchError."""
 
 
-@dataclass(slots=True)
-class Outgoing:
-    """A message about to be published; publish middleware may change it."""
-
-    exchange: str
-    routing_key: str
-    body: bytes
-    message_id: str
-    event_name: str
-    headers: dict[str, Any] = field(default_factory=dict)
-    correlation_id: str | None = None
-    app_id: str | None = None
-    content_type: str = "application/json"
-    content_encoding: str | None = None
-    timestamp: datetime | None = None
-    mandatory: bool = False
-
-
 def build_outgoing(
-    app: Pigeon,
+    exchange: str,
+    service: str | None,
     event: Event | str,
     payload: Mapping[str, Any] | None,
-    *,
-    message_id: str | None,
-    correlation_id: str | None,
-    causation_id: str | None,
-    headers: Mapping[str, Any] | None,
+    **options: Unpack[DispatchOptions],
 ) -> Outgoing:
-    """Turn a typed event or a name + payload into the documented wire format."""
+    """Turn a typed event or a name + payload into the documented wire format.
+
+    ``service`` is the ``app_id``. Raises ``TypeError`` for a keyword that is
+    not one of :class:`~pigeon.messages.DispatchOptions`.
+    """
+    unknown = options.keys() - DISPATCH_OPTIONS
+    if unknown:
+        raise TypeError(
+            f"dispatch() got unexpected keyword arguments {', '.join(sorted(unknown))}; "
+            f"it takes {', '.join(sorted(DISPATCH_OPTIONS))}"
+        )
     if isinstance(event, Event):
         if payload is not None:
             raise TypeError("dispatch(event) takes no payload: the event is the payload")
@@ -93,21 +89,23 @@ def build_outgoing(
         name = validate_event_name(event)
         body = encode_payload(payload if payload is not None else {})
         version = None
-    message_id = message_id or str(uuid.uuid4())
+    message_id = options.get("message_id") or str(uuid.uuid4())
+    headers = options.get("headers")
     out_headers: dict[str, Any] = dict(headers) if headers else {}
+    causation_id = options.get("causation_id")
     if causation_id:
         out_headers[h.CAUSATION_ID] = causation_id
     if version is not None:
         out_headers.setdefault(h.EVENT_VERSION, version)
     return Outgoing(
-        exchange=app.settings.exchange,
+        exchange=exchange,
         routing_key=name,
         body=body,
         message_id=message_id,
         event_name=name,
         headers=out_headers,
-        correlation_id=correlation_id or message_id,
-        app_id=app.service,
+        correlation_id=options.get("correlation_id") or message_id,
+        app_id=service,
         timestamp=datetime.now(UTC),
     )
 
@@ -344,6 +342,19 @@ class Bridge:
 
 _bridge: Bridge | None = None
 _bridge_lock = threading.Lock()
+_shutdown_hooks: list[Callable[[asyncio.AbstractEventLoop], Coroutine[Any, Any, None]]] = []
+
+
+def on_bridge_shutdown(
+    hook: Callable[[asyncio.AbstractEventLoop], Coroutine[Any, Any, None]],
+) -> None:
+    """Run ``await hook(loop)`` on the bridge's loop when the interpreter exits.
+
+    The app registers the closing of its connections here, so this module,
+    below the app, never imports it.
+    """
+    if hook not in _shutdown_hooks:
+        _shutdown_hooks.append(hook)
 
 
 def _after_fork() -> None:
@@ -371,6 +382,9 @@ def bridge() -> Bridge:
 def _shutdown_bridge(b: Bridge) -> None:
     if b.pid != os.getpid():
         return
-    from pigeon.app import close_runtimes_on
+    b.stop(_run_shutdown_hooks(b.loop))
 
-    b.stop(close_runtimes_on(b.loop))
+
+async def _run_shutdown_hooks(loop: asyncio.AbstractEventLoop) -> None:
+    for hook in list(_shutdown_hooks):
+        await hook(loop)

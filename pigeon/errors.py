@@ -21,3 +21,15 @@ class DispatchError(PigeonError):
 
 class TopologyError(PigeonError):
     """The broker's exchanges or queues disagree with what the app declares."""
+
+
+class HandlerTimeout(Exception):
+    """The handler ran past its listener's ``timeout=`` and was cancelled."""
+
+
+class InvalidMessage(Exception):
+    """The message cannot be handled by any retry: wrong type, size or schema."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason

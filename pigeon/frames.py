@@ -30,7 +30,7 @@ from pamqp.encode import field_table
 from pamqp.header import ContentHeader
 
 if TYPE_CHECKING:
-    from pigeon.dispatch import Outgoing
+    from pigeon.messages import Outgoing
 
 log = structlog.get_logger("pigeon")
 

@@ -13,20 +13,58 @@ import threading
 import typing
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, Unpack
 
 import structlog
 
 from pigeon.errors import ConfigurationError
 from pigeon.events import Event, validate_event_name
+from pigeon.pipeline import Wrapper
 from pigeon.retry import Retry
 
 if TYPE_CHECKING:
-    from pigeon.app import Pigeon
-    from pigeon.middleware import Middleware
+    from pigeon.messages import DispatchOptions
+    from pigeon.settings import Settings
 
 Handler = Callable[..., Any]
 Fallback = Callable[[Any, "Context", BaseException], Any]
+AnyMiddleware = Wrapper[Any, None]
+"""A consume middleware (:class:`pigeon.middleware.Middleware`), as a listener holds it.
+
+Typed loosely here because the delivery it takes names its listener: the
+precise protocol lives in :mod:`pigeon.middleware`, one layer up."""
+
+
+class ListenerApp(Protocol):
+    """What a listener and its handler's context need of their app.
+
+    A :class:`pigeon.Pigeon` is one; the listener does not import it, so the
+    data objects below the app never point up at it.
+    """
+
+    @property
+    def service(self) -> str | None: ...
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def middleware(self) -> Sequence[AnyMiddleware]: ...
+
+    def dispatch(
+        self,
+        event: Event | str,
+        payload: Mapping[str, Any] | None = None,
+        **options: Unpack[DispatchOptions],
+    ) -> str: ...
+
+    def dispatch_async(
+        self,
+        event: Event | str,
+        payload: Mapping[str, Any] | None = None,
+        **options: Unpack[DispatchOptions],
+    ) -> Coroutine[Any, Any, str]: ...
+
 
 DEFAULT_TIMEOUT = 600.0
 DEFAULT_LEASE = 30.0
@@ -71,7 +109,7 @@ class Context:
     def __init__(
         self,
         *,
-        app: Pigeon,
+        app: ListenerApp,
         message_id: str,
         event_name: str,
         correlation_id: str | None,
@@ -112,13 +150,16 @@ class Context:
             )
         return self._log
 
-    def _dispatch_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _dispatch_kwargs(self, kwargs: DispatchOptions) -> DispatchOptions:
         kwargs.setdefault("correlation_id", self.correlation_id or self.message_id)
         kwargs.setdefault("causation_id", self.message_id)
         return kwargs
 
     def dispatch(
-        self, event: Event | str, payload: Mapping[str, Any] | None = None, **kwargs: Any
+        self,
+        event: Event | str,
+        payload: Mapping[str, Any] | None = None,
+        **kwargs: Unpack[DispatchOptions],
     ) -> Coroutine[Any, Any, str]:
         """Dispatch an event caused by this one; await it. Returns the new message id."""
         if self._loop is not None and threading.get_ident() != self._loop_thread:
@@ -129,7 +170,10 @@ class Context:
         return self._app.dispatch_async(event, payload, **self._dispatch_kwargs(kwargs))
 
     def dispatch_sync(
-        self, event: Event | str, payload: Mapping[str, Any] | None = None, **kwargs: Any
+        self,
+        event: Event | str,
+        payload: Mapping[str, Any] | None = None,
+        **kwargs: Unpack[DispatchOptions],
     ) -> str:
         """The blocking form of :meth:`dispatch`, for sync handlers running in the thread pool."""
         kwargs = self._dispatch_kwargs(kwargs)
@@ -148,7 +192,7 @@ class Context:
 class Listener:
     """A registered handler with its bindings and policies."""
 
-    app: Pigeon
+    app: ListenerApp
     handler: Handler
     patterns: tuple[str, ...]
     name: str
@@ -160,7 +204,7 @@ class Listener:
     lease: float | None = None
     delivery_limit: int = 20
     max_body_bytes: int | None = None
-    middleware: Sequence[Middleware] | None = None
+    middleware: Sequence[AnyMiddleware] | None = None
     event_type: type[Event] | None = None
     wants_dict: bool = False
     takes_context: bool = True

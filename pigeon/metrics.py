@@ -10,13 +10,10 @@ has no broker connection, so an orchestrator can tell a stuck process.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
-
-if TYPE_CHECKING:
-    from pigeon.worker import Worker
 
 MESSAGES = Counter(
     "pigeon_messages_total", "Messages handled, by outcome.", ["queue", "event", "outcome"]
@@ -28,15 +25,22 @@ IN_FLIGHT = Gauge("pigeon_in_flight", "Messages being handled now.", ["queue"])
 DISPATCHED = Counter("pigeon_dispatched_total", "Events confirmed by the broker.", ["event"])
 
 
-def serve_metrics(port: int, worker: Worker, host: str = "0.0.0.0") -> ThreadingHTTPServer:
-    """Serve ``/metrics`` and ``/healthz`` on a daemon thread; returns the server."""
+def serve_metrics(
+    port: int, ready: Callable[[], bool], host: str = "0.0.0.0"
+) -> ThreadingHTTPServer:
+    """Serve ``/metrics`` and ``/healthz`` on a daemon thread; returns the server.
+
+    ``/healthz`` answers 200 while ``ready()`` is true (for ``pigeon listen``:
+    ``worker.ready.is_set``, consuming on a live connection), else 503.
+    ``ready`` is called on the server's thread, so it must only read.
+    """
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path.startswith("/metrics"):
                 body, status, ctype = generate_latest(), 200, CONTENT_TYPE_LATEST
             elif self.path.startswith("/healthz"):
-                healthy = worker.ready.is_set()
+                healthy = ready()
                 body = b"ok\n" if healthy else b"broker connection down\n"
                 status, ctype = (200 if healthy else 503), "text/plain; charset=utf-8"
             else:

@@ -12,15 +12,23 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
+from pigeon import pipeline
+from pigeon.errors import HandlerTimeout
+from pigeon.idempotency import open_store
+from pigeon.idempotency.base import ClaimState
+from pigeon.idempotency.lease import Renewal
+from pigeon.metrics import HANDLER_SECONDS, IN_FLIGHT
+from pigeon.retry import RetryLater
+
 if TYPE_CHECKING:
     from pigeon.delivery import Delivery
-    from pigeon.dispatch import Outgoing
-    from pigeon.idempotency import IdempotencyStore
+    from pigeon.idempotency.base import IdempotencyStore
+    from pigeon.messages import Outgoing
 
 CallNext = Callable[["Delivery"], Awaitable[None]]
 PublishNext = Callable[["Outgoing"], Awaitable[str]]
@@ -38,34 +46,11 @@ class PublishMiddleware(Protocol):
     async def __call__(self, outgoing: Outgoing, call_next: PublishNext) -> str: ...
 
 
-def chain(middleware: Sequence[Middleware], innermost: CallNext) -> CallNext:
-    """Compose ``middleware`` around ``innermost``; the first in the list runs first."""
-    call = innermost
-    for mw in reversed(middleware):
-        call = _bind(mw, call)
-    return call
+chain = pipeline.chain
+"""Compose consume middleware around the handler call; the first in the list runs first."""
 
-
-def _bind(mw: Middleware, call_next: CallNext) -> CallNext:
-    async def step(delivery: Delivery) -> None:
-        await mw(delivery, call_next)
-
-    return step
-
-
-def publish_chain(middleware: Sequence[PublishMiddleware], innermost: PublishNext) -> PublishNext:
-    """Compose publish middleware around the confirmed publish."""
-    call = innermost
-    for mw in reversed(middleware):
-        call = _bind_publish(mw, call)
-    return call
-
-
-def _bind_publish(mw: PublishMiddleware, call_next: PublishNext) -> PublishNext:
-    async def step(outgoing: Outgoing) -> str:
-        return await mw(outgoing, call_next)
-
-    return step
+publish_chain = pipeline.chain
+"""Compose publish middleware around the confirmed publish (the same chain)."""
 
 
 # -- built-ins -----------------------------------------------------------------------
@@ -103,8 +88,6 @@ class Timeout:
         self.seconds = seconds
 
     async def __call__(self, delivery: Delivery, call_next: CallNext) -> None:
-        from pigeon.delivery import HandlerTimeout
-
         try:
             async with asyncio.timeout(self.seconds) as scope:
                 await call_next(delivery)
@@ -135,8 +118,6 @@ class RateLimit:
         self._calls: dict[Hashable, deque[float]] = {}
 
     async def __call__(self, delivery: Delivery, call_next: CallNext) -> None:
-        from pigeon.retry import RetryLater
-
         bucket = self.key(delivery.payload) if self.key is not None else None
         now = time.monotonic()
         calls = self._calls.setdefault(bucket, deque())
@@ -174,17 +155,11 @@ class WithoutOverlapping:
         if delivery.store is not None:
             return delivery.store
         if self._fallback is None:
-            from pigeon.idempotency import open_store
-
             self._fallback = open_store("memory://")
             await self._fallback.open()
         return self._fallback
 
     async def __call__(self, delivery: Delivery, call_next: CallNext) -> None:
-        from pigeon.delivery import Renewal
-        from pigeon.idempotency import ClaimState
-        from pigeon.retry import RetryLater
-
         store = await self._store(delivery)
         scope = self.scope or delivery.listener.queue
         lock = f"lock:{scope}:{self.key(delivery.payload)}"
@@ -219,8 +194,6 @@ class Metrics:
         queue = delivery.listener.queue
         children = self._children.get(queue)
         if children is None:
-            from pigeon.metrics import HANDLER_SECONDS, IN_FLIGHT
-
             children = self._children[queue] = (
                 IN_FLIGHT.labels(queue),
                 HANDLER_SECONDS.labels(queue),

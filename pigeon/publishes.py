@@ -43,7 +43,7 @@ from pamqp.header import ContentHeader
 from pigeon.frames import Intercepted, content, publish_method, room
 
 if TYPE_CHECKING:
-    from pigeon.dispatch import Outgoing
+    from pigeon.messages import Outgoing
 
 log = structlog.get_logger("pigeon")
 

@@ -19,9 +19,9 @@ from pigeon import topology
 from pigeon.acks import Acker
 from pigeon.app import Pigeon, Runtime
 from pigeon.delivery import Delivery, Outcome, OutcomeKind
-from pigeon.dispatch import Outgoing
 from pigeon.errors import DispatchError
 from pigeon.listener import Listener
+from pigeon.messages import Outgoing
 from pigeon.retry import tier_queue
 
 log = structlog.get_logger("pigeon")

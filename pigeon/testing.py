@@ -27,10 +27,10 @@ from pigeon import app as app_module
 from pigeon import headers as h
 from pigeon.app import Pigeon
 from pigeon.delivery import Delivery, Outcome, Processor
-from pigeon.dispatch import Outgoing
 from pigeon.events import Event, encode_payload, lookup
 from pigeon.idempotency import IdempotencyStore, open_store
 from pigeon.listener import Listener
+from pigeon.messages import Outgoing
 
 __all__ = ["Dispatched", "FakeBus", "deliver", "fake"]
 

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer, TracerProvider
 
     from pigeon.delivery import Delivery
-    from pigeon.dispatch import Outgoing
+    from pigeon.messages import Outgoing
     from pigeon.middleware import CallNext, PublishNext
 
 try:

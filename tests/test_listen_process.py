@@ -293,7 +293,7 @@ def test_healthz_answers_503_while_the_worker_has_no_broker_connection() -> None
     async def idle(payload: dict[str, object]) -> None: ...
 
     port = TcpProxy.free_port()
-    server = serve_metrics(port, Worker(app), host="127.0.0.1")
+    server = serve_metrics(port, Worker(app).ready.is_set, host="127.0.0.1")
     try:
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)

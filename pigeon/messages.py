@@ -1,0 +1,82 @@
+"""The messages Pigeon moves, as plain data: what goes out and what became of what came in.
+
+A leaf: no AMQP, no app, nothing of Pigeon. The publisher turns an
+:class:`Outgoing` into frames; the processor decides the :class:`Outcome` of a
+:class:`~pigeon.delivery.Delivery` and the worker tells the broker. The
+testing toolkit builds the same objects without a broker.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypedDict
+
+
+class DispatchOptions(TypedDict, total=False):
+    """The keywords every dispatch takes (``app.dispatch``, ``ctx.dispatch``, ``pigeon.dispatch``).
+
+    ``message_id`` defaults to a new uuid4; ``correlation_id`` to the message
+    id (``ctx.dispatch``: the handled message's correlation id);
+    ``causation_id`` becomes ``x-pigeon-causation-id``; ``headers`` are sent
+    as they are.
+    """
+
+    message_id: str | None
+    correlation_id: str | None
+    causation_id: str | None
+    headers: Mapping[str, Any] | None
+
+
+DISPATCH_OPTIONS = frozenset(DispatchOptions.__annotations__)
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """A message about to be published; publish middleware may change it."""
+
+    exchange: str
+    routing_key: str
+    body: bytes
+    message_id: str
+    event_name: str
+    headers: dict[str, Any] = field(default_factory=dict)
+    correlation_id: str | None = None
+    app_id: str | None = None
+    content_type: str = "application/json"
+    content_encoding: str | None = None
+    timestamp: datetime | None = None
+    mandatory: bool = False
+
+
+class OutcomeKind(enum.StrEnum):
+    ACKED = "acked"
+    RETRIED = "retried"
+    DEAD_LETTERED = "dead_lettered"
+    DUPLICATE = "duplicate"
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened to a delivery, and what the broker must be told."""
+
+    kind: OutcomeKind
+    attempt: int
+    delay: float | None = None
+    reason: str | None = None
+    error: BaseException | None = None
+    headers: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def acked(self) -> bool:
+        return self.kind in (OutcomeKind.ACKED, OutcomeKind.DUPLICATE)
+
+    @property
+    def retried(self) -> bool:
+        return self.kind is OutcomeKind.RETRIED
+
+    @property
+    def dead_lettered(self) -> bool:
+        return self.kind is OutcomeKind.DEAD_LETTERED
