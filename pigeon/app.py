@@ -43,8 +43,8 @@ class Runtime:
     def __init__(self, app: Pigeon, loop: asyncio.AbstractEventLoop) -> None:
         self.pid = os.getpid()
         self.loop = loop
-        self.connector = Connector(
-            app.settings.url, name=app.service or "pigeon", on_connect=[app.declare_core]
+        self.connector = Connector.for_settings(
+            app.settings, name=app.service or "pigeon", on_connect=[app.declare_core]
         )
         self.publisher = Publisher(self.connector, timeout=app.settings.dispatch_timeout)
 
