@@ -196,7 +196,10 @@ class Pigeon:
             delivery_limit=listener.delivery_limit,
             purpose=f"listener {listener.name}",
         )
-        tiers = tuple(topo.retry_tier(listener.queue, d) for d in listener.retry.tier_delays())
+        tiers = tuple(
+            topo.retry_tier(listener.queue, d, quorum_size=self.settings.quorum_size)
+            for d in listener.retry.tier_delays()
+        )
         return topo.Topology(queues=(main, *tiers))
 
     async def declare_core(self, connection: AbstractConnection) -> None:
