@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 .NOTPARALLEL:
 
 .PHONY: install services chromium node lint test format bench \
-	demo demo-stop demo-status clean
+	demo demo-stop demo-status clean cluster cluster-stop cluster-status
 
 install: $(STAMP)
 
@@ -73,6 +73,17 @@ demo-status:
 
 demo-stop:
 	@scripts/demo.sh stop
+
+# Three private RabbitMQ nodes pigeon1..3@localhost on 5701-5703, joined into one
+# cluster (scripts/cluster.sh); the machine's node on 5672 is never touched.
+cluster:
+	@scripts/cluster.sh start
+
+cluster-status:
+	@scripts/cluster.sh status
+
+cluster-stop:
+	@scripts/cluster.sh stop
 
 clean:
 	rm -rf $(VENV) var .pigeon .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

@@ -108,8 +108,8 @@ class Collector:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.on_stored = on_stored
-        self.connector = Connector(
-            pigeon.url, name="letterthief-collector", on_connect=[self._declare]
+        self.connector = Connector.for_settings(
+            pigeon, name="letterthief-collector", on_connect=[self._declare]
         )
         self.ready = asyncio.Event()
         self.error: str | None = None

@@ -180,7 +180,7 @@ class Replayer:
         self.batch_size = batch_size
         self.timeout = timeout
         self.metrics = metrics or Metrics()
-        self.connector = Connector(pigeon.url, name="letterthief-replay")
+        self.connector = Connector.for_settings(pigeon, name="letterthief-replay")
         self._channel: AbstractChannel | None = None
         self._lock = asyncio.Lock()
 

@@ -44,8 +44,8 @@ class Runtime:
     def __init__(self, app: Pigeon, loop: asyncio.AbstractEventLoop) -> None:
         self.pid = os.getpid()
         self.loop = loop
-        self.connector = Connector(
-            app.settings.url, name=app.service or "pigeon", on_connect=[app.declare_core]
+        self.connector = Connector.for_settings(
+            app.settings, name=app.service or "pigeon", on_connect=[app.declare_core]
         )
         self.publisher = Publisher(self.connector, timeout=app.settings.dispatch_timeout)
 
@@ -197,7 +197,10 @@ class Pigeon:
             delivery_limit=listener.delivery_limit,
             purpose=f"listener {listener.name}",
         )
-        tiers = tuple(topo.retry_tier(listener.queue, d) for d in listener.retry.tier_delays())
+        tiers = tuple(
+            topo.retry_tier(listener.queue, d, quorum_size=self.settings.quorum_size)
+            for d in listener.retry.tier_delays()
+        )
         return topo.Topology(queues=(main, *tiers))
 
     async def declare_core(self, connection: AbstractConnection) -> None:

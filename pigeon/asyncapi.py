@@ -42,7 +42,7 @@ from pydantic.json_schema import models_json_schema
 from pigeon import headers as h
 from pigeon.errors import ConfigurationError
 from pigeon.events import Event, lookup, registered, validate_event_name
-from pigeon.settings import mask_url
+from pigeon.settings import broker_urls, mask_url
 from pigeon.topology import matches
 
 if TYPE_CHECKING:
@@ -102,7 +102,7 @@ class _Builder:
             )
         self.apps = apps
         self.exchange = exchanges[0]
-        path = urlsplit(apps[0].settings.url).path
+        path = urlsplit(broker_urls(apps[0].settings.url)[0]).path
         self.vhost = unquote(path[1:]) if len(path) > 1 else "/"
         self.classes: dict[str, type[Event]] = {}
         self.producers: dict[str, list[str]] = {}

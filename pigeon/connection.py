@@ -5,24 +5,37 @@ a lost connection — a dispatcher re-opens and re-declares on its next try, a
 worker rebuilds its consumers — rather than relying on a transparent restore
 that can come back without its consumers. Every URL in a log line or error
 message is masked.
+
+``PIGEON_URL`` may name several nodes of one cluster (comma-separated). The
+connector tries them in turn, shuffled per process so load spreads, and after
+losing a node it starts with the next one: a client never waits for a dead
+node while another answers. Its ``masked_url`` names the node in use.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import random
 import socket
 from collections.abc import Awaitable, Callable
 
 import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection
+from aio_pika.exceptions import AMQPError
 
-from pigeon.settings import mask_url
+from pigeon.settings import Settings, broker_urls, mask_url
 
 log = structlog.get_logger("pigeon")
 
 OnConnect = Callable[[AbstractConnection], Awaitable[None]]
+
+CONNECT_TIMEOUT = 10.0
+"""Seconds one node may take to accept a connection before the next node is tried."""
+
+CONNECT_ERRORS = (AMQPError, ConnectionError, OSError, TimeoutError)
+"""What a node that is down, starting, stopping or unreachable raises on connect."""
 
 
 async def _release(connection: AbstractConnection) -> None:
@@ -41,9 +54,21 @@ class Connector:
     came back empty is re-declared before the first publish).
     """
 
-    def __init__(self, url: str, *, name: str, on_connect: list[OnConnect] | None = None) -> None:
-        self.url = url
-        self.masked_url = mask_url(url)
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str,
+        on_connect: list[OnConnect] | None = None,
+        shuffle: bool = True,
+    ) -> None:
+        self.urls = broker_urls(url)
+        if shuffle:
+            random.shuffle(self.urls)
+        self._next = 0  # the node the next connect tries first
+        self._current = 0  # the node of the last connection
+        self.url = self.urls[0]
+        self.masked_url = mask_url(self.url)
         self.name = name
         self.on_connect = list(on_connect or [])
         self.generation = 0
@@ -52,14 +77,23 @@ class Connector:
         self.closed = asyncio.Event()
         self._closing: asyncio.Future[None] | None = None
 
+    @classmethod
+    def for_settings(
+        cls, settings: Settings, *, name: str, on_connect: list[OnConnect] | None = None
+    ) -> Connector:
+        """A connector to the node(s) of ``settings.url``, shuffled unless ``url_shuffle`` is off."""
+        return cls(settings.url, name=name, on_connect=on_connect, shuffle=settings.url_shuffle)
+
     @property
     def is_open(self) -> bool:
         return self._connection is not None and not self._connection.is_closed
 
     async def get(self, timeout: float | None = None) -> AbstractConnection:
-        """The open connection, connecting (one attempt) if there is none.
+        """The open connection, connecting (one attempt per node) if there is none.
 
-        Raises the connection error of that attempt; callers decide whether to
+        ``timeout`` bounds each node's attempt (default :data:`CONNECT_TIMEOUT`).
+        Raises the connection error of that attempt (a :class:`ConnectionError`
+        naming every node when several were tried); callers decide whether to
         back off and retry.
         """
         connection = self._connection
@@ -69,18 +103,13 @@ class Connector:
             connection = self._connection
             if connection is not None and not connection.is_closed:
                 return connection
-            connection = await aio_pika.connect(
-                self.url,
-                timeout=timeout,
-                client_properties={
-                    "connection_name": f"{self.name}@{socket.gethostname()}:{os.getpid()}"
-                },
-            )
+            connection = await self._connect_any(timeout)
             connection.close_callbacks.add(self._on_close)
             try:
                 for hook in self.on_connect:
                     await hook(connection)
             except BaseException:
+                self._next = (self._next + 1) % len(self.urls)
                 await connection.close()
                 raise
             self.closed.clear()
@@ -89,9 +118,35 @@ class Connector:
             log.info("broker.connected", url=self.masked_url, generation=self.generation)
             return connection
 
+    async def _connect_any(self, timeout: float | None) -> AbstractConnection:
+        """Connect to the first node that answers, starting with ``self._next``."""
+        failures: list[str] = []
+        for offset in range(len(self.urls)):
+            index = (self._next + offset) % len(self.urls)
+            url = self.urls[index]
+            try:
+                connection = await aio_pika.connect(
+                    url,
+                    timeout=timeout or CONNECT_TIMEOUT,
+                    client_properties={
+                        "connection_name": f"{self.name}@{socket.gethostname()}:{os.getpid()}"
+                    },
+                )
+            except CONNECT_ERRORS as exc:
+                if len(self.urls) == 1:
+                    raise
+                log.warning("broker.node_unreachable", url=mask_url(url), error=repr(exc))
+                failures.append(f"{mask_url(url)}: {exc!r}")
+                continue
+            self._next = self._current = index
+            self.url, self.masked_url = url, mask_url(url)
+            return connection
+        raise ConnectionError(f"no broker node answered ({'; '.join(failures)})")
+
     def _on_close(self, sender: object, exc: BaseException | None = None) -> None:
         if sender is self._connection:
             self._connection = None
+            self._failover()
             self.closed.set()
             if exc is not None:
                 log.warning("broker.connection_lost", url=self.masked_url, error=str(exc))
@@ -113,9 +168,15 @@ class Connector:
     def invalidate(self) -> None:
         """Forget the connection (after an error that left it unusable); it is closed later."""
         connection, self._connection = self._connection, None
+        if connection is not None:
+            self._failover()
         if connection is not None and not connection.is_closed:
             self._closing = asyncio.ensure_future(connection.close())
         self.closed.set()
+
+    def _failover(self) -> None:
+        """After losing the current node, the next connect starts with the next one."""
+        self._next = (self._current + 1) % len(self.urls)
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None

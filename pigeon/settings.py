@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PIGEON_", extra="ignore")
 
     url: str = "amqp://guest:guest@localhost:5672/"
+    url_shuffle: bool = True
+    quorum_size: int | None = Field(default=None, ge=1)
     service: str | None = None
     exchange: str = "pigeon.events"
     dead_letter_exchange: str = "pigeon.dead"
@@ -39,8 +41,21 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
 
+def broker_urls(url: str) -> list[str]:
+    """The node URLs of ``PIGEON_URL``: one URL, or several separated by commas (a cluster)."""
+    urls = [part.strip() for part in url.split(",") if part.strip()]
+    if not urls:
+        raise ValueError("PIGEON_URL is empty: give amqp://user:password@host:5672/vhost")
+    return urls
+
+
 def mask_url(url: str) -> str:
-    """Return ``url`` with its password replaced by ``***`` (user and host stay readable)."""
+    """Return ``url`` with its password replaced by ``***`` (user and host stay readable).
+
+    A comma-separated list of node URLs is masked node by node.
+    """
+    if "," in url:
+        return ",".join(mask_url(part.strip()) for part in url.split(",") if part.strip())
     try:
         parts = urlsplit(url)
     except ValueError:

@@ -108,7 +108,15 @@ class Settler:
             connection = await self.runtime.connector.get()
             await topology.declare(
                 connection,
-                topology.Topology(queues=(topology.retry_tier(listener.queue, outcome.delay),)),
+                topology.Topology(
+                    queues=(
+                        topology.retry_tier(
+                            listener.queue,
+                            outcome.delay,
+                            quorum_size=self.app.settings.quorum_size,
+                        ),
+                    )
+                ),
             )
             self._tiers.add(tier)
         headers = {**delivery.headers, h.ATTEMPT: outcome.attempt}

@@ -15,14 +15,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import ExchangeType
+import structlog
+from aio_pika.abc import AbstractChannel, ExchangeType
 from aiormq.exceptions import ChannelPreconditionFailed
 
 from pigeon.errors import TopologyError
 from pigeon.retry import tier_queue
 from pigeon.settings import Settings
 
+log = structlog.get_logger("pigeon")
+
 DEFAULT_DELIVERY_LIMIT = 20
+GROUP_SIZE = "x-quorum-initial-group-size"
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +80,14 @@ def _fmt_args(arguments: Mapping[str, Any]) -> str:
     return " " + " ".join(f"{k}={v}" for k, v in sorted(arguments.items()))
 
 
-def _quorum(**extra: Any) -> dict[str, Any]:
-    return {"x-queue-type": "quorum", **extra}
+def _quorum(size: int | None = None, **extra: Any) -> dict[str, Any]:
+    """Quorum queue arguments; ``size`` (``PIGEON_QUORUM_SIZE``) sets the initial group size.
+
+    Without a size the argument is left out, and RabbitMQ places the queue on
+    all nodes up to its ``quorum_cluster_size`` (3): one member on a single node.
+    """
+    group = {} if size is None else {GROUP_SIZE: size}
+    return {"x-queue-type": "quorum", **group, **extra}
 
 
 def core_topology(settings: Settings) -> Topology:
@@ -96,14 +106,18 @@ def core_topology(settings: Settings) -> Topology:
             QueueSpec(
                 settings.unrouted_queue,
                 _quorum(
-                    **{"x-max-length": settings.unrouted_max_length, "x-overflow": "reject-publish"}
+                    settings.quorum_size,
+                    **{
+                        "x-max-length": settings.unrouted_max_length,
+                        "x-overflow": "reject-publish",
+                    },
                 ),
                 (Binding(settings.unrouted_exchange, ""),),
                 "events no queue was bound for; bounded, a full queue refuses the dispatch",
             ),
             QueueSpec(
                 settings.dead_letter_queue,
-                _quorum(),
+                _quorum(settings.quorum_size),
                 (Binding(settings.dead_letter_exchange, "#"),),
                 "every dead letter, for LetterThief",
             ),
@@ -121,28 +135,30 @@ def listener_queue(
 ) -> QueueSpec:
     """The quorum queue of one listener, dead-lettering into ``pigeon.dead`` under its own name."""
     arguments = _quorum(
+        settings.quorum_size,
         **{
             "x-dead-letter-exchange": settings.dead_letter_exchange,
             "x-dead-letter-routing-key": name,
             "x-dead-letter-strategy": "at-least-once",
             "x-overflow": "reject-publish",
             "x-delivery-limit": delivery_limit,
-        }
+        },
     )
     bindings = tuple(Binding(settings.exchange, p) for p in dict.fromkeys(patterns))
     return QueueSpec(name, arguments, bindings, purpose)
 
 
-def retry_tier(queue: str, delay: float) -> QueueSpec:
+def retry_tier(queue: str, delay: float, *, quorum_size: int | None = None) -> QueueSpec:
     """A TTL queue that holds messages for ``delay`` seconds, then hands them back to ``queue``."""
     arguments = _quorum(
+        quorum_size,
         **{
             "x-message-ttl": round(delay * 1000),
             "x-dead-letter-exchange": "",
             "x-dead-letter-routing-key": queue,
             "x-dead-letter-strategy": "at-least-once",
             "x-overflow": "reject-publish",
-        }
+        },
     )
     return QueueSpec(tier_queue(queue, delay), arguments, (), f"retry tier of {queue}")
 
@@ -152,30 +168,63 @@ async def declare(channel_source: aio_pika.abc.AbstractConnection, topology: Top
 
     Raises :class:`TopologyError` when an existing exchange or queue was
     declared with other arguments; the message names the argument and the fix.
+    An existing queue's ``x-quorum-initial-group-size`` is kept (see
+    :func:`_declare_queue`).
     """
-    channel = await channel_source.channel(publisher_confirms=False)
+    channels = [await channel_source.channel(publisher_confirms=False)]
     try:
         for ex in topology.exchanges:
             await _guard(
                 ex.name,
                 "exchange",
                 ex.arguments,
-                channel.declare_exchange(
+                channels[-1].declare_exchange(
                     ex.name, ex.type, durable=True, arguments=dict(ex.arguments)
                 ),
             )
         for q in topology.queues:
-            queue = await _guard(
-                q.name,
-                "queue",
-                q.arguments,
-                channel.declare_queue(q.name, durable=True, arguments=dict(q.arguments)),
-            )
+            queue = await _declare_queue(channel_source, channels, q)
             for b in q.bindings:
                 await queue.bind(b.exchange, b.routing_key)
     finally:
-        if not channel.is_closed:
-            await channel.close()
+        for channel in channels:
+            if not channel.is_closed:
+                await channel.close()
+
+
+async def _declare_queue(
+    channel_source: aio_pika.abc.AbstractConnection, channels: list[AbstractChannel], q: QueueSpec
+) -> Any:
+    """Declare ``q`` on ``channels[-1]``; an existing queue keeps its initial group size.
+
+    RabbitMQ checks ``x-quorum-initial-group-size`` for equivalence although it
+    only matters when the queue is created: a queue made before
+    ``PIGEON_QUORUM_SIZE`` was set (or changed) would refuse every later
+    declaration. Such a queue is declared again, on a new channel (the broker
+    closed the old one), with the size it has; other differences still raise.
+    """
+    try:
+        return await channels[-1].declare_queue(q.name, durable=True, arguments=dict(q.arguments))
+    except ChannelPreconditionFailed as exc:
+        kept = _keep_group_size(q.arguments, str(exc))
+        if kept is None:
+            raise explain_mismatch("queue", q.name, q.arguments, str(exc)) from exc
+    log.info("topology.group_size_kept", queue=q.name, wanted=q.arguments.get(GROUP_SIZE))
+    channels.append(await channel_source.channel(publisher_confirms=False))
+    return await _guard(
+        q.name, "queue", kept, channels[-1].declare_queue(q.name, durable=True, arguments=kept)
+    )
+
+
+def _keep_group_size(wanted: Mapping[str, Any], detail: str) -> dict[str, Any] | None:
+    """``wanted`` with the existing queue's group size, if that was the only objection."""
+    match = _MISMATCH.search(detail)
+    if match is None or match["arg"] != GROUP_SIZE:
+        return None
+    kept = {k: v for k, v in wanted.items() if k != GROUP_SIZE}
+    if match["current"] != "none":
+        kept[GROUP_SIZE] = int(match["current"])
+    return kept
 
 
 async def _guard(name: str, kind: str, wanted: Mapping[str, Any], declaring: Any) -> Any:

@@ -84,9 +84,10 @@ def settings(prefix: str) -> Settings:
 class Broker:
     """A raw aio-pika view of the broker for assertions, plus cleanup of what tests made."""
 
-    def __init__(self, connection: AbstractConnection, prefix: str) -> None:
+    def __init__(self, connection: AbstractConnection, prefix: str, url: str = AMQP_URL) -> None:
         self._connection = connection
         self.prefix = prefix
+        self.url = url
         self.queues: set[str] = set()
         self.exchanges: set[str] = set()
         self.apps: list[Pigeon] = []
@@ -99,7 +100,7 @@ class Broker:
         """A fresh connection, after a test restarted the broker under the old one."""
         with contextlib.suppress(Exception):
             await self._connection.close()
-        self._connection = await aio_pika.connect(AMQP_URL)
+        self._connection = await aio_pika.connect(self.url)
 
     async def get(self, queue: str, timeout: float = 10.0) -> aio_pika.abc.AbstractIncomingMessage:
         """Wait for one message on ``queue`` (which may not exist yet) and ack it."""

@@ -1,21 +1,25 @@
 """Processes die and brokers restart; every event is still handled.
 
-These tests stop, restart and even reset the real RabbitMQ, so they are
-marked slow; CI runs them like every other test.
+These tests stop, restart and even reset a broker, so they run against their
+own private node (``pigeonchaos@localhost`` on port 5721, started by
+``scripts/rabbit-node.sh`` once for this module and wiped after it), never the
+machine's node. They are marked slow; CI runs them like every other test.
 """
 
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 from collections import Counter
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aio_pika
 import pytest
 
 from pigeon import headers
-from tests.conftest import AppFactory, Broker
+from pigeon.settings import Settings
+from tests.conftest import AppFactory, Broker, unique_settings
 from tests.procs import (
     env_for,
     recorded,
@@ -25,21 +29,44 @@ from tests.procs import (
     wait_for_log,
     wait_recorded,
 )
+from tests.rabbit import CHAOS_NODE
 
 pytestmark = pytest.mark.slow
 
 
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
+@pytest.fixture(scope="module")
+def chaos_node() -> Iterator[str]:
+    """This module's own RabbitMQ node; its URL. Wiped when the module is done."""
+    CHAOS_NODE.start()
+    try:
+        yield CHAOS_NODE.url
+    finally:
+        CHAOS_NODE.wipe()
+
+
+@pytest.fixture
+def settings(prefix: str, chaos_node: str) -> Settings:
+    return unique_settings(prefix, url=chaos_node)
+
+
+@pytest.fixture
+async def broker(prefix: str, chaos_node: str) -> AsyncIterator[Broker]:
+    b = Broker(await aio_pika.connect(chaos_node), prefix, url=chaos_node)
+    try:
+        yield b
+    finally:
+        await b.cleanup()
+        await b.connection.close()
 
 
 async def restart_broker(reset: bool = False, down_for: float = 2.0) -> None:
-    await asyncio.to_thread(rabbitmqctl, "stop_app")
+    """Stop the private node's RabbitMQ application (and wipe it), then start it again."""
+    await CHAOS_NODE.actl("stop_app")
     if reset:
-        await asyncio.to_thread(rabbitmqctl, "reset")
+        await CHAOS_NODE.actl("reset")
     await asyncio.sleep(down_for)
-    await asyncio.to_thread(rabbitmqctl, "start_app")
-    await asyncio.to_thread(rabbitmqctl, "await_startup")
+    await CHAOS_NODE.actl("start_app")
+    await CHAOS_NODE.actl("await_startup")
 
 
 async def test_a_handler_that_kills_its_process_is_dead_lettered_by_the_delivery_limit(
