@@ -18,9 +18,12 @@ import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
+from pigeon import unmarshal
 from pigeon.settings import mask_url
 
 log = structlog.get_logger("pigeon")
+
+unmarshal.install()  # one message's undecodable bytes must never close a connection
 
 OnConnect = Callable[[AbstractConnection], Awaitable[None]]
 

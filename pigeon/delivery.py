@@ -102,6 +102,8 @@ class Delivery:
     context: Context | None = None
     handled: bool = False
     store: IdempotencyStore | None = None
+    undecodable: list[str] = field(default_factory=list)
+    raw_properties: bytes = b""
 
     @classmethod
     def create(
@@ -253,6 +255,11 @@ class Processor:
 
     def decode(self, delivery: Delivery) -> Event | dict[str, Any]:
         """The payload as the handler wants it; raises :class:`InvalidMessage`."""
+        if delivery.undecodable:
+            raise InvalidMessage(
+                Reason.UNDECODABLE,
+                "the message's properties could not be decoded: " + "; ".join(delivery.undecodable),
+            )
         if len(delivery.body) > self.max_body_bytes:
             raise InvalidMessage(
                 Reason.BODY_TOO_LARGE,
@@ -374,6 +381,8 @@ class Processor:
             attempts=attempt,
             service=listener.app.service,
         )
+        if delivery.raw_properties:
+            headers[h.UNDECODABLE] = bytearray(delivery.raw_properties)
         return Outcome(
             OutcomeKind.DEAD_LETTERED, attempt, reason=reason, error=exc, headers=headers
         )

@@ -193,7 +193,7 @@ class Intercepted:
         """
         frame = item[1]
         if self._method is not None:
-            if self._header is None and type(frame) is ContentHeader:
+            if self._header is None and isinstance(frame, ContentHeader):
                 self._header = frame
                 if not frame.body_size:
                     self._complete()
@@ -212,7 +212,7 @@ class Intercepted:
                 note="the interrupted message is dropped; redelivered when the channel closes",
             )
             self._reset()
-        if type(frame) is self._kind:
+        if isinstance(frame, self._kind):
             self._method = frame
         else:
             await self._frames.put(item)
