@@ -31,6 +31,7 @@ from pigeon.idempotency.base import ClaimState
 from pigeon.listener import Context, Listener
 from pigeon.middleware import chain
 from pigeon.retry import Reject, RetryLater, tier_delay
+from pigeon.tables import repair_decoded
 
 if TYPE_CHECKING:
     from pigeon.idempotency import Claim, IdempotencyStore
@@ -116,7 +117,7 @@ class Delivery:
         headers: Mapping[str, Any] | None,
         **properties: Any,
     ) -> Delivery:
-        raw = dict(headers or {})
+        raw = repair_decoded(dict(headers)) if headers else {}
         attempt = raw.get(h.ATTEMPT, 1)
         return cls(
             listener,

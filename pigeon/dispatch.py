@@ -42,6 +42,7 @@ from pigeon.connection import Connector
 from pigeon.errors import DispatchError
 from pigeon.events import Event, encode_payload, validate_event_name
 from pigeon.publishes import Publishes
+from pigeon.tables import check_headers
 
 if TYPE_CHECKING:
     from pigeon.app import Pigeon
@@ -94,7 +95,7 @@ def build_outgoing(
         body = encode_payload(payload if payload is not None else {})
         version = None
     message_id = message_id or str(uuid.uuid4())
-    out_headers: dict[str, Any] = dict(headers) if headers else {}
+    out_headers = check_headers(headers)
     if causation_id:
         out_headers[h.CAUSATION_ID] = causation_id
     if version is not None:

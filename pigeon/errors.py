@@ -21,3 +21,17 @@ class DispatchError(PigeonError):
 
 class TopologyError(PigeonError):
     """The broker's exchanges or queues disagree with what the app declares."""
+
+
+class InvalidHeaderError(DispatchError, ValueError):
+    """A header key or value has no AMQP encoding; raised before anything is published.
+
+    ``key`` is the header's key. See :mod:`pigeon.tables` for what can be encoded.
+    """
+
+    def __init__(self, key: object, problem: str) -> None:
+        super().__init__(
+            f"header {key!r} cannot be sent over AMQP: {problem}. Nothing was published; "
+            "change or remove the header (see pigeon.tables for the types that can be sent)."
+        )
+        self.key = key

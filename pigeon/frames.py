@@ -26,8 +26,9 @@ import structlog
 from aiormq.abc import DeliveredMessage
 from pamqp.body import ContentBody
 from pamqp.commands import Basic
-from pamqp.encode import field_table
 from pamqp.header import ContentHeader
+
+from pigeon.tables import encode_table
 
 if TYPE_CHECKING:
     from pigeon.dispatch import Outgoing
@@ -113,7 +114,7 @@ def properties(out: Outgoing) -> tuple[int, bytes]:
 
 
 def _headers(headers: Mapping[str, Any]) -> bytes:
-    return field_table(dict(headers)) if headers else b"\x00\x00\x00\x00"
+    return encode_table(headers) if headers else b"\x00\x00\x00\x00"
 
 
 def _utc(value: datetime) -> datetime:

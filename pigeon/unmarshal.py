@@ -110,7 +110,8 @@ def _text(raw: bytes, what: str, problems: list[str]) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         problems.append(f"{what} {raw!r} is not UTF-8")
-        return raw.decode("utf-8", "backslashreplace")
+        # escaped, it may outgrow a short string: cut so a copy can carry it
+        return raw.decode("utf-8", "backslashreplace").encode()[:255].decode()
 
 
 def _short(data: bytes, offset: int, what: str, problems: list[str]) -> tuple[int, str]:

@@ -7,14 +7,19 @@ bytes are what another client could send, not what Pigeon would.
 from __future__ import annotations
 
 import struct
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
+import pamqp.decode
 import pytest
 
-from pigeon import Context, Retry, headers
+from pigeon import Context, DispatchError, Retry, headers
+from pigeon.errors import InvalidHeaderError
+from pigeon.tables import encode_table
 from pigeon.unmarshal import UndecodableHeader, unmarshal
 from tests.conftest import AppFactory, Broker, RunWorker, eventually
-from tests.hostile import publish
+from tests.hostile import get, publish
 
 FAST = Retry(attempts=2, delays=[0.1])
 
@@ -76,3 +81,109 @@ def test_a_header_value_of_an_unknown_type_keeps_the_headers_before_it_and_the_r
     assert frame.properties.delivery_mode == 2
     assert "'bad' has an unreadable value" in frame.problems[0]
     assert frame.raw == properties
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {"leaf": 1}
+    for _ in range(depth):
+        value = {"n": value}
+    return value
+
+
+async def test_headers_pamqp_cannot_encode_are_retried_and_dead_lettered_intact(
+    make_app: AppFactory, run_worker: RunWorker, broker: Broker
+) -> None:
+    app = make_app("ledger")
+    runs: list[int] = []
+
+    @app.listener("test.order.placed", retry=Retry(attempts=3, delays=[0.1]))
+    async def book(payload: dict[str, Any], ctx: Context) -> None:
+        runs.append(ctx.attempt)
+        assert ctx.headers["x-offset"] == -1
+        assert ctx.headers["x-price"] == Decimal("-1.5"), "a negative decimal is read right"
+        raise RuntimeError("ledger down")
+
+    worker = await run_worker(app)
+    hostile = {"x-offset": -1, "x-price": Decimal("-1.5"), "x-raw": b"\x00\xff"}
+    await publish(app.settings.exchange, "test.order.placed", message_id="m-1", headers=hostile)
+    letter = await broker.get(app.settings.dead_letter_queue)
+    assert letter.headers[headers.REASON] == "handler-error"
+    assert "ledger down" in str(letter.headers[headers.EXCEPTION_MESSAGE])
+    assert letter.headers["x-offset"] == -1
+    assert letter.headers["x-raw"] == b"\x00\xff"
+    assert runs == [1, 2, 3], "each attempt ran once: no settle failure re-ran one"
+    assert headers.DROPPED_HEADERS not in letter.headers
+    assert worker.connections == 1
+
+
+async def test_a_header_that_cannot_be_sent_again_is_dropped_and_named(
+    make_app: AppFactory, run_worker: RunWorker, broker: Broker
+) -> None:
+    app = make_app("ledger")
+
+    @app.listener("test.order.placed", retry=FAST)
+    async def book(payload: dict[str, Any]) -> None:
+        raise RuntimeError("ledger down")
+
+    await run_worker(app)
+    hostile = {"x-deep": _nested(40), "x-huge": "h" * 125_000, "x-fine": "kept"}
+    await publish(app.settings.exchange, "test.order.placed", message_id="m-2", headers=hostile)
+    letter = await broker.get(app.settings.dead_letter_queue)
+    assert letter.headers[headers.REASON] == "handler-error"
+    assert letter.headers[headers.DROPPED_HEADERS] == "x-deep,x-huge"
+    assert letter.headers["x-fine"] == "kept"
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (2**70, "does not fit in 64 signed bits"),
+        (object(), "has no AMQP encoding"),
+        (Decimal("NaN"), "not finite"),
+        ("\udcff", "not valid text"),
+    ],
+    ids=["huge-int", "object", "nan", "surrogate"],
+)
+async def test_dispatch_refuses_a_header_it_cannot_encode_naming_the_key(
+    make_app: AppFactory, value: object, problem: str
+) -> None:
+    app = make_app("shop")
+    with pytest.raises(InvalidHeaderError, match=problem) as caught:
+        await app.dispatch_async("test.order.placed", {}, headers={"x-bad": value})
+    assert caught.value.key == "x-bad"
+    assert isinstance(caught.value, DispatchError)
+    assert "'x-bad'" in str(caught.value)
+
+
+async def test_dispatch_sends_negative_small_ints_and_decimals_as_rabbitmq_reads_them(
+    make_app: AppFactory, broker: Broker
+) -> None:
+    app = make_app("shop")
+    name = f"{broker.prefix}.headers"
+    broker.queues.add(name)
+    channel = await broker.connection.channel()
+    await app.declare()
+    queue = await channel.declare_queue(name)
+    await queue.bind(app.settings.exchange, "test.order.placed")
+    sent = {"x-offset": -1, "x-min": -128, "x-short": -300, "x-price": Decimal("-12.34")}
+    await app.dispatch_async("test.order.placed", {}, headers=sent)
+    properties, _ = await get(name)
+    assert {k: properties.headers[k] for k in sent} == sent
+
+
+def test_every_encodable_value_reads_back_the_same() -> None:
+    value = {
+        "b": -1,
+        "s": -300,
+        "i": -70_000,
+        "l": -(2**40),
+        "f": 0.1,
+        "t": True,
+        "S": "text",
+        "x": bytearray(b"\x00\xff"),
+        "T": datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+        "F": {"n": [1, "a", None]},
+        "V": None,
+    }
+    _, decoded = pamqp.decode.field_table(encode_table(value))
+    assert decoded == value
