@@ -74,13 +74,14 @@ def decoded(data: bytes) -> list[Any]:
     frames: list[Any] = []
     while data:
         used, channel, value = pframe.unmarshal(data)
+        seen: Any = value
         if isinstance(value, ContentHeader):
-            value = (value.body_size, dict(value.properties))
+            seen = (value.body_size, dict(value.properties))
         elif isinstance(value, ContentBody):
-            value = value.value
+            seen = value.value
         else:
-            value = (type(value).__name__, dict(value))
-        frames.append((channel, value))
+            seen = (type(value).__name__, dict(cast(Any, value)))
+        frames.append((channel, seen))
         data = data[used:]
     return frames
 
