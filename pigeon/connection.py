@@ -25,9 +25,12 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from aio_pika.exceptions import AMQPError
 
+from pigeon import unmarshal
 from pigeon.settings import Settings, broker_urls, mask_url
 
 log = structlog.get_logger("pigeon")
+
+unmarshal.install()  # one message's undecodable bytes must never close a connection
 
 OnConnect = Callable[[AbstractConnection], Awaitable[None]]
 

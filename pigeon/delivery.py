@@ -15,7 +15,7 @@ import json
 import uuid
 from collections.abc import Mapping
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,7 @@ from pigeon.listener import Context, Listener
 from pigeon.messages import Outcome, OutcomeKind
 from pigeon.pipeline import chain
 from pigeon.retry import Reject, RetryLater, tier_delay
+from pigeon.tables import repair_decoded
 
 if TYPE_CHECKING:
     from pigeon.idempotency.base import Claim, IdempotencyStore
@@ -71,6 +72,8 @@ class Delivery:
     context: Context | None = None
     handled: bool = False
     store: IdempotencyStore | None = None
+    undecodable: list[str] = field(default_factory=list)
+    raw_properties: bytes = b""
 
     @classmethod
     def create(
@@ -83,7 +86,7 @@ class Delivery:
         headers: Mapping[str, Any] | None,
         **properties: Any,
     ) -> Delivery:
-        raw = dict(headers or {})
+        raw = repair_decoded(dict(headers)) if headers else {}
         attempt = raw.get(h.ATTEMPT, 1)
         return cls(
             listener,
@@ -191,6 +194,11 @@ class Processor:
 
     def decode(self, delivery: Delivery) -> Event | dict[str, Any]:
         """The payload as the handler wants it; raises :class:`InvalidMessage`."""
+        if delivery.undecodable:
+            raise InvalidMessage(
+                Reason.UNDECODABLE,
+                "the message's properties could not be decoded: " + "; ".join(delivery.undecodable),
+            )
         if len(delivery.body) > self.max_body_bytes:
             raise InvalidMessage(
                 Reason.BODY_TOO_LARGE,
@@ -312,6 +320,8 @@ class Processor:
             attempts=attempt,
             service=listener.app.service,
         )
+        if delivery.raw_properties:
+            headers[h.UNDECODABLE] = bytearray(delivery.raw_properties)
         return Outcome(
             OutcomeKind.DEAD_LETTERED, attempt, reason=reason, error=exc, headers=headers
         )

@@ -42,6 +42,7 @@ from pigeon.errors import DispatchError
 from pigeon.events import Event, encode_payload, validate_event_name
 from pigeon.messages import DISPATCH_OPTIONS, DispatchOptions, Outgoing
 from pigeon.publishes import Publishes
+from pigeon.tables import check_headers
 
 __all__ = [  # Outgoing lives in pigeon.messages; this path still works
     "RETRYABLE",
@@ -90,8 +91,7 @@ def build_outgoing(
         body = encode_payload(payload if payload is not None else {})
         version = None
     message_id = options.get("message_id") or str(uuid.uuid4())
-    headers = options.get("headers")
-    out_headers: dict[str, Any] = dict(headers) if headers else {}
+    out_headers = check_headers(options.get("headers"))
     causation_id = options.get("causation_id")
     if causation_id:
         out_headers[h.CAUSATION_ID] = causation_id

@@ -33,3 +33,17 @@ class InvalidMessage(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class InvalidHeaderError(DispatchError, ValueError):
+    """A header key or value has no AMQP encoding; raised before anything is published.
+
+    ``key`` is the header's key. See :mod:`pigeon.tables` for what can be encoded.
+    """
+
+    def __init__(self, key: object, problem: str) -> None:
+        super().__init__(
+            f"header {key!r} cannot be sent over AMQP: {problem}. Nothing was published; "
+            "change or remove the header (see pigeon.tables for the types that can be sent)."
+        )
+        self.key = key

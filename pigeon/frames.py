@@ -26,8 +26,9 @@ import structlog
 from aiormq.abc import DeliveredMessage
 from pamqp.body import ContentBody
 from pamqp.commands import Basic
-from pamqp.encode import field_table
 from pamqp.header import ContentHeader
+
+from pigeon.tables import encode_table
 
 if TYPE_CHECKING:
     from pigeon.messages import Outgoing
@@ -113,7 +114,7 @@ def properties(out: Outgoing) -> tuple[int, bytes]:
 
 
 def _headers(headers: Mapping[str, Any]) -> bytes:
-    return field_table(dict(headers)) if headers else b"\x00\x00\x00\x00"
+    return encode_table(headers) if headers else b"\x00\x00\x00\x00"
 
 
 def _utc(value: datetime) -> datetime:
@@ -193,7 +194,7 @@ class Intercepted:
         """
         frame = item[1]
         if self._method is not None:
-            if self._header is None and type(frame) is ContentHeader:
+            if self._header is None and isinstance(frame, ContentHeader):
                 self._header = frame
                 if not frame.body_size:
                     self._complete()
@@ -212,7 +213,7 @@ class Intercepted:
                 note="the interrupted message is dropped; redelivered when the channel closes",
             )
             self._reset()
-        if type(frame) is self._kind:
+        if isinstance(frame, self._kind):
             self._method = frame
         else:
             await self._frames.put(item)

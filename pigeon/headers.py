@@ -24,6 +24,11 @@ ATTEMPTS: Final = "x-pigeon-attempts"
 FAILED_AT: Final = "x-pigeon-failed-at"
 SERVICE: Final = "x-pigeon-service"
 
+UNDECODABLE: Final = "x-pigeon-undecodable"
+"""On an ``undecodable`` dead letter: the raw bytes of the original's properties."""
+DROPPED_HEADERS: Final = "x-pigeon-dropped-headers"
+"""Comma-separated keys of headers left out of a copy because AMQP cannot encode them."""
+
 REPLAY_OF: Final = "x-pigeon-replay-of"
 REPLAYED_BY: Final = "x-pigeon-replayed-by"
 
@@ -47,3 +52,4 @@ class Reason:
     REJECTED: Final = "rejected"
     TIMEOUT: Final = "timeout"
     DELIVERY_LIMIT: Final = "delivery-limit"
+    UNDECODABLE: Final = "undecodable"

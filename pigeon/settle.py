@@ -23,12 +23,37 @@ from pigeon.errors import DispatchError
 from pigeon.listener import Listener
 from pigeon.messages import Outgoing
 from pigeon.retry import tier_queue
+from pigeon.tables import normalise_headers
 
 log = structlog.get_logger("pigeon")
 
 SETTLE_TIMEOUT = 10.0
 """Seconds a retry copy or dead letter may take to be confirmed before the original
 is handed back to the broker instead (it is redelivered later)."""
+
+
+MAX_HEADER_BYTES = 120 * 1024
+"""What the headers of a copy may take of a content header frame (RabbitMQ's default
+``frame_max`` is 128 KiB; the other properties take at most a few hundred bytes more)."""
+
+
+def _encodable(headers: dict[str, Any], delivery: Delivery) -> dict[str, Any]:
+    """``headers`` without what AMQP cannot encode, which ``x-pigeon-dropped-headers`` names.
+
+    A message from another client can carry values Pigeon can read but not
+    send again (or headers that grew past a frame with the dead-letter ones);
+    without this its retry copy or dead letter could never be published.
+    """
+    out, dropped = normalise_headers(headers, max_bytes=MAX_HEADER_BYTES)
+    if dropped:
+        log.warning(
+            "message.headers_dropped",
+            queue=delivery.listener.queue,
+            message_id=delivery.message_id,
+            dropped=dropped,
+        )
+        out[h.DROPPED_HEADERS] = ",".join(dropped)[:4096]
+    return out
 
 
 class Settler:
@@ -119,7 +144,7 @@ class Settler:
                 ),
             )
             self._tiers.add(tier)
-        headers = {**delivery.headers, h.ATTEMPT: outcome.attempt}
+        headers = _encodable({**delivery.headers, h.ATTEMPT: outcome.attempt}, delivery)
         await self.runtime.publisher.publish(
             self._copy(delivery, "", tier, headers), timeout=SETTLE_TIMEOUT
         )
@@ -129,6 +154,6 @@ class Settler:
             delivery,
             self.app.settings.dead_letter_exchange,
             delivery.listener.queue,
-            outcome.headers,
+            _encodable(outcome.headers, delivery),
         )
         await self.runtime.publisher.publish(copy, timeout=SETTLE_TIMEOUT)

