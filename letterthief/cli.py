@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import click
-import structlog
 import uvicorn
 
 from letterthief import api, parse
@@ -26,11 +25,11 @@ from letterthief.queries import Filters
 from letterthief.replay import ReplayError
 from letterthief.service import LetterThief
 from letterthief.settings import LetterThiefSettings, is_loopback
-from pigeon.logs import configure_logging
+from pigeon.logs import configure_logging, get_logger
 from pigeon.settings import Settings, mask_url
 
 T = TypeVar("T")
-log = structlog.get_logger("letterthief")
+log = get_logger("letterthief")
 
 
 def _actor() -> str:

@@ -1,6 +1,6 @@
 """Pigeon: a choreography event bus for Python services over RabbitMQ."""
 
-from pigeon.app import Pigeon, default_app, dispatch, dispatch_async, set_default_app
+from pigeon.app import Pigeon, close, default_app, dispatch, dispatch_async, set_default_app
 from pigeon.delivery import Delivery, Outcome, OutcomeKind
 from pigeon.errors import ConfigurationError, DispatchError, PigeonError, TopologyError
 from pigeon.events import Event
@@ -25,6 +25,7 @@ __all__ = [
     "RetryLater",
     "Settings",
     "TopologyError",
+    "close",
     "configure_logging",
     "default_app",
     "dispatch",

@@ -15,12 +15,12 @@ import socket
 from collections.abc import Awaitable, Callable
 
 import aio_pika
-import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
+from pigeon.logs import get_logger
 from pigeon.settings import mask_url
 
-log = structlog.get_logger("pigeon")
+log = get_logger("pigeon")
 
 OnConnect = Callable[[AbstractConnection], Awaitable[None]]
 

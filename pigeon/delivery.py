@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-import structlog
 from pydantic import ValidationError
 
 from pigeon import headers as h
@@ -29,13 +28,14 @@ from pigeon.events import Event
 from pigeon.headers import Reason
 from pigeon.idempotency.base import ClaimState
 from pigeon.listener import Context, Listener
+from pigeon.logs import get_logger
 from pigeon.middleware import chain
 from pigeon.retry import Reject, RetryLater, tier_delay
 
 if TYPE_CHECKING:
     from pigeon.idempotency import Claim, IdempotencyStore
 
-log = structlog.get_logger("pigeon")
+log = get_logger("pigeon")
 
 
 class OutcomeKind(enum.StrEnum):

@@ -25,7 +25,6 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import aiormq
-import structlog
 from aio_pika.abc import AbstractChannel
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, DeliveryError, PublishError
 from pamqp.commands import Basic
@@ -41,12 +40,13 @@ from pigeon import headers as h
 from pigeon.connection import Connector
 from pigeon.errors import DispatchError
 from pigeon.events import Event, encode_payload, validate_event_name
+from pigeon.logs import get_logger
 from pigeon.publishes import Publishes
 
 if TYPE_CHECKING:
     from pigeon.app import Pigeon
 
-log = structlog.get_logger("pigeon")
+log = get_logger("pigeon")
 T = TypeVar("T")
 
 RETRYABLE = (AMQPError, ConnectionError, OSError, TimeoutError, ChannelInvalidStateError)

@@ -19,6 +19,7 @@ import structlog
 
 from pigeon.errors import ConfigurationError
 from pigeon.events import Event, validate_event_name
+from pigeon.logs import get_logger
 from pigeon.retry import Retry
 
 if TYPE_CHECKING:
@@ -101,7 +102,7 @@ class Context:
     def log(self) -> structlog.typing.FilteringBoundLogger:
         """A logger bound to this message's queue, event, ids and attempt."""
         if self._log is None:
-            self._log = structlog.get_logger("pigeon").bind(
+            self._log = get_logger("pigeon").bind(
                 queue=self.queue,
                 listener=self.listener,
                 event_name=self.event_name,

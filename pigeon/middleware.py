@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-import structlog
+from pigeon.logs import get_logger
 
 if TYPE_CHECKING:
     from pigeon.delivery import Delivery
@@ -78,7 +78,7 @@ class Logging:
 
     async def __call__(self, delivery: Delivery, call_next: CallNext) -> None:
         ctx = delivery.context
-        log = ctx.log if ctx is not None else structlog.get_logger("pigeon")
+        log = ctx.log if ctx is not None else get_logger("pigeon")
         log.debug("handler.started")
         started = time.perf_counter()
         try:

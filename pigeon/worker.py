@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import aiormq
-import structlog
 from aio_pika.abc import AbstractChannel
 from aiormq.abc import AbstractChannel as AmqpChannel
 from aiormq.abc import DeliveredMessage
@@ -39,10 +38,11 @@ from pigeon.dispatch import RETRYABLE
 from pigeon.frames import Deliveries
 from pigeon.idempotency import IdempotencyStore, open_store
 from pigeon.listener import Listener
+from pigeon.logs import get_logger
 from pigeon.metrics import MESSAGES
 from pigeon.settle import Settler
 
-log = structlog.get_logger("pigeon")
+log = get_logger("pigeon")
 
 PURGE_INTERVAL = 3600.0
 CONSUMER_CHECK_INTERVAL = 1.0

@@ -1,0 +1,125 @@
+"""What a newcomer meets in the first hour: a quiet library, short errors, clean exits.
+
+Each test here is a defect of issue 14 that once failed: a library printing to
+its host's stdout, warnings at the end of ``asyncio.run()``, permanent broker
+errors retried as outages, tracebacks for bad settings, handler signatures
+accepted and then miscalled.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from pigeon.settings import Settings
+from tests.conftest import Broker, settings_env
+from tests.procs import ROOT
+
+UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def run_script(
+    tmp_path: Path, code: str, env: dict[str, str], *flags: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(code))
+    return subprocess.run(
+        [sys.executable, *flags, str(script)],
+        env={**env, "PYTHONPATH": str(ROOT)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+# -- 1: the library prints nothing ----------------------------------------------------
+
+
+def test_a_script_that_dispatches_prints_only_its_own_output(
+    settings: Settings, broker: Broker, tmp_path: Path
+) -> None:
+    broker.track(settings)
+    code = """
+        import pigeon
+        for n in range(3):
+            print(pigeon.dispatch("first.contact", {"n": n}))
+    """
+    for fmt in ("json", "console"):
+        env = {**settings_env(settings), "PIGEON_LOG_FORMAT": fmt}
+        result = run_script(tmp_path, code, env)
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert len(lines) == 3
+        assert all(UUID.match(line) for line in lines), result.stdout
+        assert result.stderr == ""
+
+
+def test_a_script_that_configured_logging_gets_pigeons_logs_there(
+    settings: Settings, broker: Broker, tmp_path: Path
+) -> None:
+    broker.track(settings)
+    code = """
+        import logging, pigeon
+        logging.basicConfig(level=logging.INFO)
+        print(pigeon.dispatch("first.contact", {"n": 1}))
+    """
+    result = run_script(tmp_path, code, settings_env(settings))
+    assert result.returncode == 0, result.stderr
+    assert UUID.match(result.stdout.strip())
+    assert "broker.connected" in result.stderr
+    assert "guest:guest" not in result.stderr
+
+
+# -- 2: asyncio.run() ends cleanly ----------------------------------------------------
+
+
+def test_asyncio_run_with_dispatch_async_ends_without_warnings(
+    settings: Settings, broker: Broker, tmp_path: Path
+) -> None:
+    broker.track(settings)
+    code = """
+        import asyncio, logging, pigeon
+        logging.basicConfig(level=logging.DEBUG)
+
+        async def main():
+            print(await pigeon.dispatch_async("first.contact", {"n": 1}))
+
+        asyncio.run(main())
+    """
+    result = run_script(tmp_path, code, settings_env(settings), "-W", "error", "-X", "dev")
+    assert result.returncode == 0, result.stderr
+    assert UUID.match(result.stdout.strip())
+    for noise in ("connection_lost", "Task was destroyed", "Traceback", "Warning", "never"):
+        assert noise not in result.stderr, result.stderr
+
+
+def test_close_and_async_with_release_the_connection(
+    settings: Settings, broker: Broker, tmp_path: Path
+) -> None:
+    broker.track(settings)
+    code = """
+        import asyncio, logging, pigeon
+        from pigeon import Pigeon
+        logging.basicConfig(level=logging.DEBUG)
+
+        async def main():
+            print(await pigeon.dispatch_async("first.contact", {"n": 1}))
+            await pigeon.close()
+            async with Pigeon(service="first-contact") as app:
+                print(await app.dispatch_async("first.contact", {"n": 2}))
+            print("closed", not app.runtime().connector.is_open)
+
+        asyncio.run(main())
+    """
+    result = run_script(tmp_path, code, settings_env(settings), "-W", "error", "-X", "dev")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3
+    assert lines[2] == "closed True"
+    assert result.stderr.count("broker.connected") == 2
+    for noise in ("connection_lost", "Task was destroyed", "Traceback", "Warning"):
+        assert noise not in result.stderr, result.stderr
