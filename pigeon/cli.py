@@ -14,7 +14,7 @@ import click
 
 from pigeon.app import Pigeon, default_app
 from pigeon.dispatch import RETRYABLE
-from pigeon.errors import ConfigurationError, DispatchError, TopologyError
+from pigeon.errors import BrokerRefused, ConfigurationError, DispatchError, TopologyError
 from pigeon.logs import configure_logging
 from pigeon.settings import Settings, mask_url
 
@@ -137,7 +137,7 @@ def dispatch_command(
         )
     except (DispatchError, ConfigurationError) as exc:
         click.echo(f"pigeon: {exc}", err=True)
-        sys.exit(1)
+        sys.exit(EX_CONFIG if isinstance(exc.__cause__, BrokerRefused) else 1)
     click.echo(message_id)
 
 
@@ -167,7 +167,7 @@ def topology_declare(target: str) -> None:
 
     try:
         asyncio.run(declare())
-    except TopologyError as exc:
+    except (TopologyError, ConfigurationError) as exc:
         click.echo(f"pigeon: {exc}", err=True)
         sys.exit(EX_CONFIG)
     except RETRYABLE as exc:

@@ -12,17 +12,60 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
+from pamqp.commands import Connection
+from pamqp.exceptions import PAMQPException
 
+from pigeon.errors import BrokerRefused
 from pigeon.logs import get_logger
 from pigeon.settings import mask_url
 
 log = get_logger("pigeon")
 
 OnConnect = Callable[[AbstractConnection], Awaitable[None]]
+
+
+def _who(url: str) -> tuple[str, str]:
+    """The user and vhost of ``url``, as the broker sees them (AMQP URI defaults)."""
+    parts = urlsplit(url)
+    vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+    return unquote(parts.username or "guest"), vhost
+
+
+def refusal(url: str, exc: BaseException) -> BrokerRefused | None:
+    """A :class:`BrokerRefused` naming the cause if ``exc`` is a permanent refusal, else None.
+
+    Permanent: ACCESS_REFUSED at login, NOT_ALLOWED (530) for the vhost at
+    Connection.Open, a TLS handshake error. Everything else (connection
+    refused, timeouts, resets) is an outage the caller retries.
+    """
+    user, vhost = _who(url)
+    where = mask_url(url)
+    if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+        return BrokerRefused(
+            f"the broker at {where} refused user {user!r} (ACCESS_REFUSED): "
+            "check the user name and password in PIGEON_URL"
+        )
+    close = exc.args[1] if isinstance(exc, PAMQPException) and len(exc.args) > 1 else None
+    if isinstance(close, Connection.Close) and close.reply_code in (530, 403):
+        return BrokerRefused(
+            f"the broker at {where} refused vhost {vhost!r} for user {user!r} "
+            f"({close.reply_text}): create the vhost and grant the user, or fix the "
+            "vhost in PIGEON_URL"
+        )
+    text = " ".join(str(arg) for arg in getattr(exc, "args", ()))
+    if isinstance(exc, ssl.SSLError) or ("[SSL" in text and "EOF" not in text):
+        return BrokerRefused(
+            f"TLS to {where} failed ({text.strip()}): check that the port speaks TLS "
+            "(amqps://, usually 5671) and that the certificates are trusted"
+        )
+    return None
 
 
 async def _release(connection: AbstractConnection) -> None:
@@ -69,13 +112,19 @@ class Connector:
             connection = self._connection
             if connection is not None and not connection.is_closed:
                 return connection
-            connection = await aio_pika.connect(
-                self.url,
-                timeout=timeout,
-                client_properties={
-                    "connection_name": f"{self.name}@{socket.gethostname()}:{os.getpid()}"
-                },
-            )
+            try:
+                connection = await aio_pika.connect(
+                    self.url,
+                    timeout=timeout,
+                    client_properties={
+                        "connection_name": f"{self.name}@{socket.gethostname()}:{os.getpid()}"
+                    },
+                )
+            except Exception as exc:
+                refused = refusal(self.url, exc)
+                if refused is not None:
+                    raise refused from None
+                raise
             connection.close_callbacks.add(self._on_close)
             try:
                 for hook in self.on_connect:

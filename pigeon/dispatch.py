@@ -38,7 +38,7 @@ from tenacity import (
 
 from pigeon import headers as h
 from pigeon.connection import Connector
-from pigeon.errors import DispatchError
+from pigeon.errors import BrokerRefused, DispatchError
 from pigeon.events import Event, encode_payload, validate_event_name
 from pigeon.logs import get_logger
 from pigeon.publishes import Publishes
@@ -197,6 +197,10 @@ class Publisher:
                 f"could not publish {outgoing.event_name} (message {outgoing.message_id}): "
                 f"{_explain(exc)}"
             ) from exc
+        except BrokerRefused as exc:  # wrong credentials, vhost or TLS: no retry can cure it
+            raise DispatchError(
+                f"could not publish {outgoing.event_name} (message {outgoing.message_id}): {exc}"
+            ) from exc
         except RETRYABLE:
             pass  # retried below, with backoff
         try:
@@ -211,6 +215,10 @@ class Publisher:
                 with attempt:
                     remaining = max(deadline - time.monotonic(), 0.5)
                     await self._publish_once(outgoing, remaining)
+        except BrokerRefused as exc:
+            raise DispatchError(
+                f"could not publish {outgoing.event_name} (message {outgoing.message_id}): {exc}"
+            ) from exc
         except RETRYABLE as exc:
             raise DispatchError(
                 f"could not publish {outgoing.event_name} (message {outgoing.message_id}) to "
@@ -238,6 +246,8 @@ class Publisher:
             except RETRYABLE:  # the channel is reset; publish() retries these with backoff
                 failed.extend(part)
                 continue
+            except BrokerRefused as exc:
+                raise DispatchError(f"could not publish {len(batch)} events: {exc}") from exc
             in_flight.append((part, _send_all(publishes, part)))
             if len(in_flight) > 1:
                 failed.extend(await _unconfirmed(*in_flight.popleft()))

@@ -11,6 +11,16 @@ class ConfigurationError(PigeonError):
     """The app or a listener is set up in a way that cannot work."""
 
 
+class BrokerRefused(ConfigurationError):
+    """The broker answered but refused this client for good: wrong user or password, a
+    vhost that does not exist or is not granted, or a failed TLS handshake.
+
+    Retrying cannot cure it, so it is raised at once (``dispatch`` wraps it in
+    :class:`DispatchError`; ``pigeon listen`` exits 78). Refused connections and
+    timeouts are outages, retried as before.
+    """
+
+
 class DispatchError(PigeonError):
     """An event could not be confirmed by the broker within the dispatch timeout.
 

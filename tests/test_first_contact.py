@@ -9,14 +9,19 @@ accepted and then miscalled.
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+import structlog
+
+from pigeon import BrokerRefused, DispatchError, Pigeon
 from pigeon.settings import Settings
 from tests.conftest import Broker, settings_env
-from tests.procs import ROOT
+from tests.procs import PIGEON, ROOT
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
@@ -123,3 +128,81 @@ def test_close_and_async_with_release_the_connection(
     assert result.stderr.count("broker.connected") == 2
     for noise in ("connection_lost", "Task was destroyed", "Traceback", "Warning"):
         assert noise not in result.stderr, result.stderr
+
+
+# -- 3: permanent broker errors are configuration errors -------------------------------
+
+WRONG_PASSWORD = "amqp://guest:not-the-password@127.0.0.1:5672/"
+MISSING_VHOST = "amqp://guest:guest@127.0.0.1:5672/pigeon-no-such-vhost-3f9a"
+TLS_ON_PLAIN_PORT = "amqps://guest:guest@127.0.0.1:5672/"
+
+
+async def _dispatch_error(settings: Settings, url: str) -> DispatchError:
+    app = Pigeon(service="first-contact", settings=settings.model_copy(update={"url": url}))
+    try:
+        with pytest.raises(DispatchError) as caught:
+            await app.dispatch_async("first.contact", {"n": 1})
+    finally:
+        await app.close()
+    return caught.value
+
+
+async def test_a_wrong_password_is_refused_at_once_naming_the_user(settings: Settings) -> None:
+    error = await _dispatch_error(
+        settings.model_copy(update={"dispatch_timeout": 120}), WRONG_PASSWORD
+    )
+    assert isinstance(error.__cause__, BrokerRefused)
+    assert "'guest'" in str(error)
+    assert "ACCESS_REFUSED" in str(error)
+    assert "not-the-password" not in str(error)
+
+
+async def test_a_missing_vhost_is_refused_naming_the_vhost(settings: Settings) -> None:
+    error = await _dispatch_error(
+        settings.model_copy(update={"dispatch_timeout": 120}), MISSING_VHOST
+    )
+    assert isinstance(error.__cause__, BrokerRefused)
+    assert "'pigeon-no-such-vhost-3f9a'" in str(error)
+    assert "'guest'" in str(error)
+    assert len(str(error).splitlines()) == 1
+
+
+async def test_a_tls_failure_is_refused_at_once(settings: Settings) -> None:
+    error = await _dispatch_error(
+        settings.model_copy(update={"dispatch_timeout": 120}), TLS_ON_PLAIN_PORT
+    )
+    assert isinstance(error.__cause__, BrokerRefused)
+    assert "TLS" in str(error)
+    assert ":guest@" not in str(error)
+
+
+async def test_a_refused_connection_is_still_retried_as_an_outage(settings: Settings) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"amqp://guest:guest@127.0.0.1:{port}/"
+    with structlog.testing.capture_logs() as logs:
+        error = await _dispatch_error(settings.model_copy(update={"dispatch_timeout": 1.0}), url)
+    assert not isinstance(error.__cause__, BrokerRefused)
+    assert "within 1s" in str(error)
+    assert any(entry["event"] == "dispatch.retrying" for entry in logs)
+
+
+def test_pigeon_listen_exits_78_with_one_line_on_a_missing_vhost(
+    settings: Settings, tmp_path: Path
+) -> None:
+    env = {**settings_env(settings), "PIGEON_URL": MISSING_VHOST, "PIGEON_SERVICE": "fc"}
+    result = subprocess.run(
+        [*PIGEON, "listen", "tests.apps.recorder:app"],
+        env={**env, "PYTHONPATH": str(ROOT), "RECORDER_FILE": str(tmp_path / "rec.txt")},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 78, result.stderr
+    mine = [line for line in result.stderr.splitlines() if line.startswith("pigeon: ")]
+    assert len(mine) == 1, result.stderr
+    assert "pigeon-no-such-vhost-3f9a" in mine[0]
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
