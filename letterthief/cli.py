@@ -25,10 +25,12 @@ from letterthief.queries import Filters
 from letterthief.replay import ReplayError
 from letterthief.service import LetterThief
 from letterthief.settings import LetterThiefSettings, is_loopback
+from pigeon.errors import SettingsError
 from pigeon.logs import configure_logging, get_logger
 from pigeon.settings import Settings, mask_url
 
 T = TypeVar("T")
+EX_CONFIG = 78
 log = get_logger("letterthief")
 
 
@@ -59,8 +61,15 @@ def _run(work: Callable[[LetterThief], Awaitable[T]], *, quiet: bool = True) -> 
 
 
 @click.group()
+@click.version_option(package_name="pigeon-bus", prog_name="letterthief")
 def main() -> None:
     """LetterThief: every dead letter stored, shown, alerted and replayable."""
+    try:
+        Settings()
+        LetterThiefSettings()
+    except SettingsError as exc:
+        click.echo(f"letterthief: {exc}", err=True)
+        sys.exit(EX_CONFIG)
 
 
 @main.command()

@@ -11,6 +11,13 @@ class ConfigurationError(PigeonError):
     """The app or a listener is set up in a way that cannot work."""
 
 
+class SettingsError(ConfigurationError, ValueError):
+    """An environment variable (``PIGEON_*``, ``LETTERTHIEF_*``) holds a value that cannot work.
+
+    The message is one line naming the variable and what it accepts.
+    """
+
+
 class BrokerRefused(ConfigurationError):
     """The broker answered but refused this client for good: wrong user or password, a
     vhost that does not exist or is not granted, or a failed TLS handshake.

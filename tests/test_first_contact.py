@@ -8,6 +8,7 @@ accepted and then miscalled.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 import structlog
 
 from pigeon import BrokerRefused, DispatchError, Pigeon
+from pigeon.errors import SettingsError
 from pigeon.settings import Settings
 from tests.conftest import Broker, settings_env
 from tests.procs import PIGEON, ROOT
@@ -206,3 +208,95 @@ def test_pigeon_listen_exits_78_with_one_line_on_a_missing_vhost(
     assert "pigeon-no-such-vhost-3f9a" in mine[0]
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
+
+
+# -- 4: bad settings are one line naming the variable -----------------------------------
+
+BAD_SETTINGS = [
+    ("PIGEON_DISPATCH_TIMEOUT", "abc", "number"),
+    ("PIGEON_LOG_FORMAT", "pretty", "'console' or 'json'"),
+    ("PIGEON_LOG_LEVEL", "LOUD", "DEBUG, INFO"),
+    ("PIGEON_URL", "http://guest:secret@127.0.0.1:5672/", "amqp://"),
+    ("PIGEON_URL", "amqp://guest:guest@127.0.0.1:5672/,http://other/", "'http://other/'"),
+]
+
+
+@pytest.mark.parametrize(("variable", "value", "accepts"), BAD_SETTINGS)
+@pytest.mark.parametrize(
+    "command",
+    [["dispatch", "first.contact", "{}"], ["listen", "tests.apps.recorder:app"]],
+    ids=["dispatch", "listen"],
+)
+def test_an_invalid_setting_is_one_line_naming_the_variable(
+    command: list[str], variable: str, value: str, accepts: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIGEON_")}
+    env.update({variable: value, "PIGEON_SERVICE": "fc", "PYTHONPATH": str(ROOT)})
+    result = subprocess.run(
+        [*PIGEON, *command], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 78, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"pigeon: {variable}=")
+    assert accepts in lines[0]
+    assert "secret" not in lines[0]
+
+
+def test_an_invalid_setting_raises_a_settings_error_in_the_library(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PIGEON_DISPATCH_TIMEOUT", "abc")
+    with pytest.raises(SettingsError, match=r"^PIGEON_DISPATCH_TIMEOUT='abc' is invalid"):
+        Pigeon(service="first-contact")
+
+
+def test_letterthief_refuses_an_invalid_setting_in_one_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIGEON_", "LETTERTHIEF_"))}
+    env["LETTERTHIEF_ALERT_INTERVAL"] = "often"
+    env["LETTERTHIEF_DATABASE_URL"] = f"sqlite:///{tmp_path}/lt.db"
+    result = subprocess.run(
+        [sys.executable, "-m", "letterthief", "list"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 78, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        line for line in result.stderr.strip().splitlines() if "LETTERTHIEF_ALERT_INTERVAL" in line
+    ]
+
+
+# -- 7: a plain install's letterthief names the extra -------------------------------------
+
+BLOCKER = """
+import sys
+
+class _Missing:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "uvicorn":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, _Missing())
+"""
+
+
+def test_letterthief_without_its_extra_says_which_extra_to_install(tmp_path: Path) -> None:
+    (tmp_path / "sitecustomize.py").write_text(BLOCKER)
+    command = Path(sys.executable).parent / "letterthief"
+    result = subprocess.run(
+        [str(command), "--help"],
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "letterthief: the letterthief extra is not installed (no module uvicorn): "
+        "pip install 'pigeon-bus[letterthief]'"
+    ]
