@@ -132,7 +132,9 @@ class Pigeon:
         patterns = tuple(pattern_of(t) for t in targets)
 
         def register(handler: Handler) -> Listener:
-            event_type, wants_dict, takes_context, is_async = inspect_handler(handler, targets)
+            event_type, wants_dict, takes_context, is_async, context_first = inspect_handler(
+                handler, targets
+            )
             listener_name = name or default_listener_name(handler)
             if queue is None and not self.service:
                 raise ConfigurationError(
@@ -162,6 +164,7 @@ class Pigeon:
                 wants_dict=wants_dict,
                 takes_context=takes_context,
                 is_async=is_async,
+                context_first=context_first,
             )
             self.listeners.append(listener)
             return listener

@@ -384,7 +384,11 @@ class Processor:
         listener = self.listener
         args: tuple[Any, ...] = (delivery.payload,)
         if listener.takes_context:
-            args = (delivery.payload, delivery.context)
+            args = (
+                (delivery.context, delivery.payload)
+                if listener.context_first
+                else (delivery.payload, delivery.context)
+            )
         timeout = listener.timeout
         try:
             async with asyncio.timeout(timeout) as scope:

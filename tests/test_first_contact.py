@@ -14,14 +14,16 @@ import socket
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import structlog
 
-from pigeon import BrokerRefused, DispatchError, Pigeon
+from pigeon import BrokerRefused, ConfigurationError, Context, DispatchError, Event, Pigeon
 from pigeon.errors import SettingsError
 from pigeon.settings import Settings
+from pigeon.testing import deliver
 from tests.conftest import Broker, settings_env
 from tests.procs import PIGEON, ROOT
 
@@ -300,3 +302,74 @@ def test_letterthief_without_its_extra_says_which_extra_to_install(tmp_path: Pat
         "letterthief: the letterthief extra is not installed (no module uvicorn): "
         "pip install 'pigeon-bus[letterthief]'"
     ]
+
+
+# -- 5: handler signatures are checked at registration ----------------------------------
+
+
+class Placed(Event, name="first-contact.placed"):
+    order_id: str
+
+
+def _app() -> Pigeon:
+    return Pigeon(service="first-contact", settings=Settings(idempotency_url="memory://"))
+
+
+async def test_a_context_first_handler_gets_its_arguments_by_annotation() -> None:
+    app = _app()
+    seen: list[tuple[object, object]] = []
+
+    @app.listener(Placed)
+    async def placed(ctx: Context, event: Placed) -> None:
+        seen.append((ctx, event))
+
+    outcome = await deliver(app, Placed(order_id="o-1"))
+    assert outcome.acked, outcome
+    ((ctx, event),) = seen
+    assert isinstance(ctx, Context)
+    assert event == Placed(order_id="o-1")
+
+
+def test_a_keyword_only_context_is_refused_naming_the_handler_and_the_shapes() -> None:
+    app = _app()
+
+    async def placed(event: Placed, *, ctx: Context) -> None: ...
+
+    with pytest.raises(ConfigurationError) as caught:
+        app.listener(Placed)(placed)
+    message = str(caught.value)
+    assert "placed" in message
+    assert "keyword-only parameter ctx" in message
+    assert "(event, ctx)" in message
+
+
+@pytest.mark.parametrize(
+    "handler",
+    [
+        lambda: None,
+        lambda event, ctx, extra: None,
+    ],
+    ids=["no-parameters", "three-parameters"],
+)
+def test_a_handler_with_the_wrong_arity_is_refused(handler: Callable[..., None]) -> None:
+    with pytest.raises(ConfigurationError, match="accepted shapes"):
+        _app().listener(Placed, name="wrong")(handler)
+
+
+def test_two_context_parameters_are_refused() -> None:
+    async def placed(a: Context, b: Context) -> None: ...
+
+    with pytest.raises(ConfigurationError, match="only one parameter may be annotated Context"):
+        _app().listener(Placed)(placed)
+
+
+def test_a_fallback_with_the_wrong_arity_is_refused_at_registration() -> None:
+    app = _app()
+
+    @app.listener(Placed)
+    async def placed(event: Placed) -> None: ...
+
+    async def gave_up(event: Placed, ctx: Context) -> None: ...
+
+    with pytest.raises(ConfigurationError, match=r"fallback .*gave_up.* \(event, ctx, error\)"):
+        placed.fallback(gave_up)  # type: ignore[arg-type]
