@@ -20,7 +20,6 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -41,6 +40,7 @@ from pigeon.listener import Listener
 from pigeon.logs import get_logger
 from pigeon.metrics import MESSAGES
 from pigeon.settle import Settler
+from pigeon.threads import HandlerThreads
 
 log = get_logger("pigeon")
 
@@ -126,7 +126,7 @@ class Worker:
         self._counters: dict[tuple[str, str, str], Any] = {}
         self._settler: Settler | None = None
         self._processors: dict[str, Processor] = {}
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: HandlerThreads | None = None
         self._runtime: Runtime | None = None
         self._purging: asyncio.Future[None] | None = None
 
@@ -218,7 +218,7 @@ class Worker:
     def _build_processors(self) -> None:
         if any(not listener.is_async for listener in self.listeners):
             workers = sum(listener.concurrency or self.concurrency for listener in self.listeners)
-            self._executor = ThreadPoolExecutor(
+            self._executor = HandlerThreads(
                 max_workers=workers, thread_name_prefix="pigeon-handler"
             )
         for listener in self.listeners:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -24,8 +25,8 @@ from pigeon import BrokerRefused, ConfigurationError, Context, DispatchError, Ev
 from pigeon.errors import SettingsError
 from pigeon.settings import Settings
 from pigeon.testing import deliver
-from tests.conftest import Broker, settings_env
-from tests.procs import PIGEON, ROOT
+from tests.conftest import AppFactory, Broker, settings_env
+from tests.procs import PIGEON, ROOT, env_for, recorded, stop, wait_for_log, wait_recorded
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
@@ -373,3 +374,62 @@ def test_a_fallback_with_the_wrong_arity_is_refused_at_registration() -> None:
 
     with pytest.raises(ConfigurationError, match=r"fallback .*gave_up.* \(event, ctx, error\)"):
         placed.fallback(gave_up)  # type: ignore[arg-type]
+
+
+# -- 6: sync handlers honour --shutdown-timeout ------------------------------------------
+
+
+def _sync_listener(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [*PIGEON, "listen", "tests.apps.sync_recorder:app", *args],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+async def test_a_slow_sync_handler_does_not_outlive_the_shutdown_timeout(
+    make_app: AppFactory, broker: Broker, tmp_path: Path
+) -> None:
+    app = make_app("sync")
+    broker.queues.add(f"{app.service}.record-sync")
+    rec, log = tmp_path / "rec.txt", tmp_path / "listen.log"
+    env = env_for(app.settings, app.service or "", RECORDER_FILE=str(rec), RECORDER_SECONDS="60")
+    proc = _sync_listener(env, log, "--shutdown-timeout", "2")
+    try:
+        wait_for_log(log, "worker.consuming")
+        message_id = await app.dispatch_async("test.order.placed", {"n": 1})
+        wait_recorded(rec, 1, kind="start")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0  # the handler sleeps 60 s
+    finally:
+        stop(proc)
+    assert recorded(rec, "done") == []
+    again = _sync_listener({**env, "RECORDER_SECONDS": "0"}, log)  # the message was not acked
+    try:
+        assert wait_recorded(rec, 1, kind="done") == [message_id]
+    finally:
+        stop(again)
+
+
+async def test_a_sync_handler_that_finishes_within_the_timeout_is_acked(
+    make_app: AppFactory, broker: Broker, tmp_path: Path
+) -> None:
+    app = make_app("sync")
+    queue = f"{app.service}.record-sync"
+    broker.queues.add(queue)
+    rec, log = tmp_path / "rec.txt", tmp_path / "listen.log"
+    env = env_for(app.settings, app.service or "", RECORDER_FILE=str(rec), RECORDER_SECONDS="1")
+    proc = _sync_listener(env, log, "--shutdown-timeout", "30")
+    try:
+        wait_for_log(log, "worker.consuming")
+        message_id = await app.dispatch_async("test.order.placed", {"n": 1})
+        wait_recorded(rec, 1, kind="start")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        stop(proc)
+    assert recorded(rec, "done") == [message_id]
+    assert await broker.count(queue) == 0
