@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 from urllib.parse import urlencode
 
 import httpx
-import structlog
 
 from letterthief.metrics import Metrics
 from letterthief.settings import LetterThiefSettings
 from letterthief.store import Stored
+from pigeon.logs import get_logger
 from pigeon.settings import mask_url
 
-log = structlog.get_logger("letterthief")
+log = get_logger("letterthief")
 
 MIN_SPACING = 1.0
 MAX_MESSAGE = 300

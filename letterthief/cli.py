@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import click
-import structlog
 import uvicorn
 
 from letterthief import api, parse
@@ -26,11 +25,13 @@ from letterthief.queries import Filters
 from letterthief.replay import ReplayError
 from letterthief.service import LetterThief
 from letterthief.settings import LetterThiefSettings, is_loopback
-from pigeon.logs import configure_logging
+from pigeon.errors import SettingsError
+from pigeon.logs import configure_logging, get_logger
 from pigeon.settings import Settings, mask_url
 
 T = TypeVar("T")
-log = structlog.get_logger("letterthief")
+EX_CONFIG = 78
+log = get_logger("letterthief")
 
 
 def _actor() -> str:
@@ -60,8 +61,15 @@ def _run(work: Callable[[LetterThief], Awaitable[T]], *, quiet: bool = True) -> 
 
 
 @click.group()
+@click.version_option(package_name="pigeon-bus", prog_name="letterthief")
 def main() -> None:
     """LetterThief: every dead letter stored, shown, alerted and replayable."""
+    try:
+        Settings()
+        LetterThiefSettings()
+    except SettingsError as exc:
+        click.echo(f"letterthief: {exc}", err=True)
+        sys.exit(EX_CONFIG)
 
 
 @main.command()

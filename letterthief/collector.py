@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from tenacity import (
     AsyncRetrying,
@@ -33,9 +32,10 @@ from pigeon import topology
 from pigeon.connection import Connector
 from pigeon.dispatch import RETRYABLE
 from pigeon.errors import TopologyError
+from pigeon.logs import get_logger
 from pigeon.settings import Settings
 
-log = structlog.get_logger("letterthief")
+log = get_logger("letterthief")
 
 OnStored = Callable[[list[Stored]], None]
 

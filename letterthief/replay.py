@@ -22,7 +22,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
-import structlog
 from aio_pika.abc import AbstractChannel, DeliveryMode
 from aiormq.exceptions import PublishError
 
@@ -32,9 +31,10 @@ from letterthief.models import Letter, Status
 from letterthief.store import Store
 from pigeon import headers as h
 from pigeon.connection import Connector
+from pigeon.logs import get_logger
 from pigeon.settings import Settings
 
-log = structlog.get_logger("letterthief")
+log = get_logger("letterthief")
 
 
 class ReplayError(Exception):

@@ -13,17 +13,16 @@ import secrets
 from datetime import timedelta
 from typing import Any
 
-import structlog
-
 from letterthief.alerts import Alerter
 from letterthief.collector import Collector
 from letterthief.metrics import Metrics
 from letterthief.replay import Jobs, Replayer
 from letterthief.settings import LetterThiefSettings
 from letterthief.store import Store
+from pigeon.logs import get_logger
 from pigeon.settings import Settings
 
-log = structlog.get_logger("letterthief")
+log = get_logger("letterthief")
 
 PURGE_EVERY = 3600.0
 

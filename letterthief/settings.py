@@ -7,9 +7,12 @@ so it always agrees with the services it watches.
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pigeon.settings import settings_error
 
 
 class LetterThiefSettings(BaseSettings):
@@ -35,6 +38,12 @@ class LetterThiefSettings(BaseSettings):
     """Replays in flight at once during a bulk retry; bounds the load on the broker."""
     replay_timeout: float = Field(default=10.0, gt=0)
     session_max_age: int = Field(default=12 * 3600, ge=60)
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise settings_error(exc, "LETTERTHIEF_") from None
 
     @property
     def has_login(self) -> bool:

@@ -16,7 +16,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
-import structlog
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Table, bindparam, delete, event, insert, select, update
@@ -27,9 +26,10 @@ from letterthief.models import Action, Letter, Occurrence, Status, utcnow
 from letterthief.parse import Received
 from letterthief.queries import Queries
 from letterthief.settings import async_database_url
+from pigeon.logs import get_logger
 from pigeon.settings import mask_url
 
-log = structlog.get_logger("letterthief")
+log = get_logger("letterthief")
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 SEARCHED_BODY = 4096

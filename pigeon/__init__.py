@@ -1,8 +1,14 @@
 """Pigeon: a choreography event bus for Python services over RabbitMQ."""
 
-from pigeon.app import Pigeon, default_app, dispatch, dispatch_async, set_default_app
+from pigeon.app import Pigeon, close, default_app, dispatch, dispatch_async, set_default_app
 from pigeon.delivery import Delivery, Outcome, OutcomeKind
-from pigeon.errors import ConfigurationError, DispatchError, PigeonError, TopologyError
+from pigeon.errors import (
+    BrokerRefused,
+    ConfigurationError,
+    DispatchError,
+    PigeonError,
+    TopologyError,
+)
 from pigeon.events import Event
 from pigeon.listener import Context, Listener
 from pigeon.logs import configure_logging
@@ -10,6 +16,7 @@ from pigeon.retry import Reject, Retry, RetryLater
 from pigeon.settings import Settings
 
 __all__ = [
+    "BrokerRefused",
     "ConfigurationError",
     "Context",
     "Delivery",
@@ -25,6 +32,7 @@ __all__ = [
     "RetryLater",
     "Settings",
     "TopologyError",
+    "close",
     "configure_logging",
     "default_app",
     "dispatch",

@@ -24,13 +24,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import structlog
 from aiormq.abc import AbstractChannel, ChannelFrame
 from pamqp.commands import Basic
 
 from pigeon.frames import room
+from pigeon.logs import get_logger
 
-log = structlog.get_logger("pigeon")
+log = get_logger("pigeon")
 
 CLOSE_TIMEOUT = 10.0
 """Seconds :meth:`Acker.close` waits for the last acks to be written."""

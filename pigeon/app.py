@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any, Unpack
 
 from aio_pika.abc import AbstractConnection
@@ -48,6 +48,8 @@ class Runtime:
             app.settings, name=app.service or "pigeon", on_connect=[app.declare_core]
         )
         self.publisher = Publisher(self.connector, timeout=app.settings.dispatch_timeout)
+        self.keeper: AsyncIterator[None] | None = None
+        self.started: asyncio.Future[None] | None = None
 
     async def close(self) -> None:
         await self.publisher.close()
@@ -131,7 +133,9 @@ class Pigeon:
         patterns = tuple(pattern_of(t) for t in targets)
 
         def register(handler: Handler) -> Listener:
-            event_type, wants_dict, takes_context, is_async = inspect_handler(handler, targets)
+            event_type, wants_dict, takes_context, is_async, context_first = inspect_handler(
+                handler, targets
+            )
             listener_name = name or default_listener_name(handler)
             if queue is None and not self.service:
                 raise ConfigurationError(
@@ -161,6 +165,7 @@ class Pigeon:
                 wants_dict=wants_dict,
                 takes_context=takes_context,
                 is_async=is_async,
+                context_first=context_first,
             )
             self.listeners.append(listener)
             return listener
@@ -219,6 +224,7 @@ class Pigeon:
         runtime = self._runtimes.get(loop)
         if runtime is None or runtime.pid != os.getpid():
             runtime = self._runtimes[loop] = Runtime(self, loop)
+            _close_at_loop_end(self, runtime)
         return runtime
 
     async def dispatch_async(
@@ -289,10 +295,44 @@ class Pigeon:
         return bridge().run(self.dispatch_async(event, payload, **options))
 
     async def close(self) -> None:
-        """Close this app's connection on the running loop."""
+        """Close this app's connection on the running loop; the next dispatch opens a new one.
+
+        A connection left open is also closed when ``asyncio.run()`` ends its
+        loop, but calling this (or ``async with app:``) says when.
+        """
         runtime = self._runtimes.pop(asyncio.get_running_loop(), None)
         if runtime is not None and runtime.pid == os.getpid():
             await runtime.close()
+
+    async def __aenter__(self) -> Pigeon:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+def _close_at_loop_end(app: Pigeon, runtime: Runtime) -> None:
+    """Close ``runtime`` when its loop shuts down (``asyncio.run()`` ends).
+
+    A loop has no close hook, but ``asyncio.run()`` finalizes every async
+    generator still open on it (``loop.shutdown_asyncgens``) before closing:
+    one parked at its ``yield`` closes the connection in its ``finally``. The
+    generator holds the app weakly, so it never keeps an app alive.
+    """
+    ref = weakref.ref(app)
+
+    async def keeper() -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            owner = ref()
+            if owner is not None and owner._runtimes.get(runtime.loop) is runtime:
+                owner._runtimes.pop(runtime.loop, None)
+                await runtime.close()
+
+    generator = keeper()
+    runtime.keeper = generator
+    runtime.started = asyncio.ensure_future(anext(generator))
 
 
 async def close_runtimes_on(loop: asyncio.AbstractEventLoop) -> None:
@@ -338,3 +378,9 @@ async def dispatch_async(
 ) -> str:
     """Publish with the default app; returns the message id after the broker's confirm."""
     return await default_app().dispatch_async(event, payload, **options)
+
+
+async def close() -> None:
+    """Close the default app's connection on the running loop (see :meth:`Pigeon.close`)."""
+    if _default is not None:
+        await _default.close()

@@ -14,7 +14,13 @@ import click
 
 from pigeon.app import Pigeon, default_app
 from pigeon.dispatch import RETRYABLE
-from pigeon.errors import ConfigurationError, DispatchError, TopologyError
+from pigeon.errors import (
+    BrokerRefused,
+    ConfigurationError,
+    DispatchError,
+    SettingsError,
+    TopologyError,
+)
 from pigeon.logs import configure_logging
 from pigeon.settings import Settings, mask_url
 
@@ -40,9 +46,14 @@ def load_app(target: str) -> Pigeon:
 
 
 @click.group()
+@click.version_option(package_name="pigeon-bus", prog_name="pigeon")
 def main() -> None:
     """Pigeon: a choreography event bus over RabbitMQ."""
-    settings = Settings()
+    try:
+        settings = Settings()
+    except SettingsError as exc:
+        click.echo(f"pigeon: {exc}", err=True)
+        sys.exit(EX_CONFIG)
     configure_logging(settings.log_format, settings.log_level)
 
 
@@ -137,7 +148,7 @@ def dispatch_command(
         )
     except (DispatchError, ConfigurationError) as exc:
         click.echo(f"pigeon: {exc}", err=True)
-        sys.exit(1)
+        sys.exit(EX_CONFIG if isinstance(exc.__cause__, BrokerRefused) else 1)
     click.echo(message_id)
 
 
@@ -167,7 +178,7 @@ def topology_declare(target: str) -> None:
 
     try:
         asyncio.run(declare())
-    except TopologyError as exc:
+    except (TopologyError, ConfigurationError) as exc:
         click.echo(f"pigeon: {exc}", err=True)
         sys.exit(EX_CONFIG)
     except RETRYABLE as exc:

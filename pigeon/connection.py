@@ -18,17 +18,23 @@ import asyncio
 import os
 import random
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
-import structlog
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from aio_pika.exceptions import AMQPError
+from pamqp.commands import Connection
+from pamqp.exceptions import PAMQPException
 
 from pigeon import unmarshal
+from pigeon.errors import BrokerRefused
+from pigeon.logs import get_logger
 from pigeon.settings import Settings, broker_urls, mask_url
 
-log = structlog.get_logger("pigeon")
+log = get_logger("pigeon")
 
 unmarshal.install()  # one message's undecodable bytes must never close a connection
 
@@ -39,6 +45,43 @@ CONNECT_TIMEOUT = 10.0
 
 CONNECT_ERRORS = (AMQPError, ConnectionError, OSError, TimeoutError)
 """What a node that is down, starting, stopping or unreachable raises on connect."""
+
+
+def _who(url: str) -> tuple[str, str]:
+    """The user and vhost of ``url``, as the broker sees them (AMQP URI defaults)."""
+    parts = urlsplit(url)
+    vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+    return unquote(parts.username or "guest"), vhost
+
+
+def refusal(url: str, exc: BaseException) -> BrokerRefused | None:
+    """A :class:`BrokerRefused` naming the cause if ``exc`` is a permanent refusal, else None.
+
+    Permanent: ACCESS_REFUSED at login, NOT_ALLOWED (530) for the vhost at
+    Connection.Open, a TLS handshake error. Everything else (connection
+    refused, timeouts, resets) is an outage the caller retries.
+    """
+    user, vhost = _who(url)
+    where = mask_url(url)
+    if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+        return BrokerRefused(
+            f"the broker at {where} refused user {user!r} (ACCESS_REFUSED): "
+            "check the user name and password in PIGEON_URL"
+        )
+    close = exc.args[1] if isinstance(exc, PAMQPException) and len(exc.args) > 1 else None
+    if isinstance(close, Connection.Close) and close.reply_code in (530, 403):
+        return BrokerRefused(
+            f"the broker at {where} refused vhost {vhost!r} for user {user!r} "
+            f"({close.reply_text}): create the vhost and grant the user, or fix the "
+            "vhost in PIGEON_URL"
+        )
+    text = " ".join(str(arg) for arg in getattr(exc, "args", ()))
+    if isinstance(exc, ssl.SSLError) or ("[SSL" in text and "EOF" not in text):
+        return BrokerRefused(
+            f"TLS to {where} failed ({text.strip()}): check that the port speaks TLS "
+            "(amqps://, usually 5671) and that the certificates are trusted"
+        )
+    return None
 
 
 async def _release(connection: AbstractConnection) -> None:
@@ -135,8 +178,11 @@ class Connector:
                         "connection_name": f"{self.name}@{socket.gethostname()}:{os.getpid()}"
                     },
                 )
-            except CONNECT_ERRORS as exc:
-                if len(self.urls) == 1:
+            except Exception as exc:
+                refused = refusal(url, exc)
+                if refused is not None:  # users and vhosts are cluster-wide: no node will do
+                    raise refused from None
+                if not isinstance(exc, CONNECT_ERRORS) or len(self.urls) == 1:
                     raise
                 log.warning("broker.node_unreachable", url=mask_url(url), error=repr(exc))
                 failures.append(f"{mask_url(url)}: {exc!r}")

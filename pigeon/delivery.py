@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-import structlog
 from pydantic import ValidationError
 
 from pigeon import headers as h
@@ -30,6 +29,7 @@ from pigeon.headers import Reason
 from pigeon.idempotency.base import ClaimState
 from pigeon.idempotency.lease import Renewal
 from pigeon.listener import Context, Listener
+from pigeon.logs import get_logger
 from pigeon.messages import Outcome, OutcomeKind
 from pigeon.pipeline import chain
 from pigeon.retry import Reject, RetryLater, tier_delay
@@ -48,7 +48,7 @@ __all__ = [  # Outcome, Renewal and the two errors lived here first; these paths
     "Renewal",
 ]
 
-log = structlog.get_logger("pigeon")
+log = get_logger("pigeon")
 
 
 @dataclass(slots=True)
@@ -332,7 +332,11 @@ class Processor:
         listener = self.listener
         args: tuple[Any, ...] = (delivery.payload,)
         if listener.takes_context:
-            args = (delivery.payload, delivery.context)
+            args = (
+                (delivery.context, delivery.payload)
+                if listener.context_first
+                else (delivery.payload, delivery.context)
+            )
         timeout = listener.timeout
         try:
             async with asyncio.timeout(timeout) as scope:

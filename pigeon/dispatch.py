@@ -24,7 +24,6 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar, Unpack, cast
 
 import aiormq
-import structlog
 from aio_pika.abc import AbstractChannel
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, DeliveryError, PublishError
 from pamqp.commands import Basic
@@ -38,8 +37,9 @@ from tenacity import (
 
 from pigeon import headers as h
 from pigeon.connection import Connector
-from pigeon.errors import DispatchError
+from pigeon.errors import BrokerRefused, DispatchError
 from pigeon.events import Event, encode_payload, validate_event_name
+from pigeon.logs import get_logger
 from pigeon.messages import DISPATCH_OPTIONS, DispatchOptions, Outgoing
 from pigeon.publishes import Publishes
 from pigeon.tables import check_headers
@@ -54,7 +54,7 @@ __all__ = [  # Outgoing lives in pigeon.messages; this path still works
     "on_bridge_shutdown",
 ]
 
-log = structlog.get_logger("pigeon")
+log = get_logger("pigeon")
 T = TypeVar("T")
 
 RETRYABLE = (AMQPError, ConnectionError, OSError, TimeoutError, ChannelInvalidStateError)
@@ -195,6 +195,10 @@ class Publisher:
                 f"could not publish {outgoing.event_name} (message {outgoing.message_id}): "
                 f"{_explain(exc)}"
             ) from exc
+        except BrokerRefused as exc:  # wrong credentials, vhost or TLS: no retry can cure it
+            raise DispatchError(
+                f"could not publish {outgoing.event_name} (message {outgoing.message_id}): {exc}"
+            ) from exc
         except RETRYABLE:
             pass  # retried below, with backoff
         try:
@@ -209,6 +213,10 @@ class Publisher:
                 with attempt:
                     remaining = max(deadline - time.monotonic(), 0.5)
                     await self._publish_once(outgoing, remaining)
+        except BrokerRefused as exc:
+            raise DispatchError(
+                f"could not publish {outgoing.event_name} (message {outgoing.message_id}): {exc}"
+            ) from exc
         except RETRYABLE as exc:
             raise DispatchError(
                 f"could not publish {outgoing.event_name} (message {outgoing.message_id}) to "
@@ -236,6 +244,8 @@ class Publisher:
             except RETRYABLE:  # the channel is reset; publish() retries these with backoff
                 failed.extend(part)
                 continue
+            except BrokerRefused as exc:
+                raise DispatchError(f"could not publish {len(batch)} events: {exc}") from exc
             in_flight.append((part, _send_all(publishes, part)))
             if len(in_flight) > 1:
                 failed.extend(await _unconfirmed(*in_flight.popleft()))

@@ -11,6 +11,23 @@ class ConfigurationError(PigeonError):
     """The app or a listener is set up in a way that cannot work."""
 
 
+class SettingsError(ConfigurationError, ValueError):
+    """An environment variable (``PIGEON_*``, ``LETTERTHIEF_*``) holds a value that cannot work.
+
+    The message is one line naming the variable and what it accepts.
+    """
+
+
+class BrokerRefused(ConfigurationError):
+    """The broker answered but refused this client for good: wrong user or password, a
+    vhost that does not exist or is not granted, or a failed TLS handshake.
+
+    Retrying cannot cure it, so it is raised at once (``dispatch`` wraps it in
+    :class:`DispatchError`; ``pigeon listen`` exits 78). Refused connections and
+    timeouts are outages, retried as before.
+    """
+
+
 class DispatchError(PigeonError):
     """An event could not be confirmed by the broker within the dispatch timeout.
 

@@ -22,18 +22,18 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import aiormq
-import structlog
 from aiormq.abc import DeliveredMessage
 from pamqp.body import ContentBody
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
+from pigeon.logs import get_logger
 from pigeon.tables import encode_table
 
 if TYPE_CHECKING:
     from pigeon.messages import Outgoing
 
-log = structlog.get_logger("pigeon")
+log = get_logger("pigeon")
 
 ROOM_POLL = 0.001
 """Seconds between looks at a full write queue."""

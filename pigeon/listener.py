@@ -19,6 +19,7 @@ import structlog
 
 from pigeon.errors import ConfigurationError
 from pigeon.events import Event, validate_event_name
+from pigeon.logs import get_logger
 from pigeon.pipeline import Wrapper
 from pigeon.retry import Retry
 
@@ -139,7 +140,7 @@ class Context:
     def log(self) -> structlog.typing.FilteringBoundLogger:
         """A logger bound to this message's queue, event, ids and attempt."""
         if self._log is None:
-            self._log = structlog.get_logger("pigeon").bind(
+            self._log = get_logger("pigeon").bind(
                 queue=self.queue,
                 listener=self.listener,
                 event_name=self.event_name,
@@ -209,6 +210,7 @@ class Listener:
     wants_dict: bool = False
     takes_context: bool = True
     is_async: bool = True
+    context_first: bool = False
     fallback_handler: Fallback | None = field(default=None, repr=False)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -226,6 +228,7 @@ class Listener:
         It runs before the message is dead-lettered; if it raises, the error is
         logged and the dead letter still happens.
         """
+        check_fallback(func)
         self.fallback_handler = func
         return func
 
@@ -238,28 +241,59 @@ class Listener:
         return lookup(event_name)
 
 
+SHAPES = (
+    "(event), (event, ctx) or (ctx: Context, event); annotate event with an Event "
+    "subclass for a validated model or with dict for the raw payload"
+)
+
+
+def _is_context(annotation: Any) -> bool:
+    if isinstance(annotation, str):  # an unresolved forward reference
+        return annotation == "Context" or annotation.endswith(".Context")
+    return isinstance(annotation, type) and issubclass(annotation, Context)
+
+
 def inspect_handler(
     handler: Handler, targets: Sequence[type[Event] | str]
-) -> tuple[type[Event] | None, bool, bool, bool]:
-    """Read the handler's signature: (event type, wants dict, takes context, is async)."""
+) -> tuple[type[Event] | None, bool, bool, bool, bool]:
+    """Read the handler's signature: (event type, wants dict, takes context, is async,
+    context first).
+
+    Parameters are resolved by annotation where present (a ``Context`` one is
+    the context, wherever it stands), else by position. What cannot be called
+    with an event and a context is refused here, naming the handler and the
+    accepted shapes, not at its first message.
+    """
     if not callable(handler):
         raise ConfigurationError(f"listener handler {handler!r} is not callable")
     is_async = inspect.iscoroutinefunction(handler)
+    name = getattr(handler, "__qualname__", repr(handler))
+    parameters = inspect.signature(handler).parameters.values()
     params = [
         p
-        for p in inspect.signature(handler).parameters.values()
+        for p in parameters
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
     ]
-    if not params or len(params) > 2:
+    keyword_only = [p.name for p in parameters if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
+    if keyword_only or not params or len(params) > 2:
+        required = keyword_only and f"keyword-only parameter {', '.join(keyword_only)}"
         raise ConfigurationError(
-            f"{handler.__qualname__} must take (event) or (event, ctx); it requires "
-            f"{len(params)} positional parameters"
+            f"listener {name} cannot be called: it requires "
+            f"{required or f'{len(params)} positional parameters'}; accepted shapes: {SHAPES}"
         )
     try:
         hints = typing.get_type_hints(handler)
-    except Exception:  # unresolved forward references: fall back to the targets
-        hints = {}
-    annotation = hints.get(params[0].name, inspect.Parameter.empty)
+    except Exception:  # unresolved forward references: use the raw annotations
+        hints = {p.name: p.annotation for p in params}
+    annotations = [hints.get(p.name, inspect.Parameter.empty) for p in params]
+    contexts = [i for i, annotation in enumerate(annotations) if _is_context(annotation)]
+    if len(contexts) == len(params) or len(contexts) > 1:
+        raise ConfigurationError(
+            f"listener {name} has no parameter left for the event: only one parameter may be "
+            f"annotated Context; accepted shapes: {SHAPES}"
+        )
+    context_first = contexts == [0]
+    annotation = annotations[1 if context_first else 0]
     typed = [t for t in targets if isinstance(t, type)]
     event_type: type[Event] | None = None
     wants_dict = False
@@ -269,7 +303,20 @@ def inspect_handler(
         event_type = typed[0]
     else:
         wants_dict = True
-    return event_type, wants_dict, len(params) == 2, is_async
+    return event_type, wants_dict, len(params) == 2, is_async, context_first
+
+
+def check_fallback(func: Callable[..., Any]) -> None:
+    """Refuse a fallback that cannot be called as ``func(event, ctx, error)``."""
+    try:
+        inspect.signature(func).bind(None, None, None)
+    except TypeError as exc:
+        name = getattr(func, "__qualname__", repr(func))
+        raise ConfigurationError(
+            f"fallback {name} cannot be called as (event, ctx, error): {exc}"
+        ) from None
+    except ValueError:  # no signature (a builtin): trust it
+        pass
 
 
 def default_listener_name(handler: Handler) -> str:

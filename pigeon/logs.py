@@ -1,8 +1,13 @@
 """Structured logging: one event name per line, fields for everything else.
 
-``configure_logging`` is called by the CLIs; a library user who configures
-structlog themselves keeps their own setup. JSON when stderr is not a
-terminal (supervisor, containers), readable colours when it is.
+A library prints nothing on its own. Pigeon's loggers (:func:`get_logger`)
+go through structlog when the application configured structlog, and
+otherwise through the standard ``logging`` module under the ``pigeon``
+logger, which has a ``NullHandler``: a program that configured neither sees
+no Pigeon output at all, on stdout or stderr. ``configure_logging`` is
+called by the CLIs (``pigeon listen``, ``letterthief``) and writes to
+stderr: JSON when stderr is not a terminal (supervisor, containers),
+readable colours when it is.
 """
 
 from __future__ import annotations
@@ -10,9 +15,76 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from typing import Literal, TextIO, cast
+from typing import Any, Literal, TextIO, cast
 
 import structlog
+
+logging.getLogger("pigeon").addHandler(logging.NullHandler())
+logging.getLogger("letterthief").addHandler(logging.NullHandler())
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+    "exception": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "fatal": logging.CRITICAL,
+}
+
+# Rendered as one "event key=value ..." line handed to the stdlib logger.
+_STDLIB_PROCESSORS: list[structlog.typing.Processor] = [
+    structlog.contextvars.merge_contextvars,
+    structlog.processors.format_exc_info,
+    structlog.processors.KeyValueRenderer(key_order=["event"], drop_missing=True),
+]
+
+
+def _noop(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+class LibraryLogger:
+    """A structlog-style logger that never writes to stdout on its own.
+
+    Each call looks at the configuration of that moment: structlog's, if the
+    application (or a Pigeon CLI) configured it, else the stdlib logger
+    ``name``, which is silent until ``logging`` is configured. Calls below the
+    stdlib logger's level cost one check and render nothing.
+    """
+
+    __slots__ = ("_context", "_name")
+
+    def __init__(self, name: str, context: dict[str, Any] | None = None) -> None:
+        self._name = name
+        self._context = context or {}
+
+    def bind(self, **values: Any) -> LibraryLogger:
+        return LibraryLogger(self._name, {**self._context, **values})
+
+    def new(self, **values: Any) -> LibraryLogger:
+        return LibraryLogger(self._name, dict(values))
+
+    def __getattr__(self, method: str) -> Any:
+        if structlog.is_configured():
+            return getattr(structlog.get_logger(self._name, **self._context), method)
+        stdlib = logging.getLogger(self._name)
+        level = _LEVELS.get(method)
+        if level is not None and not stdlib.isEnabledFor(level):
+            return _noop
+        bound = structlog.wrap_logger(
+            stdlib,
+            processors=_STDLIB_PROCESSORS,
+            wrapper_class=structlog.stdlib.BoundLogger,
+            **self._context,
+        )
+        return getattr(bound, method)
+
+
+def get_logger(name: str = "pigeon") -> structlog.typing.FilteringBoundLogger:
+    """The logger Pigeon's modules use: see :class:`LibraryLogger`."""
+    return cast(structlog.typing.FilteringBoundLogger, LibraryLogger(name))
 
 
 class _Unbreakable:

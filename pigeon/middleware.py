@@ -15,13 +15,12 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from typing import TYPE_CHECKING, Any, Protocol
 
-import structlog
-
 from pigeon import pipeline
 from pigeon.errors import HandlerTimeout
 from pigeon.idempotency import open_store
 from pigeon.idempotency.base import ClaimState
 from pigeon.idempotency.lease import Renewal
+from pigeon.logs import get_logger
 from pigeon.metrics import HANDLER_SECONDS, IN_FLIGHT
 from pigeon.retry import RetryLater
 
@@ -63,7 +62,7 @@ class Logging:
 
     async def __call__(self, delivery: Delivery, call_next: CallNext) -> None:
         ctx = delivery.context
-        log = ctx.log if ctx is not None else structlog.get_logger("pigeon")
+        log = ctx.log if ctx is not None else get_logger("pigeon")
         log.debug("handler.started")
         started = time.perf_counter()
         try:

@@ -33,7 +33,6 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import aiormq
-import structlog
 from aio_pika.exceptions import ChannelInvalidStateError, PublishError
 from aiormq.abc import ChannelFrame, DeliveredMessage
 from aiormq.channel import Returning
@@ -41,11 +40,12 @@ from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
 from pigeon.frames import Intercepted, content, publish_method, room
+from pigeon.logs import get_logger
 
 if TYPE_CHECKING:
     from pigeon.messages import Outgoing
 
-log = structlog.get_logger("pigeon")
+log = get_logger("pigeon")
 
 METHOD_CACHE = 1024
 """Method frames kept per channel: one per (exchange, routing key, mandatory)."""

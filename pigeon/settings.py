@@ -7,11 +7,13 @@ Every broker URL that reaches a log line or an error message goes through
 from __future__ import annotations
 
 import sys
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pigeon.errors import SettingsError
 
 
 def _default_log_format() -> Literal["console", "json"]:
@@ -39,6 +41,50 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1024 * 1024, ge=1)
     log_format: Literal["console", "json"] = Field(default_factory=_default_log_format)
     log_level: str = "INFO"
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise settings_error(exc, self.model_config.get("env_prefix", "")) from None
+
+    @field_validator("url")
+    @classmethod
+    def _amqp_urls(cls, value: str) -> str:
+        for item in value.split(","):
+            scheme = urlsplit(item.strip()).scheme
+            if scheme not in ("amqp", "amqps"):
+                raise ValueError(
+                    f"{mask_url(item.strip())!r} is not an AMQP URL: use "
+                    "amqp://user:password@host:5672/vhost (or amqps:// for TLS), "
+                    "several separated by commas"
+                )
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.upper() not in _LEVELS:
+            raise ValueError(f"use one of {', '.join(_LEVELS)}")
+        return value.upper()
+
+
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def settings_error(exc: ValidationError, prefix: str) -> SettingsError:
+    """One line naming the environment variable and what it accepts, from pydantic's error."""
+    problems = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else "?"
+        given = error.get("input")
+        message = str(error["msg"]).removeprefix("Value error, ")
+        masked = (
+            ",".join(mask_url(item) for item in given.split(",")) if isinstance(given, str) else ""
+        )
+        shown = f"={masked!r}" if isinstance(given, str) else ""
+        problems.append(f"{prefix}{field.upper()}{shown} is invalid: {message}")
+    return SettingsError("; ".join(problems))
 
 
 def broker_urls(url: str) -> list[str]:

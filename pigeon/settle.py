@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import structlog
 from aio_pika.exceptions import PublishError
 
 from pigeon import headers as h
@@ -21,11 +20,12 @@ from pigeon.app import Pigeon, Runtime
 from pigeon.delivery import Delivery, Outcome, OutcomeKind
 from pigeon.errors import DispatchError
 from pigeon.listener import Listener
+from pigeon.logs import get_logger
 from pigeon.messages import Outgoing
 from pigeon.retry import tier_queue
 from pigeon.tables import normalise_headers
 
-log = structlog.get_logger("pigeon")
+log = get_logger("pigeon")
 
 SETTLE_TIMEOUT = 10.0
 """Seconds a retry copy or dead letter may take to be confirmed before the original

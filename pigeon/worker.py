@@ -20,12 +20,10 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, cast
 
 import aiormq
-import structlog
 from aio_pika.abc import AbstractChannel
 from aiormq.abc import AbstractChannel as AmqpChannel
 from aiormq.abc import DeliveredMessage
@@ -39,11 +37,13 @@ from pigeon.dispatch import RETRYABLE
 from pigeon.frames import Deliveries
 from pigeon.idempotency import IdempotencyStore, open_store
 from pigeon.listener import Listener
+from pigeon.logs import get_logger
 from pigeon.metrics import MESSAGES
 from pigeon.settle import Settler
+from pigeon.threads import HandlerThreads
 from pigeon.unmarshal import problems_of
 
-log = structlog.get_logger("pigeon")
+log = get_logger("pigeon")
 
 PURGE_INTERVAL = 3600.0
 CONSUMER_CHECK_INTERVAL = 1.0
@@ -127,7 +127,7 @@ class Worker:
         self._counters: dict[tuple[str, str, str], Any] = {}
         self._settler: Settler | None = None
         self._processors: dict[str, Processor] = {}
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: HandlerThreads | None = None
         self._runtime: Runtime | None = None
         self._purging: asyncio.Future[None] | None = None
 
@@ -219,7 +219,7 @@ class Worker:
     def _build_processors(self) -> None:
         if any(not listener.is_async for listener in self.listeners):
             workers = sum(listener.concurrency or self.concurrency for listener in self.listeners)
-            self._executor = ThreadPoolExecutor(
+            self._executor = HandlerThreads(
                 max_workers=workers, thread_name_prefix="pigeon-handler"
             )
         for listener in self.listeners:

@@ -1,0 +1,435 @@
+"""What a newcomer meets in the first hour: a quiet library, short errors, clean exits.
+
+Each test here is a defect of issue 14 that once failed: a library printing to
+its host's stdout, warnings at the end of ``asyncio.run()``, permanent broker
+errors retried as outages, tracebacks for bad settings, handler signatures
+accepted and then miscalled.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import structlog
+
+from pigeon import BrokerRefused, ConfigurationError, Context, DispatchError, Event, Pigeon
+from pigeon.errors import SettingsError
+from pigeon.settings import Settings
+from pigeon.testing import deliver
+from tests.conftest import AppFactory, Broker, settings_env
+from tests.procs import PIGEON, ROOT, env_for, recorded, stop, wait_for_log, wait_recorded
+
+UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def run_script(
+    tmp_path: Path, code: str, env: dict[str, str], *flags: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(code))
+    return subprocess.run(
+        [sys.executable, *flags, str(script)],
+        env={**env, "PYTHONPATH": str(ROOT)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+# -- 1: the library prints nothing ----------------------------------------------------
+
+
+def test_a_script_that_dispatches_prints_only_its_own_output(
+    settings: Settings, broker: Broker, tmp_path: Path
+) -> None:
+    broker.track(settings)
+    code = """
+        import pigeon
+        for n in range(3):
+            print(pigeon.dispatch("first.contact", {"n": n}))
+    """
+    for fmt in ("json", "console"):
+        env = {**settings_env(settings), "PIGEON_LOG_FORMAT": fmt}
+        result = run_script(tmp_path, code, env)
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert len(lines) == 3
+        assert all(UUID.match(line) for line in lines), result.stdout
+        assert result.stderr == ""
+
+
+def test_a_script_that_configured_logging_gets_pigeons_logs_there(
+    settings: Settings, broker: Broker, tmp_path: Path
+) -> None:
+    broker.track(settings)
+    code = """
+        import logging, pigeon
+        logging.basicConfig(level=logging.INFO)
+        print(pigeon.dispatch("first.contact", {"n": 1}))
+    """
+    result = run_script(tmp_path, code, settings_env(settings))
+    assert result.returncode == 0, result.stderr
+    assert UUID.match(result.stdout.strip())
+    assert "broker.connected" in result.stderr
+    assert "guest:guest" not in result.stderr
+
+
+# -- 2: asyncio.run() ends cleanly ----------------------------------------------------
+
+
+def test_asyncio_run_with_dispatch_async_ends_without_warnings(
+    settings: Settings, broker: Broker, tmp_path: Path
+) -> None:
+    broker.track(settings)
+    code = """
+        import asyncio, logging, pigeon
+        logging.basicConfig(level=logging.DEBUG)
+
+        async def main():
+            print(await pigeon.dispatch_async("first.contact", {"n": 1}))
+
+        asyncio.run(main())
+    """
+    result = run_script(tmp_path, code, settings_env(settings), "-W", "error", "-X", "dev")
+    assert result.returncode == 0, result.stderr
+    assert UUID.match(result.stdout.strip())
+    for noise in ("connection_lost", "Task was destroyed", "Traceback", "Warning", "never"):
+        assert noise not in result.stderr, result.stderr
+
+
+def test_close_and_async_with_release_the_connection(
+    settings: Settings, broker: Broker, tmp_path: Path
+) -> None:
+    broker.track(settings)
+    code = """
+        import asyncio, logging, pigeon
+        from pigeon import Pigeon
+        logging.basicConfig(level=logging.DEBUG)
+
+        async def main():
+            print(await pigeon.dispatch_async("first.contact", {"n": 1}))
+            await pigeon.close()
+            async with Pigeon(service="first-contact") as app:
+                print(await app.dispatch_async("first.contact", {"n": 2}))
+            print("closed", not app.runtime().connector.is_open)
+
+        asyncio.run(main())
+    """
+    result = run_script(tmp_path, code, settings_env(settings), "-W", "error", "-X", "dev")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3
+    assert lines[2] == "closed True"
+    assert result.stderr.count("broker.connected") == 2
+    for noise in ("connection_lost", "Task was destroyed", "Traceback", "Warning"):
+        assert noise not in result.stderr, result.stderr
+
+
+# -- 3: permanent broker errors are configuration errors -------------------------------
+
+WRONG_PASSWORD = "amqp://guest:not-the-password@127.0.0.1:5672/"
+MISSING_VHOST = "amqp://guest:guest@127.0.0.1:5672/pigeon-no-such-vhost-3f9a"
+TLS_ON_PLAIN_PORT = "amqps://guest:guest@127.0.0.1:5672/"
+
+
+async def _dispatch_error(settings: Settings, url: str) -> DispatchError:
+    app = Pigeon(service="first-contact", settings=settings.model_copy(update={"url": url}))
+    try:
+        with pytest.raises(DispatchError) as caught:
+            await app.dispatch_async("first.contact", {"n": 1})
+    finally:
+        await app.close()
+    return caught.value
+
+
+async def test_a_wrong_password_is_refused_at_once_naming_the_user(settings: Settings) -> None:
+    error = await _dispatch_error(
+        settings.model_copy(update={"dispatch_timeout": 120}), WRONG_PASSWORD
+    )
+    assert isinstance(error.__cause__, BrokerRefused)
+    assert "'guest'" in str(error)
+    assert "ACCESS_REFUSED" in str(error)
+    assert "not-the-password" not in str(error)
+
+
+async def test_a_missing_vhost_is_refused_naming_the_vhost(settings: Settings) -> None:
+    error = await _dispatch_error(
+        settings.model_copy(update={"dispatch_timeout": 120}), MISSING_VHOST
+    )
+    assert isinstance(error.__cause__, BrokerRefused)
+    assert "'pigeon-no-such-vhost-3f9a'" in str(error)
+    assert "'guest'" in str(error)
+    assert len(str(error).splitlines()) == 1
+
+
+async def test_a_tls_failure_is_refused_at_once(settings: Settings) -> None:
+    error = await _dispatch_error(
+        settings.model_copy(update={"dispatch_timeout": 120}), TLS_ON_PLAIN_PORT
+    )
+    assert isinstance(error.__cause__, BrokerRefused)
+    assert "TLS" in str(error)
+    assert ":guest@" not in str(error)
+
+
+async def test_a_refused_connection_is_still_retried_as_an_outage(settings: Settings) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"amqp://guest:guest@127.0.0.1:{port}/"
+    with structlog.testing.capture_logs() as logs:
+        error = await _dispatch_error(settings.model_copy(update={"dispatch_timeout": 1.0}), url)
+    assert not isinstance(error.__cause__, BrokerRefused)
+    assert "within 1s" in str(error)
+    assert any(entry["event"] == "dispatch.retrying" for entry in logs)
+
+
+def test_pigeon_listen_exits_78_with_one_line_on_a_missing_vhost(
+    settings: Settings, tmp_path: Path
+) -> None:
+    env = {**settings_env(settings), "PIGEON_URL": MISSING_VHOST, "PIGEON_SERVICE": "fc"}
+    result = subprocess.run(
+        [*PIGEON, "listen", "tests.apps.recorder:app"],
+        env={**env, "PYTHONPATH": str(ROOT), "RECORDER_FILE": str(tmp_path / "rec.txt")},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 78, result.stderr
+    mine = [line for line in result.stderr.splitlines() if line.startswith("pigeon: ")]
+    assert len(mine) == 1, result.stderr
+    assert "pigeon-no-such-vhost-3f9a" in mine[0]
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+# -- 4: bad settings are one line naming the variable -----------------------------------
+
+BAD_SETTINGS = [
+    ("PIGEON_DISPATCH_TIMEOUT", "abc", "number"),
+    ("PIGEON_LOG_FORMAT", "pretty", "'console' or 'json'"),
+    ("PIGEON_LOG_LEVEL", "LOUD", "DEBUG, INFO"),
+    ("PIGEON_URL", "http://guest:secret@127.0.0.1:5672/", "amqp://"),
+    ("PIGEON_URL", "amqp://guest:guest@127.0.0.1:5672/,http://other/", "'http://other/'"),
+]
+
+
+@pytest.mark.parametrize(("variable", "value", "accepts"), BAD_SETTINGS)
+@pytest.mark.parametrize(
+    "command",
+    [["dispatch", "first.contact", "{}"], ["listen", "tests.apps.recorder:app"]],
+    ids=["dispatch", "listen"],
+)
+def test_an_invalid_setting_is_one_line_naming_the_variable(
+    command: list[str], variable: str, value: str, accepts: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIGEON_")}
+    env.update({variable: value, "PIGEON_SERVICE": "fc", "PYTHONPATH": str(ROOT)})
+    result = subprocess.run(
+        [*PIGEON, *command], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 78, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"pigeon: {variable}=")
+    assert accepts in lines[0]
+    assert "secret" not in lines[0]
+
+
+def test_an_invalid_setting_raises_a_settings_error_in_the_library(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PIGEON_DISPATCH_TIMEOUT", "abc")
+    with pytest.raises(SettingsError, match=r"^PIGEON_DISPATCH_TIMEOUT='abc' is invalid"):
+        Pigeon(service="first-contact")
+
+
+def test_letterthief_refuses_an_invalid_setting_in_one_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIGEON_", "LETTERTHIEF_"))}
+    env["LETTERTHIEF_ALERT_INTERVAL"] = "often"
+    env["LETTERTHIEF_DATABASE_URL"] = f"sqlite:///{tmp_path}/lt.db"
+    result = subprocess.run(
+        [sys.executable, "-m", "letterthief", "list"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 78, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        line for line in result.stderr.strip().splitlines() if "LETTERTHIEF_ALERT_INTERVAL" in line
+    ]
+
+
+# -- 7: a plain install's letterthief names the extra -------------------------------------
+
+BLOCKER = """
+import sys
+
+class _Missing:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "uvicorn":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, _Missing())
+"""
+
+
+def test_letterthief_without_its_extra_says_which_extra_to_install(tmp_path: Path) -> None:
+    (tmp_path / "sitecustomize.py").write_text(BLOCKER)
+    command = Path(sys.executable).parent / "letterthief"
+    result = subprocess.run(
+        [str(command), "--help"],
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "letterthief: the letterthief extra is not installed (no module uvicorn): "
+        "pip install 'pigeon-bus[letterthief]'"
+    ]
+
+
+# -- 5: handler signatures are checked at registration ----------------------------------
+
+
+class Placed(Event, name="first-contact.placed"):
+    order_id: str
+
+
+def _app() -> Pigeon:
+    return Pigeon(service="first-contact", settings=Settings(idempotency_url="memory://"))
+
+
+async def test_a_context_first_handler_gets_its_arguments_by_annotation() -> None:
+    app = _app()
+    seen: list[tuple[object, object]] = []
+
+    @app.listener(Placed)
+    async def placed(ctx: Context, event: Placed) -> None:
+        seen.append((ctx, event))
+
+    outcome = await deliver(app, Placed(order_id="o-1"))
+    assert outcome.acked, outcome
+    ((ctx, event),) = seen
+    assert isinstance(ctx, Context)
+    assert event == Placed(order_id="o-1")
+
+
+def test_a_keyword_only_context_is_refused_naming_the_handler_and_the_shapes() -> None:
+    app = _app()
+
+    async def placed(event: Placed, *, ctx: Context) -> None: ...
+
+    with pytest.raises(ConfigurationError) as caught:
+        app.listener(Placed)(placed)
+    message = str(caught.value)
+    assert "placed" in message
+    assert "keyword-only parameter ctx" in message
+    assert "(event, ctx)" in message
+
+
+@pytest.mark.parametrize(
+    "handler",
+    [
+        lambda: None,
+        lambda event, ctx, extra: None,
+    ],
+    ids=["no-parameters", "three-parameters"],
+)
+def test_a_handler_with_the_wrong_arity_is_refused(handler: Callable[..., None]) -> None:
+    with pytest.raises(ConfigurationError, match="accepted shapes"):
+        _app().listener(Placed, name="wrong")(handler)
+
+
+def test_two_context_parameters_are_refused() -> None:
+    async def placed(a: Context, b: Context) -> None: ...
+
+    with pytest.raises(ConfigurationError, match="only one parameter may be annotated Context"):
+        _app().listener(Placed)(placed)
+
+
+def test_a_fallback_with_the_wrong_arity_is_refused_at_registration() -> None:
+    app = _app()
+
+    @app.listener(Placed)
+    async def placed(event: Placed) -> None: ...
+
+    async def gave_up(event: Placed, ctx: Context) -> None: ...
+
+    with pytest.raises(ConfigurationError, match=r"fallback .*gave_up.* \(event, ctx, error\)"):
+        placed.fallback(gave_up)  # type: ignore[arg-type]
+
+
+# -- 6: sync handlers honour --shutdown-timeout ------------------------------------------
+
+
+def _sync_listener(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [*PIGEON, "listen", "tests.apps.sync_recorder:app", *args],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+async def test_a_slow_sync_handler_does_not_outlive_the_shutdown_timeout(
+    make_app: AppFactory, broker: Broker, tmp_path: Path
+) -> None:
+    app = make_app("sync")
+    broker.queues.add(f"{app.service}.record-sync")
+    rec, log = tmp_path / "rec.txt", tmp_path / "listen.log"
+    env = env_for(app.settings, app.service or "", RECORDER_FILE=str(rec), RECORDER_SECONDS="60")
+    proc = _sync_listener(env, log, "--shutdown-timeout", "2")
+    try:
+        wait_for_log(log, "worker.consuming")
+        message_id = await app.dispatch_async("test.order.placed", {"n": 1})
+        wait_recorded(rec, 1, kind="start")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0  # the handler sleeps 60 s
+    finally:
+        stop(proc)
+    assert recorded(rec, "done") == []
+    again = _sync_listener({**env, "RECORDER_SECONDS": "0"}, log)  # the message was not acked
+    try:
+        assert wait_recorded(rec, 1, kind="done") == [message_id]
+    finally:
+        stop(again)
+
+
+async def test_a_sync_handler_that_finishes_within_the_timeout_is_acked(
+    make_app: AppFactory, broker: Broker, tmp_path: Path
+) -> None:
+    app = make_app("sync")
+    queue = f"{app.service}.record-sync"
+    broker.queues.add(queue)
+    rec, log = tmp_path / "rec.txt", tmp_path / "listen.log"
+    env = env_for(app.settings, app.service or "", RECORDER_FILE=str(rec), RECORDER_SECONDS="1")
+    proc = _sync_listener(env, log, "--shutdown-timeout", "30")
+    try:
+        wait_for_log(log, "worker.consuming")
+        message_id = await app.dispatch_async("test.order.placed", {"n": 1})
+        wait_recorded(rec, 1, kind="start")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        stop(proc)
+    assert recorded(rec, "done") == [message_id]
+    assert await broker.count(queue) == 0
