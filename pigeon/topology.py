@@ -15,15 +15,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
-import structlog
 from aio_pika.abc import AbstractChannel, ExchangeType
 from aiormq.exceptions import ChannelPreconditionFailed
 
 from pigeon.errors import TopologyError
+from pigeon.logs import get_logger
 from pigeon.retry import tier_queue
 from pigeon.settings import Settings
 
-log = structlog.get_logger("pigeon")
+log = get_logger("pigeon")
 
 DEFAULT_DELIVERY_LIMIT = 20
 GROUP_SIZE = "x-quorum-initial-group-size"

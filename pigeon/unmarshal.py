@@ -24,14 +24,13 @@ from typing import Any
 import aiormq.connection
 import pamqp
 import pamqp.frame
-import structlog
 from aiormq.abc import DeliveredMessage
 from pamqp import decode
 from pamqp.commands import Basic
 from pamqp.constants import FRAME_HEADER, FRAME_HEADER_SIZE, FRAME_METHOD
 from pamqp.header import ContentHeader
 
-log = structlog.get_logger("pigeon")
+log = get_logger("pigeon")
 
 _pamqp_unmarshal = pamqp.frame.unmarshal
 _DELIVER_INDEX = struct.pack(">HH", 60, 60)

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
-import structlog
-
 from pigeon.idempotency.base import IdempotencyStore
+from pigeon.logs import get_logger
 
-log = structlog.get_logger("pigeon")
+log = get_logger("pigeon")
 
 
 class Renewal:
