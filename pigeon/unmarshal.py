@@ -30,6 +30,8 @@ from pamqp.commands import Basic
 from pamqp.constants import FRAME_HEADER, FRAME_HEADER_SIZE, FRAME_METHOD
 from pamqp.header import ContentHeader
 
+from pigeon.logs import get_logger
+
 log = get_logger("pigeon")
 
 _pamqp_unmarshal = pamqp.frame.unmarshal
