@@ -15,6 +15,7 @@ import json
 import uuid
 from collections.abc import Mapping
 from concurrent.futures import Executor
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,15 @@ __all__ = [  # Outcome, Renewal and the two errors lived here first; these paths
 ]
 
 log = get_logger("pigeon")
+
+
+class NotStarted(Exception):
+    """The handler was not started (the worker is stopping); the message goes back unhandled.
+
+    Raised by the ``limit`` given to :meth:`Processor.process` instead of
+    admitting a handler; the claim is released, so the next consumer takes the
+    message at once.
+    """
 
 
 @dataclass(slots=True)
@@ -138,8 +148,18 @@ class Processor:
         self._call = chain(middleware, self._invoke)
         self.abandoned_threads = 0
 
-    async def process(self, delivery: Delivery) -> Outcome:
-        """Decide the fate of ``delivery``. Never raises, except on cancellation."""
+    async def process(
+        self, delivery: Delivery, limit: AbstractAsyncContextManager[Any] | None = None
+    ) -> Outcome:
+        """Decide the fate of ``delivery``. Never raises, except on cancellation and the
+        :class:`NotStarted` that ``limit`` may raise instead of admitting the handler.
+
+        ``limit`` bounds the handlers running at once (``--concurrency``); it
+        is held around the middleware and the handler only. Decoding and the
+        idempotency claim and done mark run outside it, so a store that
+        group-commits (SQLite, PostgreSQL, Redis pipelines) gets every
+        prefetched message's call into one round, not only the running ones'.
+        """
         delivery.store = self.lock_store
         try:
             delivery.payload = self.decode(delivery)
@@ -147,7 +167,7 @@ class Processor:
             return self._dead(delivery, exc.reason, exc, delivery.attempt)
         store = self.store if delivery.has_message_id else None
         if store is None:
-            return await self._attempts(delivery)
+            return await self._limited(delivery, limit)
         key = f"{self.listener.queue}:{delivery.message_id}"
         lease = self.listener.claim_lease
         try:
@@ -158,7 +178,7 @@ class Processor:
             return Outcome(OutcomeKind.DUPLICATE, delivery.attempt)
         renewal = Renewal(store, key, claim.token, lease)
         try:
-            outcome = await self._attempts(delivery)
+            outcome = await self._limited(delivery, limit)
         except BaseException:
             renewal.stop()
             await asyncio.shield(self._settle_claim(store, key, claim.token, released=True))
@@ -167,6 +187,14 @@ class Processor:
         failed = outcome.kind is not OutcomeKind.ACKED
         await self._settle_claim(store, key, claim.token, released=failed)
         return outcome
+
+    async def _limited(
+        self, delivery: Delivery, limit: AbstractAsyncContextManager[Any] | None
+    ) -> Outcome:
+        if limit is None:
+            return await self._attempts(delivery)
+        async with limit:
+            return await self._attempts(delivery)
 
     async def _claim(self, store: IdempotencyStore, key: str, lease: float) -> Claim:
         """Claim ``key``; while another delivery holds it, wait for it to finish or expire.

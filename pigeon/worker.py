@@ -32,7 +32,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 from pigeon import topology
 from pigeon.acks import Acker
 from pigeon.app import Pigeon, Runtime
-from pigeon.delivery import Delivery, Outcome, OutcomeKind, Processor
+from pigeon.delivery import Delivery, NotStarted, Outcome, OutcomeKind, Processor
 from pigeon.dispatch import RETRYABLE
 from pigeon.frames import Deliveries
 from pigeon.idempotency import IdempotencyStore, open_store
@@ -47,6 +47,9 @@ log = get_logger("pigeon")
 
 PURGE_INTERVAL = 3600.0
 CONSUMER_CHECK_INTERVAL = 1.0
+PREFETCH_PER_HANDLER = 4
+"""Default prefetch per unit of concurrency: a batch for the store's group commit and the
+acks to fill while the handlers run (see ``docs/performance.md``)."""
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -66,6 +69,28 @@ class _Consumer:
     underlay: AmqpChannel
     tag: str
     acker: Acker
+
+
+class _Slots:
+    """A listener's handler limit (``--concurrency``) that admits no handler once the
+    worker is stopping: what was prefetched but not started goes back to the queue."""
+
+    __slots__ = ("_semaphore", "_stopping")
+
+    def __init__(self, concurrency: int, stopping: asyncio.Event) -> None:
+        self._semaphore = asyncio.Semaphore(concurrency)
+        self._stopping = stopping
+
+    async def __aenter__(self) -> None:
+        if not self._stopping.is_set():
+            await self._semaphore.acquire()
+            if not self._stopping.is_set():
+                return
+            self._semaphore.release()
+        raise NotStarted("the worker is stopping")
+
+    async def __aexit__(self, *_: object) -> None:
+        self._semaphore.release()
 
 
 def _quiet_connection_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -274,20 +299,20 @@ class Worker:
         self._consumers.clear()
         for listener in self.listeners:
             concurrency = listener.concurrency or self.concurrency
-            prefetch = max(self.prefetch or concurrency, 1)
+            prefetch = max(self.prefetch or concurrency * PREFETCH_PER_HANDLER, 1)
             if self.max_messages is not None:
                 prefetch = min(prefetch, self.max_messages)
             channel = await connection.channel(publisher_confirms=False)
             await channel.set_qos(prefetch_count=prefetch)
             underlay = await channel.get_underlay_channel()
             processor = self._processors[listener.queue]
-            semaphore = asyncio.Semaphore(concurrency)
+            semaphore = _Slots(concurrency, self._stopping)
             acker = Acker(underlay, listener.queue)
 
             async def on_message(
                 message: DeliveredMessage,
                 processor: Processor = processor,
-                semaphore: asyncio.Semaphore = semaphore,
+                semaphore: _Slots = semaphore,
                 acker: Acker = acker,
             ) -> None:
                 self._spawn(processor, semaphore, acker, message)
@@ -366,7 +391,7 @@ class Worker:
     def _spawn(
         self,
         processor: Processor,
-        semaphore: asyncio.Semaphore,
+        semaphore: _Slots,
         acker: Acker,
         message: DeliveredMessage,
     ) -> None:
@@ -388,34 +413,37 @@ class Worker:
     async def _handle(
         self,
         processor: Processor,
-        semaphore: asyncio.Semaphore,
+        semaphore: _Slots,
         acker: Acker,
         tag: int,
         message: DeliveredMessage,
     ) -> None:
-        async with semaphore:
-            started = time.perf_counter()
-            props = message.header.properties
-            undecodable, raw_properties = problems_of(message)
-            delivery = Delivery.create(
-                processor.listener,
-                message.body,
-                event_name=props.message_type or message.routing_key or "",
-                message_id=props.message_id,
-                headers=props.headers,
-                correlation_id=props.correlation_id,
-                content_type=props.content_type,
-                content_encoding=props.content_encoding,
-                app_id=props.app_id,
-                timestamp=props.timestamp,
-                redelivered=bool(message.redelivered),
-                undecodable=undecodable,
-                raw_properties=raw_properties,
-            )
-            outcome = await processor.process(delivery)
-            assert self._settler is not None
-            settled = await self._settler.settle(acker, tag, delivery, outcome)
-            self._record(delivery, outcome, settled, time.perf_counter() - started)
+        started = time.perf_counter()
+        props = message.header.properties
+        undecodable, raw_properties = problems_of(message)
+        delivery = Delivery.create(
+            processor.listener,
+            message.body,
+            event_name=props.message_type or message.routing_key or "",
+            message_id=props.message_id,
+            headers=props.headers,
+            correlation_id=props.correlation_id,
+            content_type=props.content_type,
+            content_encoding=props.content_encoding,
+            app_id=props.app_id,
+            timestamp=props.timestamp,
+            redelivered=bool(message.redelivered),
+            undecodable=undecodable,
+            raw_properties=raw_properties,
+        )
+        try:
+            outcome = await processor.process(delivery, semaphore)  # the handler under the limit
+        except NotStarted:
+            acker.give_back(tag)
+            return
+        assert self._settler is not None
+        settled = await self._settler.settle(acker, tag, delivery, outcome)
+        self._record(delivery, outcome, settled, time.perf_counter() - started)
 
     def _record(self, delivery: Delivery, outcome: Outcome, settled: bool, seconds: float) -> None:
         self.counts[outcome.kind.value] += 1
