@@ -14,6 +14,7 @@ Bulk retries publish at most ``LETTERTHIEF_REPLAY_BATCH_SIZE`` at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import Sequence
@@ -21,17 +22,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import aio_pika
 import structlog
-from aio_pika.abc import AbstractChannel, DeliveryMode
-from aiormq.exceptions import PublishError
+from aio_pika.exceptions import PublishError
 
-from letterthief import parse
+from letterthief import message, parse
 from letterthief.metrics import Metrics
 from letterthief.models import Letter, Status
 from letterthief.store import Store
-from pigeon import headers as h
 from pigeon.connection import Connector
+from pigeon.dispatch import Publisher
+from pigeon.errors import DispatchError
 from pigeon.settings import Settings
 
 log = structlog.get_logger("letterthief")
@@ -59,6 +59,23 @@ class QueueMissing(ReplayError):
 
 class BrokerUnavailable(ReplayError):
     """The broker did not confirm the replay (down, or refused it)."""
+
+
+class CannotEncode(InvalidBody):
+    """A header or property of the letter that AMQP cannot carry (422, naming it)."""
+
+
+def _missing(exchange: str, routing_key: str) -> QueueMissing:
+    where = (
+        f"queue {routing_key}"
+        if exchange == ""
+        else f"a queue bound to {exchange} for {routing_key!r}"
+    )
+    return QueueMissing(
+        f"{where} does not exist, so the broker returned the message; the letter "
+        "stays open. Start the service that owns the queue (it declares it) and try "
+        "again, or archive the letter."
+    )
 
 
 @dataclass
@@ -131,29 +148,10 @@ def check_body(letter: Letter, body: str) -> bytes:
     return body.encode("utf-8")
 
 
-def replay_message(letter: Letter, actor: str, body: bytes | None = None) -> aio_pika.Message:
-    """The message a replay publishes: original properties, failure headers removed."""
-    props = parse.from_json(letter.properties)
-    headers = {
-        k: v for k, v in parse.from_json(letter.headers).items() if not parse.is_failure_header(k)
-    }
-    headers[h.REPLAY_OF] = str(letter.id)
-    headers[h.REPLAYED_BY] = actor
-    timestamp = props.get("timestamp")
-    return aio_pika.Message(
-        letter.body if body is None else body,
-        headers=headers,
-        content_type=props.get("content_type"),
-        content_encoding=props.get("content_encoding"),
-        delivery_mode=DeliveryMode(props.get("delivery_mode") or DeliveryMode.PERSISTENT),
-        priority=props.get("priority"),
-        correlation_id=props.get("correlation_id"),
-        reply_to=props.get("reply_to"),
-        message_id=letter.message_id,
-        timestamp=timestamp if isinstance(timestamp, datetime) else None,
-        type=letter.event or props.get("type"),
-        app_id=props.get("app_id"),
-    )
+def outcome(error: ReplayError) -> str:
+    """The history's word for a replay that did not succeed: a broker that did not
+    answer in time may still have delivered it, so that is not called failed."""
+    return "unconfirmed" if isinstance(error, BrokerUnavailable) else "failed"
 
 
 def target(letter: Letter) -> tuple[str, str]:
@@ -164,7 +162,14 @@ def target(letter: Letter) -> tuple[str, str]:
 
 
 class Replayer:
-    """Publishes replays on its own confirmed channel."""
+    """Publishes replays through pigeon's confirmed :class:`~pigeon.dispatch.Publisher`.
+
+    Each replay is built and encoded as a check before it is handed over
+    (:func:`letterthief.message.build`), so a letter AMQP cannot carry is a
+    422 naming the header and never touches the channel. After any other
+    publish error the channel is dropped and the next replay opens a fresh
+    one; a replay the broker confirmed is never recorded as failed.
+    """
 
     def __init__(
         self,
@@ -181,23 +186,12 @@ class Replayer:
         self.timeout = timeout
         self.metrics = metrics or Metrics()
         self.connector = Connector(pigeon.url, name="letterthief-replay")
-        self._channel: AbstractChannel | None = None
-        self._lock = asyncio.Lock()
+        self.publisher = Publisher(self.connector, timeout=timeout)
 
     async def close(self) -> None:
-        channel, self._channel = self._channel, None
-        if channel is not None and not channel.is_closed:
-            await channel.close()
+        with contextlib.suppress(Exception):
+            await self.publisher.close()
         await self.connector.close()
-
-    async def _get_channel(self) -> AbstractChannel:
-        async with self._lock:
-            if self._channel is None or self._channel.is_closed:
-                connection = await self.connector.get(timeout=self.timeout)
-                self._channel = await connection.channel(
-                    publisher_confirms=True, on_return_raises=True
-                )
-            return self._channel
 
     async def publish(
         self, letter: Letter, actor: str, body: bytes | None = None
@@ -205,37 +199,24 @@ class Replayer:
         """Publish one replay and wait for the confirm; returns the error, or ``None``."""
         exchange_name, routing_key = target(letter)
         try:
-            channel = await self._get_channel()
-            exchange = (
-                channel.default_exchange
-                if exchange_name == ""
-                else await channel.get_exchange(exchange_name, ensure=False)
-            )
-            await exchange.publish(
-                replay_message(letter, actor, body),
-                routing_key,
-                mandatory=True,
-                timeout=self.timeout,
-            )
-        except PublishError:
-            where = (
-                f"queue {routing_key}"
-                if exchange_name == ""
-                else (f"a queue bound to {exchange_name} for {routing_key!r}")
-            )
-            return QueueMissing(
-                f"{where} does not exist, so the broker returned the message; the letter "
-                "stays open. Start the service that owns the queue (it declares it) and try "
-                "again, or archive the letter."
-            )
-        except Exception as exc:
-            if self._channel is not None and self._channel.is_closed:
-                self._channel = None
-            if not self.connector.is_open:
-                self.connector.invalidate()
+            out = message.build(letter, actor, exchange_name, routing_key, body)
+        except message.Unencodable as exc:
+            return CannotEncode(str(exc))
+        try:
+            await self.publisher.publish(out, timeout=self.timeout)
+        except DispatchError as exc:
+            if isinstance(exc.__cause__, PublishError):
+                return _missing(exchange_name, routing_key)
             return BrokerUnavailable(
-                f"the broker at {self.connector.masked_url} did not confirm the replay "
-                f"({type(exc).__name__}: {exc}); the letter stays open, try again later"
+                f"the broker at {self.connector.masked_url} did not confirm the replay within "
+                f"{self.timeout:g}s ({exc.__cause__ or exc}); the letter stays open, try again"
+            )
+        except Exception as exc:  # nothing else may leave the channel in doubt: drop it
+            log.exception("letter.replay_error", letter_id=letter.id, error=repr(exc))
+            with contextlib.suppress(Exception):
+                await self.publisher.close()
+            return BrokerUnavailable(
+                f"the replay failed ({type(exc).__name__}: {exc}); the letter stays open"
             )
         return None
 
@@ -254,7 +235,9 @@ class Replayer:
         error = await self.publish(letter, actor, edited)
         if error is not None:
             self.metrics.replays.labels("failed").inc()
-            await self.store.record_failures([(letter.id, str(error))], actor, action=action)
+            await self.store.record_failures(
+                [(letter.id, str(error))], actor, action=action, result=outcome(error)
+            )
             log.warning(
                 "letter.retry_failed", letter_id=letter.id, queue=letter.queue, error=str(error)
             )
@@ -287,14 +270,17 @@ class Replayer:
             job.skipped += len(letters) - len(retryable)
             errors = await asyncio.gather(*(self.publish(x, actor) for x in retryable))
             done = [(x.id, x.occurrences) for x, e in zip(retryable, errors, strict=True) if not e]
-            failed = [(x.id, str(e)) for x, e in zip(retryable, errors, strict=True) if e]
+            failed = [(x.id, e) for x, e in zip(retryable, errors, strict=True) if e]
             await self.store.mark_retried(done, actor)
-            await self.store.record_failures(failed, actor)
+            for result in ("failed", "unconfirmed"):
+                await self.store.record_failures(
+                    [(i, str(e)) for i, e in failed if outcome(e) == result], actor, result=result
+                )
             self.metrics.replays.labels("ok").inc(len(done))
             self.metrics.replays.labels("failed").inc(len(failed))
             job.done += len(done)
             job.failed += len(failed)
-            job.errors.update(failed)
+            job.errors.update((i, str(e)) for i, e in failed)
         job.finished = True
         log.info(
             "letters.retried",

@@ -304,15 +304,22 @@ class Store(Queries):
             )
 
     async def record_failures(
-        self, failed: Sequence[tuple[int, str]], actor: str, *, action: str = "retry"
+        self,
+        failed: Sequence[tuple[int, str]],
+        actor: str,
+        *,
+        action: str = "retry",
+        result: str = "failed",
     ) -> None:
+        """Record replays that were not confirmed: ``failed`` (refused, returned, not
+        encodable) or ``unconfirmed`` (no answer in time: it may still have arrived)."""
         if not failed:
             return
         now = utcnow()
         async with self.engine.begin() as conn:
             await conn.execute(
                 insert(actions),
-                [_action(i, now, actor, action, "failed", error, None) for i, error in failed],
+                [_action(i, now, actor, action, result, error, None) for i, error in failed],
             )
 
     async def set_status(self, ids: Sequence[int], status: Status, actor: str) -> list[int]:
