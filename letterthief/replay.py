@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -59,6 +60,10 @@ class QueueMissing(ReplayError):
 
 class BrokerUnavailable(ReplayError):
     """The broker did not confirm the replay (down, or refused it)."""
+
+
+class NotReplayable(ReplayError):
+    """The letter's origin is in doubt, or names a queue a replay must never reach (409)."""
 
 
 class CannotEncode(InvalidBody):
@@ -154,11 +159,36 @@ def outcome(error: ReplayError) -> str:
     return "unconfirmed" if isinstance(error, BrokerUnavailable) else "failed"
 
 
-def target(letter: Letter) -> tuple[str, str]:
-    """(exchange, routing key): the original queue, or the original route of an unrouted event."""
+TIER = re.compile(r".+\.retry\.\d+m?s")
+
+
+def target(letter: Letter, pigeon: Settings) -> tuple[str, str]:
+    """(exchange, routing key) of the replay; raises :class:`NotReplayable`.
+
+    A dead letter goes back to its origin queue (the routing key it was
+    dead-lettered under) through the default exchange; an unrouted event to
+    the events exchange under its event name. Never into ``amq.*`` queues,
+    LetterThief's own queues or retry tiers, whatever a letter claims.
+    """
+    if letter.origin_problem:
+        raise NotReplayable(f"{letter.origin_problem}. Archive it, or check who published it.")
     if letter.source == parse.UNROUTED:
+        if letter.exchange != pigeon.exchange or not letter.routing_key:
+            raise NotReplayable(
+                f"this unrouted letter names exchange {letter.exchange!r} and routing key "
+                f"{letter.routing_key!r}; only events of {pigeon.exchange} are replayed"
+            )
         return letter.exchange, letter.routing_key
-    return "", letter.queue
+    queue = letter.queue
+    if not queue:
+        raise NotReplayable("the letter names no origin queue, so there is nowhere to send it")
+    own = {pigeon.dead_letter_queue, pigeon.unrouted_queue}
+    if queue.startswith("amq.") or queue in own or TIER.fullmatch(queue):
+        raise NotReplayable(
+            f"{queue!r} is a broker-named, LetterThief or retry-tier queue; a replay never "
+            "goes there. Archive the letter."
+        )
+    return "", queue
 
 
 class Replayer:
@@ -197,7 +227,10 @@ class Replayer:
         self, letter: Letter, actor: str, body: bytes | None = None
     ) -> ReplayError | None:
         """Publish one replay and wait for the confirm; returns the error, or ``None``."""
-        exchange_name, routing_key = target(letter)
+        try:
+            exchange_name, routing_key = target(letter, self.pigeon)
+        except NotReplayable as exc:
+            return exc
         try:
             out = message.build(letter, actor, exchange_name, routing_key, body)
         except message.Unencodable as exc:

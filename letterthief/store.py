@@ -19,7 +19,7 @@ from typing import Any, cast
 import structlog
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Table, bindparam, delete, event, insert, select, update
+from sqlalchemy import Table, bindparam, delete, event, func, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
@@ -64,24 +64,33 @@ def search_text(r: Received) -> str:
     return f"{r.message_id}\n{r.exception_message}\n{body}".lower()
 
 
-def _letter_values(r: Received, now: datetime) -> dict[str, Any]:
+def _message_values(r: Received) -> dict[str, Any]:
+    """What a letter keeps from its first occurrence: the message itself (for the replay)."""
     return _clean(
         {
             "exchange": r.exchange,
             "routing_key": r.routing_key,
             "event": r.event,
             "service": r.service,
-            "reason": r.reason,
-            "exception_type": r.exception_type,
-            "exception_message": r.exception_message,
-            "traceback": r.traceback,
-            "attempts": r.attempts,
             "source": r.source,
             "correlation_id": r.correlation_id,
             "content_type": r.content_type,
             "body": r.body,
             "headers": r.headers,
             "properties": r.properties,
+        }
+    )
+
+
+def _failure_values(r: Received, now: datetime) -> dict[str, Any]:
+    """What each new occurrence updates: how it failed, and that the letter is open again."""
+    return _clean(
+        {
+            "reason": r.reason,
+            "exception_type": r.exception_type,
+            "exception_message": r.exception_message,
+            "traceback": r.traceback,
+            "attempts": r.attempts,
             "search_text": search_text(r),
             "failed_at": r.failed_at,
             "last_seen_at": now,
@@ -89,6 +98,37 @@ def _letter_values(r: Received, now: datetime) -> dict[str, Any]:
             "status_changed_at": now,
         }
     )
+
+
+def _occurrence(r: Received, letter_id: int, now: datetime, first_body: bytes) -> dict[str, Any]:
+    return _clean(
+        {
+            "letter_id": letter_id,
+            "seen_at": now,
+            "failed_at": r.failed_at,
+            "reason": r.reason,
+            "exception_type": r.exception_type,
+            "exception_message": r.exception_message,
+            "attempts": r.attempts,
+            "replay_of": r.replay_of,
+            "redelivered": r.redelivered,
+            "fingerprint": r.fingerprint,
+            "body": None if r.body == first_body else r.body,
+        }
+    )
+
+
+def _new_letter(key: tuple[str, str], group: list[Received], now: datetime) -> dict[str, Any]:
+    values = {**_failure_values(group[-1], now), **_message_values(group[0])}
+    values.update(
+        message_id=key[0],
+        queue=key[1],
+        occurrences=len(group),
+        first_seen_at=now,
+        last_retried_at=None,
+        origin_problem=next((r.origin_problem for r in group if r.origin_problem), ""),
+    )
+    return values
 
 
 def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
@@ -144,7 +184,12 @@ class Store(Queries):
     # -- the collector's write path -------------------------------------------------
 
     async def ingest(self, batch: Sequence[Received]) -> list[Stored]:
-        """Store ``batch`` in one transaction; returns the occurrences that were new."""
+        """Store ``batch`` in one transaction; returns the occurrences that were new.
+
+        A letter keeps the message of its first occurrence (body, headers,
+        properties: what a replay sends); later occurrences update how it
+        failed and keep their own body when it differs.
+        """
         if not batch:
             return []
         now = utcnow()
@@ -161,58 +206,23 @@ class Store(Queries):
             by_key: dict[tuple[str, str], list[Received]] = {}
             for r in kept:
                 by_key.setdefault((r.message_id, r.queue), []).append(r)
+            first_bodies = await self._bodies(conn, [existing[k] for k in by_key if k in existing])
             new_keys = [k for k in by_key if k not in existing]
             if new_keys:
-                rows = []
-                for key in new_keys:
-                    group = by_key[key]
-                    values = _letter_values(group[-1], now)
-                    values.update(
-                        message_id=key[0],
-                        queue=key[1],
-                        occurrences=len(group),
-                        first_seen_at=now,
-                        last_retried_at=None,
-                    )
-                    rows.append(values)
                 # no RETURNING: SQLite would run it row by row; read the new ids back instead
-                await conn.execute(insert(letters), rows)
-                existing.update(await self._existing(conn, set(new_keys)))
-            updates = []
-            for key, group in by_key.items():
-                if key in new_keys:
-                    continue
-                values = _letter_values(group[-1], now)
-                values["b_id"] = existing[key]
-                values["b_count"] = len(group)
-                updates.append(values)
-            if updates:
-                columns: dict[str, Any] = {
-                    k: bindparam(k) for k in updates[0] if not k.startswith("b_")
-                }
                 await conn.execute(
-                    update(letters)
-                    .where(letters.c.id == bindparam("b_id"))
-                    .values(occurrences=letters.c.occurrences + bindparam("b_count"), **columns),
-                    updates,
+                    insert(letters), [_new_letter(k, by_key[k], now) for k in new_keys]
                 )
+                existing.update(await self._existing(conn, set(new_keys)))
+            for key in new_keys:
+                first_bodies[existing[key]] = by_key[key][0].body
+            await self._update_letters(conn, by_key, existing, set(new_keys), now)
             if kept:
                 await conn.execute(
                     insert(occurrences),
                     [
-                        _clean(
-                            {
-                                "letter_id": existing[(r.message_id, r.queue)],
-                                "seen_at": now,
-                                "failed_at": r.failed_at,
-                                "reason": r.reason,
-                                "exception_type": r.exception_type,
-                                "exception_message": r.exception_message,
-                                "attempts": r.attempts,
-                                "replay_of": r.replay_of,
-                                "redelivered": r.redelivered,
-                                "fingerprint": r.fingerprint,
-                            }
+                        _occurrence(
+                            r, (i := existing[(r.message_id, r.queue)]), now, first_bodies[i]
                         )
                         for r in kept
                     ],
@@ -230,6 +240,50 @@ class Store(Queries):
             )
             for r in kept
         ]
+
+    async def _bodies(self, conn: Any, ids: list[int]) -> dict[int, bytes]:
+        """The (first) bodies of existing letters, to tell which new occurrences differ."""
+        bodies: dict[int, bytes] = {}
+        for chunk in _chunks(sorted(set(ids))):
+            rows = await conn.execute(
+                select(letters.c.id, letters.c.body).where(letters.c.id.in_(chunk))
+            )
+            bodies.update((row.id, row.body) for row in rows)
+        return bodies
+
+    async def _update_letters(
+        self,
+        conn: Any,
+        by_key: dict[tuple[str, str], list[Received]],
+        existing: dict[tuple[str, str], int],
+        new_keys: set[tuple[str, str]],
+        now: datetime,
+    ) -> None:
+        """Count new occurrences of existing letters and record how they failed last."""
+        updates = []
+        for key, group in by_key.items():
+            if key in new_keys:
+                continue
+            values = _failure_values(group[-1], now)
+            values["b_id"] = existing[key]
+            values["b_count"] = len(group)
+            values["b_problem"] = next((r.origin_problem for r in group if r.origin_problem), "")
+            updates.append(values)
+        if not updates:
+            return
+        columns: dict[str, Any] = {k: bindparam(k) for k in updates[0] if not k.startswith("b_")}
+        await conn.execute(
+            update(letters)
+            .where(letters.c.id == bindparam("b_id"))
+            .values(
+                occurrences=letters.c.occurrences + bindparam("b_count"),
+                origin_problem=func.coalesce(
+                    func.nullif(bindparam("b_problem"), ""), letters.c.origin_problem
+                ),
+                **columns,
+            ),
+            updates,
+        )
 
     async def _existing(self, conn: Any, keys: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
         found: dict[tuple[str, str], int] = {}

@@ -31,6 +31,16 @@ SETTLE_TIMEOUT = 10.0
 is handed back to the broker instead (it is redelivered later)."""
 
 
+def login(connection: Any) -> str | None:
+    """The user the connection authenticated as, which RabbitMQ checks a ``user_id``
+    against: a dead letter carrying it is known to come from that user. ``None`` with
+    EXTERNAL (certificate) authentication, where the name is not in the URL."""
+    url = getattr(connection, "url", None)
+    if url is None or str(url.query.get("auth", "")).lower() == "external":
+        return None
+    return str(url.user or "guest")
+
+
 class Settler:
     """Settles outcomes for one connection of a worker; knows which tier queues exist."""
 
@@ -123,4 +133,5 @@ class Settler:
             delivery.listener.queue,
             outcome.headers,
         )
+        copy.user_id = login(await self.runtime.connector.get())
         await self.runtime.publisher.publish(copy, timeout=SETTLE_TIMEOUT)

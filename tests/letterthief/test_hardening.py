@@ -15,10 +15,12 @@ import pytest
 
 from letterthief.service import LetterThief
 from letterthief.web import create_app
+from pigeon import Retry
 from pigeon.settings import Settings
-from tests.conftest import Broker
+from tests.conftest import AppFactory, Broker, RunWorker
 from tests.letterthief import hostile
-from tests.letterthief.conftest import letters_when, lt_settings
+from tests.letterthief.conftest import letters_when, lt_settings, received
+from tests.letterthief.test_web import log_in
 
 ThiefFactory = Callable[..., Awaitable[LetterThief]]
 
@@ -120,3 +122,95 @@ async def test_an_unencodable_letter_does_not_break_the_replays_after_it(
             assert [h["result"] for h in history] == ["ok"]
     await asyncio.sleep(0.2)
     assert await broker.count(queue) == expected - 1  # each delivered once
+
+
+async def test_a_crafted_letter_cannot_choose_where_its_replay_goes(
+    make_thief: ThiefFactory, settings: Settings, broker: Broker
+) -> None:
+    """Defect 2: one origin rule; never into amq.*, LetterThief's queues or retry tiers."""
+    thief = await make_thief()
+    own = await declare(broker, f"{broker.prefix}.own")
+    victim = await declare(broker, f"{broker.prefix}.victim")
+    tier = await declare(broker, f"{own}.retry.5s")
+    channel = await broker.connection.channel()
+    exclusive = (await channel.declare_queue(exclusive=True)).name
+    assert exclusive.startswith("amq.gen-")
+    await dead_letter(settings, own, "says-victim", **{"x-pigeon-queue": victim})
+    death = {"queue": victim, "reason": "rejected", "count": 1, "exchange": ""}
+    await hostile.publish(
+        settings.dead_letter_exchange, own, headers={"x-death": [death]}, message_id="dies-victim"
+    )
+    for name, key in (
+        ("to-exclusive", exclusive),
+        ("to-dead-letters", settings.dead_letter_queue),
+        ("to-unrouted", settings.unrouted_queue),
+        ("to-tier", tier),
+    ):
+        await dead_letter(settings, key, name, **{"x-pigeon-queue": key})
+    await hostile.publish(settings.unrouted_exchange, "order.placed", message_id="loop-unrouted")
+    letters = {x.message_id: x for x in await letters_when(thief.store, 7)}
+    async with api(thief) as client:
+        for name in ("says-victim", "dies-victim"):
+            detail = (await client.get(f"/api/dead-letters/{letters[name].id}")).json()
+            assert "origin headers disagree" in detail["origin_problem"]
+        for name, letter in letters.items():
+            response = await client.post(f"/api/dead-letters/{letter.id}/retry")
+            assert response.status_code == 409, (name, response.text)
+    await asyncio.sleep(0.3)
+    for queue in (own, victim, tier, exclusive):
+        assert await broker.count(queue) == 0
+    await channel.close()
+
+
+async def test_a_second_failure_of_the_same_message_keeps_each_body(store: Any) -> None:
+    """Defect 2: the letter keeps the first body; a later occurrence keeps its own."""
+    first = received("same-id", body=b'{"amount": 1}')
+    await store.ingest([first])
+    (again,) = await store.ingest([received("same-id", body=b'{"amount": 1000000}')])
+    await store.ingest([received("same-id", body=b'{"amount": 1}')])
+    detail = await store.detail(again.letter_id)
+    assert detail is not None
+    assert detail.letter.body == b'{"amount": 1}'
+    assert [o.body for o in detail.occurrences] == [None, b'{"amount": 1000000}', None]
+    batch = await store.ingest(
+        [received("one-batch", body=b"[1]"), received("one-batch", body=b"[2]")]
+    )
+    detail = await store.detail(batch[0].letter_id)
+    assert detail is not None
+    assert detail.letter.body == b"[1]"
+    assert sorted(o.body or b"" for o in detail.occurrences) == [b"", b"[2]"]
+
+
+async def test_dead_letters_of_a_worker_carry_the_connection_user(
+    thief: LetterThief, client: httpx.AsyncClient, make_app: AppFactory, run_worker: RunWorker
+) -> None:
+    """Defect 2: RabbitMQ checks user_id against the connection, so it names the publisher."""
+    app = make_app("billing")
+
+    @app.listener("order.placed", retry=Retry(attempts=1))
+    async def charge(payload: dict[str, object]) -> None:
+        raise ValueError("no")
+
+    await run_worker(app)
+    await app.dispatch_async("order.placed", {"order_id": "o-1"})
+    (letter,) = await letters_when(thief.store, 1)
+    detail = (await client.get(f"/api/dead-letters/{letter.id}")).json()
+    assert detail["user_id"] == "guest"
+    assert detail["origin_problem"] == ""
+
+
+async def test_the_letter_page_flags_a_disagreeing_origin_and_offers_no_try_again(
+    thief: LetterThief,
+) -> None:
+    """Defect 2, in the UI: the flag is shown and Try again is not offered."""
+    forged = received("forged-1", queue="billing.charge")
+    forged.origin_problem = "origin headers disagree: x-pigeon-queue says 'mail.send'"
+    (stored,) = await thief.store.ingest([forged])
+    async with api(thief) as client:
+        await log_in(client)
+        page = (await client.get(f"/letters/{stored.letter_id}")).text
+        listing = (await client.get("/letters")).text
+    assert "Not replayable" in page
+    assert "x-pigeon-queue says &#39;mail.send&#39;" in page
+    assert f'action="/letters/{stored.letter_id}/retry"' not in page
+    assert "origin headers disagree" in listing
