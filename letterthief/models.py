@@ -35,6 +35,8 @@ Id = BigInteger().with_variant(Integer(), "sqlite")
 
 class Status(enum.StrEnum):
     OPEN = "open"
+    RETRYING = "retrying"
+    """Claimed by one replay in flight; nobody else may replay it meanwhile."""
     RETRIED = "retried"
     ARCHIVED = "archived"
 

@@ -20,7 +20,7 @@ import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -253,20 +253,43 @@ class Replayer:
             )
         return None
 
-    async def retry(self, letter_id: int, actor: str, body: str | None = None) -> Letter:
-        """Try one letter again (``body`` replaces the original); returns it as stored after."""
+    @property
+    def stale_claim(self) -> timedelta:
+        """How long a claim holds when its replay never finished (the process died)."""
+        return timedelta(seconds=max(60.0, self.timeout * 6))
+
+    async def _claim_one(self, letter_id: int) -> Letter:
+        """Claim ``letter_id`` for this replay; raises when it is not there or not open."""
         letter = await self.store.get(letter_id)
         if letter is None:
             raise LetterNotFound(f"there is no letter {letter_id}")
-        if letter.status != Status.OPEN:
-            raise NotRetryable(
-                f"letter {letter_id} is {letter.status}; only open letters are tried again "
-                "(restore it first)"
-            )
+        if await self.store.claim([letter_id], self.stale_claim):
+            claimed = await self.store.get(letter_id)
+            assert claimed is not None
+            return claimed
+        after = await self.store.get(letter_id)
+        status = after.status if after is not None else letter.status
+        if status == Status.RETRYING:
+            raise NotRetryable(f"letter {letter_id} is already being retried")
+        raise NotRetryable(
+            f"letter {letter_id} is {status}; only open letters are tried again (restore it first)"
+        )
+
+    async def retry(self, letter_id: int, actor: str, body: str | None = None) -> Letter:
+        """Try one letter again (``body`` replaces the original); returns it as stored after.
+
+        The letter is claimed first (open → retrying): of parallel retries one
+        publishes, the others raise :class:`NotRetryable` (409).
+        """
+        letter = await self.store.get(letter_id)
+        if letter is not None and body is not None:
+            check_body(letter, body)
+        letter = await self._claim_one(letter_id)
         edited = check_body(letter, body) if body is not None else None
         action = "edit-retry" if edited is not None else "retry"
         error = await self.publish(letter, actor, edited)
         if error is not None:
+            await self.store.release([letter.id])
             self.metrics.replays.labels("failed").inc()
             await self.store.record_failures(
                 [(letter.id, str(error))], actor, action=action, result=outcome(error)
@@ -296,14 +319,12 @@ class Replayer:
         unique = list(dict.fromkeys(ids))
         for start in range(0, len(unique), self.batch_size):
             chunk = unique[start : start + self.batch_size]
-            letters = await self.store.get_many(chunk)
-            found = {letter.id for letter in letters}
-            job.skipped += len([i for i in chunk if i not in found])
-            retryable = [letter for letter in letters if letter.status == Status.OPEN]
-            job.skipped += len(letters) - len(retryable)
+            retryable = await self.store.get_many(await self.store.claim(chunk, self.stale_claim))
+            job.skipped += len(chunk) - len(retryable)
             errors = await asyncio.gather(*(self.publish(x, actor) for x in retryable))
             done = [(x.id, x.occurrences) for x, e in zip(retryable, errors, strict=True) if not e]
             failed = [(x.id, e) for x, e in zip(retryable, errors, strict=True) if e]
+            await self.store.release([i for i, _ in failed])
             await self.store.mark_retried(done, actor)
             for result in ("failed", "unconfirmed"):
                 await self.store.record_failures(

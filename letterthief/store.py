@@ -322,6 +322,47 @@ class Store(Queries):
 
     # -- what people do -------------------------------------------------------------
 
+    async def claim(self, ids: Sequence[int], stale_after: timedelta) -> list[int]:
+        """Claim open letters for a replay (open → retrying); returns the ids won.
+
+        One conditional UPDATE per chunk: of two callers claiming the same
+        letter, exactly one sees it open (SQLite serialises writers; PostgreSQL
+        re-checks the condition after the row lock), so a letter is replayed
+        once however often it is clicked. A claim older than ``stale_after``
+        (its process died mid-replay) can be taken over.
+        """
+        now = utcnow()
+        won: list[int] = []
+        async with self.engine.begin() as conn:
+            for chunk in _chunks(sorted(set(ids))):
+                result = await conn.execute(
+                    update(letters)
+                    .where(letters.c.id.in_(chunk))
+                    .where(
+                        (letters.c.status == Status.OPEN.value)
+                        | (
+                            (letters.c.status == Status.RETRYING.value)
+                            & (letters.c.status_changed_at < now - stale_after)
+                        )
+                    )
+                    .values(status=Status.RETRYING.value, status_changed_at=now)
+                    .returning(letters.c.id)
+                )
+                won.extend(result.scalars().all())
+        return won
+
+    async def release(self, ids: Sequence[int]) -> None:
+        """Give up claims after replays that were not confirmed (retrying → open)."""
+        if not ids:
+            return
+        async with self.engine.begin() as conn:
+            for chunk in _chunks(sorted(set(ids))):
+                await conn.execute(
+                    update(letters)
+                    .where(letters.c.id.in_(chunk), letters.c.status == Status.RETRYING.value)
+                    .values(status=Status.OPEN.value, status_changed_at=utcnow())
+                )
+
     async def mark_retried(
         self,
         done: Sequence[tuple[int, int]],
@@ -333,7 +374,7 @@ class Store(Queries):
         """Record confirmed replays of ``(letter_id, occurrences when replayed)``.
 
         A letter whose occurrences grew meanwhile has already failed again and
-        stays open; the replay is still recorded in its history.
+        stays (or becomes) open; the replay is still recorded in its history.
         """
         if not done:
             return
@@ -343,15 +384,22 @@ class Store(Queries):
                 update(letters)
                 .where(letters.c.id == bindparam("b_id"))
                 .where(letters.c.occurrences == bindparam("b_occ"))
-                .where(letters.c.status == Status.OPEN.value)
+                .where(
+                    (letters.c.status == Status.OPEN.value)
+                    | (letters.c.status == Status.RETRYING.value)
+                )
                 .values(status=Status.RETRIED.value, status_changed_at=now),
                 [{"b_id": i, "b_occ": occ} for i, occ in done],
             )
-            await conn.execute(
-                update(letters)
-                .where(letters.c.id.in_([i for i, _ in done]))
-                .values(last_retried_at=now)
-            )
+            for chunk in _chunks([i for i, _ in done]):
+                await conn.execute(
+                    update(letters)
+                    .where(letters.c.id.in_(chunk), letters.c.status == Status.RETRYING.value)
+                    .values(status=Status.OPEN.value, status_changed_at=now)
+                )
+                await conn.execute(
+                    update(letters).where(letters.c.id.in_(chunk)).values(last_retried_at=now)
+                )
             await conn.execute(
                 insert(actions),
                 [_action(i, now, actor, action, "ok", "", body) for i, _ in done],

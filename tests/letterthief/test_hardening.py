@@ -214,3 +214,27 @@ async def test_the_letter_page_flags_a_disagreeing_origin_and_offers_no_try_agai
     assert "x-pigeon-queue says &#39;mail.send&#39;" in page
     assert f'action="/letters/{stored.letter_id}/retry"' not in page
     assert "origin headers disagree" in listing
+
+
+async def test_parallel_retries_of_the_same_letters_deliver_one_copy_each(
+    make_thief: ThiefFactory, database_url: str, broker: Broker
+) -> None:
+    """Defect 3: ten clicks, one copy; two bulk retries of 20 letters, 20 copies."""
+    thief = await make_thief(database_url)
+    queue = await declare(broker, f"{broker.prefix}.charge")
+    (one,) = await thief.store.ingest([received("click-1", queue=queue)])
+    async with api(thief) as client:
+        url = f"/api/dead-letters/{one.letter_id}/retry"
+        answers = await asyncio.gather(*(client.post(url) for _ in range(10)))
+        codes = sorted(a.status_code for a in answers)
+        assert codes == [200] + [409] * 9, [a.text for a in answers]
+        assert await broker.wait_count(queue, 1) == 1
+        stored = await thief.store.ingest([received(f"bulk-{i}", queue=queue) for i in range(20)])
+        body = {"ids": [s.letter_id for s in stored]}
+        jobs = await asyncio.gather(
+            *(client.post("/api/dead-letters/retry", json=body) for _ in range(2))
+        )
+        assert sum(j.json()["done"] for j in jobs) == 20
+        assert sum(j.json()["skipped"] for j in jobs) == 20
+    await asyncio.sleep(0.3)
+    assert await broker.count(queue) == 21
