@@ -24,6 +24,7 @@ from letterthief.replay import (
     BrokerUnavailable,
     InvalidBody,
     LetterNotFound,
+    NotReplayable,
     NotRetryable,
     QueueMissing,
     ReplayError,
@@ -69,6 +70,7 @@ def item(letter: Letter) -> dict[str, Any]:
         "first_seen_at": _iso(letter.first_seen_at),
         "last_seen_at": _iso(letter.last_seen_at),
         "last_retried_at": _iso(letter.last_retried_at),
+        "origin_problem": letter.origin_problem,
     }
 
 
@@ -101,6 +103,7 @@ def detail(d: Detail) -> dict[str, Any]:
         "exchange": letter.exchange,
         "routing_key": letter.routing_key,
         "content_type": letter.content_type,
+        "user_id": _user_id(letter),
         "headers": plain(letter.headers),
         "properties": plain(letter.properties),
         "body": body,
@@ -123,10 +126,32 @@ def detail(d: Detail) -> dict[str, Any]:
                 "exception_type": o.exception_type,
                 "exception_message": o.exception_message,
                 "replay_of": o.replay_of,
+                **_occurrence_body(o.body),
             }
             for o in d.occurrences
         ],
         "conversation": [item(x) for x in d.conversation],
+    }
+
+
+def _user_id(letter: Letter) -> str | None:
+    """The AMQP ``user_id`` the broker checked against the publishing connection."""
+    value = letter.properties.get("user_id") if isinstance(letter.properties, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _occurrence_body(body: bytes | None) -> dict[str, Any]:
+    """An occurrence's own body, present only when it differs from the letter's."""
+    if body is None:
+        return {"body_differs": False}
+    try:
+        text_body: str | None = body.decode("utf-8")
+    except UnicodeDecodeError:
+        text_body = None
+    return {
+        "body_differs": True,
+        "body": text_body,
+        "body_base64": base64.b64encode(body).decode(),
     }
 
 
@@ -149,7 +174,7 @@ def filters_from(
 def replay_status(error: ReplayError) -> int:
     if isinstance(error, LetterNotFound):
         return 404
-    if isinstance(error, NotRetryable | QueueMissing):
+    if isinstance(error, NotRetryable | QueueMissing | NotReplayable):
         return 409
     if isinstance(error, InvalidBody):
         return 422

@@ -35,6 +35,8 @@ Id = BigInteger().with_variant(Integer(), "sqlite")
 
 class Status(enum.StrEnum):
     OPEN = "open"
+    RETRYING = "retrying"
+    """Claimed by one replay in flight; nobody else may replay it meanwhile."""
     RETRIED = "retried"
     ARCHIVED = "archived"
 
@@ -113,6 +115,8 @@ class Letter(Base):
     last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
     last_retried_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     status_changed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    origin_problem: Mapped[str] = mapped_column(Text, default="", server_default="")
+    """Why the letter's headers disagree with the routing key it arrived under (not replayable)."""
 
 
 class Occurrence(Base):
@@ -132,6 +136,8 @@ class Occurrence(Base):
     replay_of: Mapped[str | None] = mapped_column(String, nullable=True)
     redelivered: Mapped[bool] = mapped_column(Boolean, default=False)
     fingerprint: Mapped[str] = mapped_column(String, default="")
+    body: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    """This occurrence's body when it differs from the letter's (the first one's); else NULL."""
 
 
 class Action(Base):

@@ -88,6 +88,7 @@ class Received:
     fingerprint: str
     redelivered: bool = False
     replay_of: str | None = None
+    origin_problem: str = ""
 
 
 def normalise_reason(reason: str) -> str:
@@ -192,14 +193,14 @@ def describe(
         service = service or app_id
     elif h.REASON in headers:
         reason = _text(headers[h.REASON]) or UNKNOWN
-        queue = _text(headers.get(h.QUEUE)) or routing_key
+        queue = routing_key
         original_exchange = events_exchange
         original_key = message_type or _first_key(death) or routing_key
     elif death or h.X_FIRST_DEATH_REASON in headers:
         reason = normalise_reason(
             _text(death.get("reason") or headers.get(h.X_FIRST_DEATH_REASON)) or UNKNOWN
         )
-        queue = _text(death.get("queue") or headers.get(h.X_FIRST_DEATH_QUEUE)) or routing_key
+        queue = routing_key or _text(headers.get(h.X_FIRST_DEATH_QUEUE))
         original_exchange = _text(death.get("exchange") or headers.get("x-first-death-exchange"))
         original_key = _first_key(death) or routing_key
         exc_message = exc_message or f"RabbitMQ dead-lettered it: {_native(reason)}"
@@ -213,6 +214,9 @@ def describe(
             "published straight to the dead-letter exchange, without x-pigeon-* or x-death "
             "headers; the routing key is taken as the queue"
         )
+    problem = "" if unrouted else origin_problem(headers, death, routing_key)
+    if not queue and not unrouted:
+        queue = _text(headers.get(h.QUEUE)) or _text(death.get("queue"))
     if not service and "." in queue and not unrouted:
         service = queue.split(".", 1)[0]  # pigeon names queues {service}.{listener}
     event = message_type or original_key
@@ -249,6 +253,35 @@ def describe(
         fingerprint=fingerprint,
         redelivered=redelivered,
         replay_of=_text(headers.get(h.REPLAY_OF)) or None,
+        origin_problem=problem,
+    )
+
+
+def origin_problem(headers: Mapping[str, Any], death: Mapping[str, Any], routing_key: str) -> str:
+    """Why the letter's origin is in doubt, or ``""``.
+
+    The origin is the routing key the dead-letter exchange got: pigeon's
+    queues dead-letter under their own name, and broker permissions can bind
+    a service to writing only its own names. ``x-pigeon-queue`` and the newest
+    ``x-death`` entry are claims anyone can write; where present they must
+    agree (an ``x-death`` entry of one of the queue's retry tiers does: it is
+    the delayed retry the message went through before it failed).
+    """
+    if not routing_key:
+        return "origin unknown: the letter arrived without a routing key"
+    claims = []
+    claimed_queue = _text(headers.get(h.QUEUE))
+    if h.QUEUE in headers and claimed_queue != routing_key:
+        claims.append(f"x-pigeon-queue says {claimed_queue!r}")
+    died_in = _text(death.get("queue"))
+    if death and died_in != routing_key and not died_in.startswith(f"{routing_key}.retry."):
+        claims.append(f"x-death says {died_in!r}")
+    if not claims:
+        return ""
+    return (
+        f"origin headers disagree: it was dead-lettered under {routing_key!r} but "
+        + " and ".join(claims)
+        + "; it is not replayed"
     )
 
 

@@ -44,6 +44,7 @@ LIST_COLUMNS = (
     Letter.last_seen_at,
     Letter.last_retried_at,
     Letter.status_changed_at,
+    Letter.origin_problem,
 )
 MAX_LIMIT = 500
 

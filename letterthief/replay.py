@@ -14,23 +14,24 @@ Bulk retries publish at most ``LETTERTHIEF_REPLAY_BATCH_SIZE`` at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import aio_pika
-from aio_pika.abc import AbstractChannel, DeliveryMode
-from aiormq.exceptions import PublishError
+from aio_pika.exceptions import PublishError
 
-from letterthief import parse
+from letterthief import message, parse
 from letterthief.metrics import Metrics
 from letterthief.models import Letter, Status
 from letterthief.store import Store
-from pigeon import headers as h
 from pigeon.connection import Connector
+from pigeon.dispatch import Publisher
+from pigeon.errors import DispatchError
 from pigeon.logs import get_logger
 from pigeon.settings import Settings
 
@@ -59,6 +60,27 @@ class QueueMissing(ReplayError):
 
 class BrokerUnavailable(ReplayError):
     """The broker did not confirm the replay (down, or refused it)."""
+
+
+class NotReplayable(ReplayError):
+    """The letter's origin is in doubt, or names a queue a replay must never reach (409)."""
+
+
+class CannotEncode(InvalidBody):
+    """A header or property of the letter that AMQP cannot carry (422, naming it)."""
+
+
+def _missing(exchange: str, routing_key: str) -> QueueMissing:
+    where = (
+        f"queue {routing_key}"
+        if exchange == ""
+        else f"a queue bound to {exchange} for {routing_key!r}"
+    )
+    return QueueMissing(
+        f"{where} does not exist, so the broker returned the message; the letter "
+        "stays open. Start the service that owns the queue (it declares it) and try "
+        "again, or archive the letter."
+    )
 
 
 @dataclass
@@ -131,40 +153,53 @@ def check_body(letter: Letter, body: str) -> bytes:
     return body.encode("utf-8")
 
 
-def replay_message(letter: Letter, actor: str, body: bytes | None = None) -> aio_pika.Message:
-    """The message a replay publishes: original properties, failure headers removed."""
-    props = parse.from_json(letter.properties)
-    headers = {
-        k: v for k, v in parse.from_json(letter.headers).items() if not parse.is_failure_header(k)
-    }
-    headers[h.REPLAY_OF] = str(letter.id)
-    headers[h.REPLAYED_BY] = actor
-    timestamp = props.get("timestamp")
-    return aio_pika.Message(
-        letter.body if body is None else body,
-        headers=headers,
-        content_type=props.get("content_type"),
-        content_encoding=props.get("content_encoding"),
-        delivery_mode=DeliveryMode(props.get("delivery_mode") or DeliveryMode.PERSISTENT),
-        priority=props.get("priority"),
-        correlation_id=props.get("correlation_id"),
-        reply_to=props.get("reply_to"),
-        message_id=letter.message_id,
-        timestamp=timestamp if isinstance(timestamp, datetime) else None,
-        type=letter.event or props.get("type"),
-        app_id=props.get("app_id"),
-    )
+def outcome(error: ReplayError) -> str:
+    """The history's word for a replay that did not succeed: a broker that did not
+    answer in time may still have delivered it, so that is not called failed."""
+    return "unconfirmed" if isinstance(error, BrokerUnavailable) else "failed"
 
 
-def target(letter: Letter) -> tuple[str, str]:
-    """(exchange, routing key): the original queue, or the original route of an unrouted event."""
+TIER = re.compile(r".+\.retry\.\d+m?s")
+
+
+def target(letter: Letter, pigeon: Settings) -> tuple[str, str]:
+    """(exchange, routing key) of the replay; raises :class:`NotReplayable`.
+
+    A dead letter goes back to its origin queue (the routing key it was
+    dead-lettered under) through the default exchange; an unrouted event to
+    the events exchange under its event name. Never into ``amq.*`` queues,
+    LetterThief's own queues or retry tiers, whatever a letter claims.
+    """
+    if letter.origin_problem:
+        raise NotReplayable(f"{letter.origin_problem}. Archive it, or check who published it.")
     if letter.source == parse.UNROUTED:
+        if letter.exchange != pigeon.exchange or not letter.routing_key:
+            raise NotReplayable(
+                f"this unrouted letter names exchange {letter.exchange!r} and routing key "
+                f"{letter.routing_key!r}; only events of {pigeon.exchange} are replayed"
+            )
         return letter.exchange, letter.routing_key
-    return "", letter.queue
+    queue = letter.queue
+    if not queue:
+        raise NotReplayable("the letter names no origin queue, so there is nowhere to send it")
+    own = {pigeon.dead_letter_queue, pigeon.unrouted_queue}
+    if queue.startswith("amq.") or queue in own or TIER.fullmatch(queue):
+        raise NotReplayable(
+            f"{queue!r} is a broker-named, LetterThief or retry-tier queue; a replay never "
+            "goes there. Archive the letter."
+        )
+    return "", queue
 
 
 class Replayer:
-    """Publishes replays on its own confirmed channel."""
+    """Publishes replays through pigeon's confirmed :class:`~pigeon.dispatch.Publisher`.
+
+    Each replay is built and encoded as a check before it is handed over
+    (:func:`letterthief.message.build`), so a letter AMQP cannot carry is a
+    422 naming the header and never touches the channel. After any other
+    publish error the channel is dropped and the next replay opens a fresh
+    one; a replay the broker confirmed is never recorded as failed.
+    """
 
     def __init__(
         self,
@@ -181,80 +216,84 @@ class Replayer:
         self.timeout = timeout
         self.metrics = metrics or Metrics()
         self.connector = Connector.for_settings(pigeon, name="letterthief-replay")
-        self._channel: AbstractChannel | None = None
-        self._lock = asyncio.Lock()
+        self.publisher = Publisher(self.connector, timeout=timeout)
 
     async def close(self) -> None:
-        channel, self._channel = self._channel, None
-        if channel is not None and not channel.is_closed:
-            await channel.close()
+        with contextlib.suppress(Exception):
+            await self.publisher.close()
         await self.connector.close()
-
-    async def _get_channel(self) -> AbstractChannel:
-        async with self._lock:
-            if self._channel is None or self._channel.is_closed:
-                connection = await self.connector.get(timeout=self.timeout)
-                self._channel = await connection.channel(
-                    publisher_confirms=True, on_return_raises=True
-                )
-            return self._channel
 
     async def publish(
         self, letter: Letter, actor: str, body: bytes | None = None
     ) -> ReplayError | None:
         """Publish one replay and wait for the confirm; returns the error, or ``None``."""
-        exchange_name, routing_key = target(letter)
         try:
-            channel = await self._get_channel()
-            exchange = (
-                channel.default_exchange
-                if exchange_name == ""
-                else await channel.get_exchange(exchange_name, ensure=False)
-            )
-            await exchange.publish(
-                replay_message(letter, actor, body),
-                routing_key,
-                mandatory=True,
-                timeout=self.timeout,
-            )
-        except PublishError:
-            where = (
-                f"queue {routing_key}"
-                if exchange_name == ""
-                else (f"a queue bound to {exchange_name} for {routing_key!r}")
-            )
-            return QueueMissing(
-                f"{where} does not exist, so the broker returned the message; the letter "
-                "stays open. Start the service that owns the queue (it declares it) and try "
-                "again, or archive the letter."
-            )
-        except Exception as exc:
-            if self._channel is not None and self._channel.is_closed:
-                self._channel = None
-            if not self.connector.is_open:
-                self.connector.invalidate()
+            exchange_name, routing_key = target(letter, self.pigeon)
+        except NotReplayable as exc:
+            return exc
+        try:
+            out = message.build(letter, actor, exchange_name, routing_key, body)
+        except message.Unencodable as exc:
+            return CannotEncode(str(exc))
+        try:
+            await self.publisher.publish(out, timeout=self.timeout)
+        except DispatchError as exc:
+            if isinstance(exc.__cause__, PublishError):
+                return _missing(exchange_name, routing_key)
             return BrokerUnavailable(
-                f"the broker at {self.connector.masked_url} did not confirm the replay "
-                f"({type(exc).__name__}: {exc}); the letter stays open, try again later"
+                f"the broker at {self.connector.masked_url} did not confirm the replay within "
+                f"{self.timeout:g}s ({exc.__cause__ or exc}); the letter stays open, try again"
+            )
+        except Exception as exc:  # nothing else may leave the channel in doubt: drop it
+            log.exception("letter.replay_error", letter_id=letter.id, error=repr(exc))
+            with contextlib.suppress(Exception):
+                await self.publisher.close()
+            return BrokerUnavailable(
+                f"the replay failed ({type(exc).__name__}: {exc}); the letter stays open"
             )
         return None
 
-    async def retry(self, letter_id: int, actor: str, body: str | None = None) -> Letter:
-        """Try one letter again (``body`` replaces the original); returns it as stored after."""
+    @property
+    def stale_claim(self) -> timedelta:
+        """How long a claim holds when its replay never finished (the process died)."""
+        return timedelta(seconds=max(60.0, self.timeout * 6))
+
+    async def _claim_one(self, letter_id: int) -> Letter:
+        """Claim ``letter_id`` for this replay; raises when it is not there or not open."""
         letter = await self.store.get(letter_id)
         if letter is None:
             raise LetterNotFound(f"there is no letter {letter_id}")
-        if letter.status != Status.OPEN:
-            raise NotRetryable(
-                f"letter {letter_id} is {letter.status}; only open letters are tried again "
-                "(restore it first)"
-            )
+        if await self.store.claim([letter_id], self.stale_claim):
+            claimed = await self.store.get(letter_id)
+            assert claimed is not None
+            return claimed
+        after = await self.store.get(letter_id)
+        status = after.status if after is not None else letter.status
+        if status == Status.RETRYING:
+            raise NotRetryable(f"letter {letter_id} is already being retried")
+        raise NotRetryable(
+            f"letter {letter_id} is {status}; only open letters are tried again (restore it first)"
+        )
+
+    async def retry(self, letter_id: int, actor: str, body: str | None = None) -> Letter:
+        """Try one letter again (``body`` replaces the original); returns it as stored after.
+
+        The letter is claimed first (open → retrying): of parallel retries one
+        publishes, the others raise :class:`NotRetryable` (409).
+        """
+        letter = await self.store.get(letter_id)
+        if letter is not None and body is not None:
+            check_body(letter, body)
+        letter = await self._claim_one(letter_id)
         edited = check_body(letter, body) if body is not None else None
         action = "edit-retry" if edited is not None else "retry"
         error = await self.publish(letter, actor, edited)
         if error is not None:
+            await self.store.release([letter.id])
             self.metrics.replays.labels("failed").inc()
-            await self.store.record_failures([(letter.id, str(error))], actor, action=action)
+            await self.store.record_failures(
+                [(letter.id, str(error))], actor, action=action, result=outcome(error)
+            )
             log.warning(
                 "letter.retry_failed", letter_id=letter.id, queue=letter.queue, error=str(error)
             )
@@ -280,21 +319,22 @@ class Replayer:
         unique = list(dict.fromkeys(ids))
         for start in range(0, len(unique), self.batch_size):
             chunk = unique[start : start + self.batch_size]
-            letters = await self.store.get_many(chunk)
-            found = {letter.id for letter in letters}
-            job.skipped += len([i for i in chunk if i not in found])
-            retryable = [letter for letter in letters if letter.status == Status.OPEN]
-            job.skipped += len(letters) - len(retryable)
+            retryable = await self.store.get_many(await self.store.claim(chunk, self.stale_claim))
+            job.skipped += len(chunk) - len(retryable)
             errors = await asyncio.gather(*(self.publish(x, actor) for x in retryable))
             done = [(x.id, x.occurrences) for x, e in zip(retryable, errors, strict=True) if not e]
-            failed = [(x.id, str(e)) for x, e in zip(retryable, errors, strict=True) if e]
+            failed = [(x.id, e) for x, e in zip(retryable, errors, strict=True) if e]
+            await self.store.release([i for i, _ in failed])
             await self.store.mark_retried(done, actor)
-            await self.store.record_failures(failed, actor)
+            for result in ("failed", "unconfirmed"):
+                await self.store.record_failures(
+                    [(i, str(e)) for i, e in failed if outcome(e) == result], actor, result=result
+                )
             self.metrics.replays.labels("ok").inc(len(done))
             self.metrics.replays.labels("failed").inc(len(failed))
             job.done += len(done)
             job.failed += len(failed)
-            job.errors.update(failed)
+            job.errors.update((i, str(e)) for i, e in failed)
         job.finished = True
         log.info(
             "letters.retried",

@@ -18,7 +18,7 @@ from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Table, bindparam, delete, event, insert, select, update
+from sqlalchemy import Table, bindparam, delete, event, func, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
@@ -64,24 +64,33 @@ def search_text(r: Received) -> str:
     return f"{r.message_id}\n{r.exception_message}\n{body}".lower()
 
 
-def _letter_values(r: Received, now: datetime) -> dict[str, Any]:
+def _message_values(r: Received) -> dict[str, Any]:
+    """What a letter keeps from its first occurrence: the message itself (for the replay)."""
     return _clean(
         {
             "exchange": r.exchange,
             "routing_key": r.routing_key,
             "event": r.event,
             "service": r.service,
-            "reason": r.reason,
-            "exception_type": r.exception_type,
-            "exception_message": r.exception_message,
-            "traceback": r.traceback,
-            "attempts": r.attempts,
             "source": r.source,
             "correlation_id": r.correlation_id,
             "content_type": r.content_type,
             "body": r.body,
             "headers": r.headers,
             "properties": r.properties,
+        }
+    )
+
+
+def _failure_values(r: Received, now: datetime) -> dict[str, Any]:
+    """What each new occurrence updates: how it failed, and that the letter is open again."""
+    return _clean(
+        {
+            "reason": r.reason,
+            "exception_type": r.exception_type,
+            "exception_message": r.exception_message,
+            "traceback": r.traceback,
+            "attempts": r.attempts,
             "search_text": search_text(r),
             "failed_at": r.failed_at,
             "last_seen_at": now,
@@ -89,6 +98,37 @@ def _letter_values(r: Received, now: datetime) -> dict[str, Any]:
             "status_changed_at": now,
         }
     )
+
+
+def _occurrence(r: Received, letter_id: int, now: datetime, first_body: bytes) -> dict[str, Any]:
+    return _clean(
+        {
+            "letter_id": letter_id,
+            "seen_at": now,
+            "failed_at": r.failed_at,
+            "reason": r.reason,
+            "exception_type": r.exception_type,
+            "exception_message": r.exception_message,
+            "attempts": r.attempts,
+            "replay_of": r.replay_of,
+            "redelivered": r.redelivered,
+            "fingerprint": r.fingerprint,
+            "body": None if r.body == first_body else r.body,
+        }
+    )
+
+
+def _new_letter(key: tuple[str, str], group: list[Received], now: datetime) -> dict[str, Any]:
+    values = {**_failure_values(group[-1], now), **_message_values(group[0])}
+    values.update(
+        message_id=key[0],
+        queue=key[1],
+        occurrences=len(group),
+        first_seen_at=now,
+        last_retried_at=None,
+        origin_problem=next((r.origin_problem for r in group if r.origin_problem), ""),
+    )
+    return values
 
 
 def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
@@ -144,7 +184,12 @@ class Store(Queries):
     # -- the collector's write path -------------------------------------------------
 
     async def ingest(self, batch: Sequence[Received]) -> list[Stored]:
-        """Store ``batch`` in one transaction; returns the occurrences that were new."""
+        """Store ``batch`` in one transaction; returns the occurrences that were new.
+
+        A letter keeps the message of its first occurrence (body, headers,
+        properties: what a replay sends); later occurrences update how it
+        failed and keep their own body when it differs.
+        """
         if not batch:
             return []
         now = utcnow()
@@ -161,58 +206,23 @@ class Store(Queries):
             by_key: dict[tuple[str, str], list[Received]] = {}
             for r in kept:
                 by_key.setdefault((r.message_id, r.queue), []).append(r)
+            first_bodies = await self._bodies(conn, [existing[k] for k in by_key if k in existing])
             new_keys = [k for k in by_key if k not in existing]
             if new_keys:
-                rows = []
-                for key in new_keys:
-                    group = by_key[key]
-                    values = _letter_values(group[-1], now)
-                    values.update(
-                        message_id=key[0],
-                        queue=key[1],
-                        occurrences=len(group),
-                        first_seen_at=now,
-                        last_retried_at=None,
-                    )
-                    rows.append(values)
                 # no RETURNING: SQLite would run it row by row; read the new ids back instead
-                await conn.execute(insert(letters), rows)
-                existing.update(await self._existing(conn, set(new_keys)))
-            updates = []
-            for key, group in by_key.items():
-                if key in new_keys:
-                    continue
-                values = _letter_values(group[-1], now)
-                values["b_id"] = existing[key]
-                values["b_count"] = len(group)
-                updates.append(values)
-            if updates:
-                columns: dict[str, Any] = {
-                    k: bindparam(k) for k in updates[0] if not k.startswith("b_")
-                }
                 await conn.execute(
-                    update(letters)
-                    .where(letters.c.id == bindparam("b_id"))
-                    .values(occurrences=letters.c.occurrences + bindparam("b_count"), **columns),
-                    updates,
+                    insert(letters), [_new_letter(k, by_key[k], now) for k in new_keys]
                 )
+                existing.update(await self._existing(conn, set(new_keys)))
+            for key in new_keys:
+                first_bodies[existing[key]] = by_key[key][0].body
+            await self._update_letters(conn, by_key, existing, set(new_keys), now)
             if kept:
                 await conn.execute(
                     insert(occurrences),
                     [
-                        _clean(
-                            {
-                                "letter_id": existing[(r.message_id, r.queue)],
-                                "seen_at": now,
-                                "failed_at": r.failed_at,
-                                "reason": r.reason,
-                                "exception_type": r.exception_type,
-                                "exception_message": r.exception_message,
-                                "attempts": r.attempts,
-                                "replay_of": r.replay_of,
-                                "redelivered": r.redelivered,
-                                "fingerprint": r.fingerprint,
-                            }
+                        _occurrence(
+                            r, (i := existing[(r.message_id, r.queue)]), now, first_bodies[i]
                         )
                         for r in kept
                     ],
@@ -230,6 +240,50 @@ class Store(Queries):
             )
             for r in kept
         ]
+
+    async def _bodies(self, conn: Any, ids: list[int]) -> dict[int, bytes]:
+        """The (first) bodies of existing letters, to tell which new occurrences differ."""
+        bodies: dict[int, bytes] = {}
+        for chunk in _chunks(sorted(set(ids))):
+            rows = await conn.execute(
+                select(letters.c.id, letters.c.body).where(letters.c.id.in_(chunk))
+            )
+            bodies.update((row.id, row.body) for row in rows)
+        return bodies
+
+    async def _update_letters(
+        self,
+        conn: Any,
+        by_key: dict[tuple[str, str], list[Received]],
+        existing: dict[tuple[str, str], int],
+        new_keys: set[tuple[str, str]],
+        now: datetime,
+    ) -> None:
+        """Count new occurrences of existing letters and record how they failed last."""
+        updates = []
+        for key, group in by_key.items():
+            if key in new_keys:
+                continue
+            values = _failure_values(group[-1], now)
+            values["b_id"] = existing[key]
+            values["b_count"] = len(group)
+            values["b_problem"] = next((r.origin_problem for r in group if r.origin_problem), "")
+            updates.append(values)
+        if not updates:
+            return
+        columns: dict[str, Any] = {k: bindparam(k) for k in updates[0] if not k.startswith("b_")}
+        await conn.execute(
+            update(letters)
+            .where(letters.c.id == bindparam("b_id"))
+            .values(
+                occurrences=letters.c.occurrences + bindparam("b_count"),
+                origin_problem=func.coalesce(
+                    func.nullif(bindparam("b_problem"), ""), letters.c.origin_problem
+                ),
+                **columns,
+            ),
+            updates,
+        )
 
     async def _existing(self, conn: Any, keys: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
         found: dict[tuple[str, str], int] = {}
@@ -268,6 +322,47 @@ class Store(Queries):
 
     # -- what people do -------------------------------------------------------------
 
+    async def claim(self, ids: Sequence[int], stale_after: timedelta) -> list[int]:
+        """Claim open letters for a replay (open → retrying); returns the ids won.
+
+        One conditional UPDATE per chunk: of two callers claiming the same
+        letter, exactly one sees it open (SQLite serialises writers; PostgreSQL
+        re-checks the condition after the row lock), so a letter is replayed
+        once however often it is clicked. A claim older than ``stale_after``
+        (its process died mid-replay) can be taken over.
+        """
+        now = utcnow()
+        won: list[int] = []
+        async with self.engine.begin() as conn:
+            for chunk in _chunks(sorted(set(ids))):
+                result = await conn.execute(
+                    update(letters)
+                    .where(letters.c.id.in_(chunk))
+                    .where(
+                        (letters.c.status == Status.OPEN.value)
+                        | (
+                            (letters.c.status == Status.RETRYING.value)
+                            & (letters.c.status_changed_at < now - stale_after)
+                        )
+                    )
+                    .values(status=Status.RETRYING.value, status_changed_at=now)
+                    .returning(letters.c.id)
+                )
+                won.extend(result.scalars().all())
+        return won
+
+    async def release(self, ids: Sequence[int]) -> None:
+        """Give up claims after replays that were not confirmed (retrying → open)."""
+        if not ids:
+            return
+        async with self.engine.begin() as conn:
+            for chunk in _chunks(sorted(set(ids))):
+                await conn.execute(
+                    update(letters)
+                    .where(letters.c.id.in_(chunk), letters.c.status == Status.RETRYING.value)
+                    .values(status=Status.OPEN.value, status_changed_at=utcnow())
+                )
+
     async def mark_retried(
         self,
         done: Sequence[tuple[int, int]],
@@ -279,7 +374,7 @@ class Store(Queries):
         """Record confirmed replays of ``(letter_id, occurrences when replayed)``.
 
         A letter whose occurrences grew meanwhile has already failed again and
-        stays open; the replay is still recorded in its history.
+        stays (or becomes) open; the replay is still recorded in its history.
         """
         if not done:
             return
@@ -289,30 +384,44 @@ class Store(Queries):
                 update(letters)
                 .where(letters.c.id == bindparam("b_id"))
                 .where(letters.c.occurrences == bindparam("b_occ"))
-                .where(letters.c.status == Status.OPEN.value)
+                .where(
+                    (letters.c.status == Status.OPEN.value)
+                    | (letters.c.status == Status.RETRYING.value)
+                )
                 .values(status=Status.RETRIED.value, status_changed_at=now),
                 [{"b_id": i, "b_occ": occ} for i, occ in done],
             )
-            await conn.execute(
-                update(letters)
-                .where(letters.c.id.in_([i for i, _ in done]))
-                .values(last_retried_at=now)
-            )
+            for chunk in _chunks([i for i, _ in done]):
+                await conn.execute(
+                    update(letters)
+                    .where(letters.c.id.in_(chunk), letters.c.status == Status.RETRYING.value)
+                    .values(status=Status.OPEN.value, status_changed_at=now)
+                )
+                await conn.execute(
+                    update(letters).where(letters.c.id.in_(chunk)).values(last_retried_at=now)
+                )
             await conn.execute(
                 insert(actions),
                 [_action(i, now, actor, action, "ok", "", body) for i, _ in done],
             )
 
     async def record_failures(
-        self, failed: Sequence[tuple[int, str]], actor: str, *, action: str = "retry"
+        self,
+        failed: Sequence[tuple[int, str]],
+        actor: str,
+        *,
+        action: str = "retry",
+        result: str = "failed",
     ) -> None:
+        """Record replays that were not confirmed: ``failed`` (refused, returned, not
+        encodable) or ``unconfirmed`` (no answer in time: it may still have arrived)."""
         if not failed:
             return
         now = utcnow()
         async with self.engine.begin() as conn:
             await conn.execute(
                 insert(actions),
-                [_action(i, now, actor, action, "failed", error, None) for i, error in failed],
+                [_action(i, now, actor, action, result, error, None) for i, error in failed],
             )
 
     async def set_status(self, ids: Sequence[int], status: Status, actor: str) -> list[int]:

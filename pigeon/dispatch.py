@@ -149,6 +149,8 @@ class Publisher:
             async with asyncio.timeout(timeout):
                 publishes = await self._publishes()
                 result = await publishes.send(outgoing)
+        except PublishError:
+            raise  # a return says nothing about the channel: others in flight on it stay
         except RETRYABLE as exc:
             self._reset(exc, publishes)
             raise

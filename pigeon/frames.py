@@ -55,6 +55,7 @@ CORRELATION_ID = 1 << 10
 MESSAGE_ID = 1 << 7
 TIMESTAMP = 1 << 6
 TYPE = 1 << 5
+USER_ID = 1 << 4
 APP_ID = 1 << 3
 
 PERSISTENT = b"\x02"
@@ -107,6 +108,9 @@ def properties(out: Outgoing) -> tuple[int, bytes]:
     if out.event_name:
         flags |= TYPE
         parts.append(short_string(out.event_name, "the event name"))
+    if out.user_id:
+        flags |= USER_ID
+        parts.append(short_string(out.user_id, "the user id"))
     if out.app_id:
         flags |= APP_ID
         parts.append(short_string(out.app_id, "the app id"))

@@ -49,6 +49,8 @@ class Outgoing:
     content_encoding: str | None = None
     timestamp: datetime | None = None
     mandatory: bool = False
+    user_id: str | None = None
+    """The AMQP ``user_id``; RabbitMQ refuses a message whose user_id is not the connection's."""
 
 
 class OutcomeKind(enum.StrEnum):

@@ -56,6 +56,16 @@ def _encodable(headers: dict[str, Any], delivery: Delivery) -> dict[str, Any]:
     return out
 
 
+def login(connection: Any) -> str | None:
+    """The user the connection authenticated as, which RabbitMQ checks a ``user_id``
+    against: a dead letter carrying it is known to come from that user. ``None`` with
+    EXTERNAL (certificate) authentication, where the name is not in the URL."""
+    url = getattr(connection, "url", None)
+    if url is None or str(url.query.get("auth", "")).lower() == "external":
+        return None
+    return str(url.user or "guest")
+
+
 class Settler:
     """Settles outcomes for one connection of a worker; knows which tier queues exist."""
 
@@ -156,4 +166,5 @@ class Settler:
             delivery.listener.queue,
             _encodable(outcome.headers, delivery),
         )
+        copy.user_id = login(await self.runtime.connector.get())
         await self.runtime.publisher.publish(copy, timeout=SETTLE_TIMEOUT)

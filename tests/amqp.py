@@ -38,6 +38,7 @@ def properties(out: Outgoing) -> Basic.Properties:
         message_id=out.message_id,
         timestamp=out.timestamp,
         message_type=out.event_name,
+        user_id=out.user_id,
         app_id=out.app_id,
     )
 

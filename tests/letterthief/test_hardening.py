@@ -1,0 +1,240 @@
+"""LetterThief under hostile letters, double clicks and stolen cookies (issue 13).
+
+Each test reproduces one defect of the hardening review against the real
+broker (and SQLite and PostgreSQL where storage matters).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from letterthief.service import LetterThief
+from letterthief.web import create_app
+from pigeon import Retry
+from pigeon.settings import Settings
+from tests.conftest import AppFactory, Broker, RunWorker
+from tests.letterthief import hostile
+from tests.letterthief.conftest import letters_when, lt_settings, received
+from tests.letterthief.test_web import log_in
+
+ThiefFactory = Callable[..., Awaitable[LetterThief]]
+
+
+@pytest.fixture
+async def make_thief(
+    settings: Settings, sqlite_url: str, broker: Broker
+) -> AsyncIterator[ThiefFactory]:
+    """Start a LetterThief (collector running) with settings overrides; stopped after."""
+    started: list[LetterThief] = []
+    broker.track(settings)
+
+    async def make(database_url: str = sqlite_url, **overrides: Any) -> LetterThief:
+        overrides.setdefault("replay_timeout", 3.0)
+        thief = LetterThief(lt_settings(database_url, **overrides), settings)
+        started.append(thief)
+        await thief.start()
+        await asyncio.wait_for(thief.collector.ready.wait(), 20)
+        return thief
+
+    try:
+        yield make
+    finally:
+        for thief in started:
+            await thief.stop()
+
+
+def api(thief: LetterThief) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=create_app(thief)),
+        base_url="http://letterthief.test",
+        headers={"Authorization": "Bearer tok-123"},
+    )
+
+
+async def declare(broker: Broker, name: str) -> str:
+    broker.queues.add(name)
+    channel = await broker.connection.channel()
+    await channel.declare_queue(name, durable=True)
+    await channel.close()
+    return name
+
+
+async def dead_letter(settings: Settings, queue: str, message_id: str, **headers: Any) -> None:
+    """A pigeon-shaped dead letter of ``queue``, published with pika."""
+    await hostile.publish(
+        settings.dead_letter_exchange,
+        queue,
+        headers={
+            "x-pigeon-reason": "handler-error",
+            "x-pigeon-exception-type": "ValueError",
+            "x-pigeon-queue": queue,
+            **headers,
+        },
+        message_id=message_id,
+        type="order.placed",
+    )
+
+
+async def test_an_unencodable_letter_does_not_break_the_replays_after_it(
+    make_thief: ThiefFactory, settings: Settings, broker: Broker
+) -> None:
+    """Defect 1: bytes, non-UTF-8 text and -1 in headers; then ordinary letters still replay."""
+    thief = await make_thief()
+    queue = await declare(broker, f"{broker.prefix}.charge")
+    await dead_letter(
+        settings,
+        queue,
+        "bad-bytes",
+        **{"x-blob": b"\x01\x02", "x-latin": hostile.RawText(b"caf\xe9")},
+    )
+    await dead_letter(settings, queue, "bad-int", **{"x-small": -1})
+    await dead_letter(settings, queue, "good-1")
+    await dead_letter(settings, queue, "good-2")
+    letters = {x.message_id: x.id for x in await letters_when(thief.store, 4)}
+    async with api(thief) as client:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        blob = await client.post(f"/api/dead-letters/{letters['bad-bytes']}/retry")
+        assert blob.status_code == 200, blob.text
+        small = await client.post(f"/api/dead-letters/{letters['bad-int']}/retry")
+        # pigeon's encoder may or may not take -1; either way it is named, never a 503
+        assert small.status_code in (200, 422), small.text
+        if small.status_code == 422:
+            assert "x-small" in small.json()["detail"]
+        for name in ("good-1", "good-2"):
+            good = await client.post(f"/api/dead-letters/{letters[name]}/retry")
+            assert good.status_code == 200, good.text
+            assert good.json()["status"] == "retried"
+        assert loop.time() - started < 3.0
+        expected = 3 + (small.status_code == 200)
+        assert await broker.wait_count(queue, expected) == expected
+        replayed = await broker.get(queue)
+        assert replayed.message_id == "bad-bytes"
+        assert replayed.headers is not None
+        assert bytes(replayed.headers["x-blob"]) == b"\x01\x02"  # type: ignore[arg-type]
+        for name in ("good-1", "good-2"):
+            history = (await client.get(f"/api/dead-letters/{letters[name]}")).json()["history"]
+            assert [h["result"] for h in history] == ["ok"]
+    await asyncio.sleep(0.2)
+    assert await broker.count(queue) == expected - 1  # each delivered once
+
+
+async def test_a_crafted_letter_cannot_choose_where_its_replay_goes(
+    make_thief: ThiefFactory, settings: Settings, broker: Broker
+) -> None:
+    """Defect 2: one origin rule; never into amq.*, LetterThief's queues or retry tiers."""
+    thief = await make_thief()
+    own = await declare(broker, f"{broker.prefix}.own")
+    victim = await declare(broker, f"{broker.prefix}.victim")
+    tier = await declare(broker, f"{own}.retry.5s")
+    channel = await broker.connection.channel()
+    exclusive = (await channel.declare_queue(exclusive=True)).name
+    assert exclusive.startswith("amq.gen-")
+    await dead_letter(settings, own, "says-victim", **{"x-pigeon-queue": victim})
+    death = {"queue": victim, "reason": "rejected", "count": 1, "exchange": ""}
+    await hostile.publish(
+        settings.dead_letter_exchange, own, headers={"x-death": [death]}, message_id="dies-victim"
+    )
+    for name, key in (
+        ("to-exclusive", exclusive),
+        ("to-dead-letters", settings.dead_letter_queue),
+        ("to-unrouted", settings.unrouted_queue),
+        ("to-tier", tier),
+    ):
+        await dead_letter(settings, key, name, **{"x-pigeon-queue": key})
+    await hostile.publish(settings.unrouted_exchange, "order.placed", message_id="loop-unrouted")
+    letters = {x.message_id: x for x in await letters_when(thief.store, 7)}
+    async with api(thief) as client:
+        for name in ("says-victim", "dies-victim"):
+            detail = (await client.get(f"/api/dead-letters/{letters[name].id}")).json()
+            assert "origin headers disagree" in detail["origin_problem"]
+        for name, letter in letters.items():
+            response = await client.post(f"/api/dead-letters/{letter.id}/retry")
+            assert response.status_code == 409, (name, response.text)
+    await asyncio.sleep(0.3)
+    for queue in (own, victim, tier, exclusive):
+        assert await broker.count(queue) == 0
+    await channel.close()
+
+
+async def test_a_second_failure_of_the_same_message_keeps_each_body(store: Any) -> None:
+    """Defect 2: the letter keeps the first body; a later occurrence keeps its own."""
+    first = received("same-id", body=b'{"amount": 1}')
+    await store.ingest([first])
+    (again,) = await store.ingest([received("same-id", body=b'{"amount": 1000000}')])
+    await store.ingest([received("same-id", body=b'{"amount": 1}')])
+    detail = await store.detail(again.letter_id)
+    assert detail is not None
+    assert detail.letter.body == b'{"amount": 1}'
+    assert [o.body for o in detail.occurrences] == [None, b'{"amount": 1000000}', None]
+    batch = await store.ingest(
+        [received("one-batch", body=b"[1]"), received("one-batch", body=b"[2]")]
+    )
+    detail = await store.detail(batch[0].letter_id)
+    assert detail is not None
+    assert detail.letter.body == b"[1]"
+    assert sorted(o.body or b"" for o in detail.occurrences) == [b"", b"[2]"]
+
+
+async def test_dead_letters_of_a_worker_carry_the_connection_user(
+    thief: LetterThief, client: httpx.AsyncClient, make_app: AppFactory, run_worker: RunWorker
+) -> None:
+    """Defect 2: RabbitMQ checks user_id against the connection, so it names the publisher."""
+    app = make_app("billing")
+
+    @app.listener("order.placed", retry=Retry(attempts=1))
+    async def charge(payload: dict[str, object]) -> None:
+        raise ValueError("no")
+
+    await run_worker(app)
+    await app.dispatch_async("order.placed", {"order_id": "o-1"})
+    (letter,) = await letters_when(thief.store, 1)
+    detail = (await client.get(f"/api/dead-letters/{letter.id}")).json()
+    assert detail["user_id"] == "guest"
+    assert detail["origin_problem"] == ""
+
+
+async def test_the_letter_page_flags_a_disagreeing_origin_and_offers_no_try_again(
+    thief: LetterThief,
+) -> None:
+    """Defect 2, in the UI: the flag is shown and Try again is not offered."""
+    forged = received("forged-1", queue="billing.charge")
+    forged.origin_problem = "origin headers disagree: x-pigeon-queue says 'mail.send'"
+    (stored,) = await thief.store.ingest([forged])
+    async with api(thief) as client:
+        await log_in(client)
+        page = (await client.get(f"/letters/{stored.letter_id}")).text
+        listing = (await client.get("/letters")).text
+    assert "Not replayable" in page
+    assert "x-pigeon-queue says &#39;mail.send&#39;" in page
+    assert f'action="/letters/{stored.letter_id}/retry"' not in page
+    assert "origin headers disagree" in listing
+
+
+async def test_parallel_retries_of_the_same_letters_deliver_one_copy_each(
+    make_thief: ThiefFactory, database_url: str, broker: Broker
+) -> None:
+    """Defect 3: ten clicks, one copy; two bulk retries of 20 letters, 20 copies."""
+    thief = await make_thief(database_url)
+    queue = await declare(broker, f"{broker.prefix}.charge")
+    (one,) = await thief.store.ingest([received("click-1", queue=queue)])
+    async with api(thief) as client:
+        url = f"/api/dead-letters/{one.letter_id}/retry"
+        answers = await asyncio.gather(*(client.post(url) for _ in range(10)))
+        codes = sorted(a.status_code for a in answers)
+        assert codes == [200] + [409] * 9, [a.text for a in answers]
+        assert await broker.wait_count(queue, 1) == 1
+        stored = await thief.store.ingest([received(f"bulk-{i}", queue=queue) for i in range(20)])
+        body = {"ids": [s.letter_id for s in stored]}
+        jobs = await asyncio.gather(
+            *(client.post("/api/dead-letters/retry", json=body) for _ in range(2))
+        )
+        assert sum(j.json()["done"] for j in jobs) == 20
+        assert sum(j.json()["skipped"] for j in jobs) == 20
+    await asyncio.sleep(0.3)
+    assert await broker.count(queue) == 21
