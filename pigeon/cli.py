@@ -16,6 +16,7 @@ from pigeon.app import Pigeon, default_app
 from pigeon.dispatch import RETRYABLE
 from pigeon.errors import ConfigurationError, DispatchError, TopologyError
 from pigeon.logs import configure_logging
+from pigeon.outbox.cli import outbox_group
 from pigeon.settings import Settings, mask_url
 
 EX_CONFIG = 78
@@ -206,3 +207,6 @@ def asyncapi_command(
         click.echo(text, nl=False)
     else:
         Path(output).write_text(text, encoding="utf-8")
+
+
+main.add_command(outbox_group)
