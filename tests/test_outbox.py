@@ -54,14 +54,16 @@ def outbox(engine: Engine, prefix: str) -> Iterator[Outbox]:
     box.metadata.drop_all(engine)
 
 
-async def bind_queue(broker: Broker, settings: Settings, name: str) -> aio_pika.abc.AbstractQueue:
-    """A queue of this test's own, bound to every event of its exchange."""
+async def bind_queue(
+    broker: Broker, settings: Settings, name: str, pattern: str = "#"
+) -> aio_pika.abc.AbstractQueue:
+    """A queue of this test's own, bound to ``pattern`` on its exchange."""
     await topo.declare(broker.connection, topo.core_topology(settings))
     broker.track(settings)
     channel = await broker.connection.channel()
     exchange = await channel.get_exchange(settings.exchange)
     queue = await channel.declare_queue(name, auto_delete=False)
-    await queue.bind(exchange, "#")
+    await queue.bind(exchange, pattern)
     broker.queues.add(name)
     return queue
 
@@ -86,7 +88,7 @@ async def running(relay: Relay) -> AsyncIterator[asyncio.Task[int]]:
     finally:
         relay.stop("test finished")
         await asyncio.wait_for(task, 30)
-        await relay.outbox.relay_engine().dispose()
+        await relay.outbox.close()
 
 
 async def wait_published(box: Outbox, timeout: float = 30.0) -> None:

@@ -246,17 +246,25 @@ class Outbox:
     def _inbox_insert(self, queue: str, message_id: str) -> Any:
         values = {"queue": queue, "message_id": message_id, "created_at": time.time()}
         dialect_insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
-        return dialect_insert(self.inbox).values(**values).on_conflict_do_nothing()
+        statement = dialect_insert(self.inbox).values(**values).on_conflict_do_nothing()
+        return statement.returning(self.inbox.c.message_id)
 
     def record(self, session: Session, queue: str, message_id: str) -> bool:
         """Insert ``(queue, message_id)`` into the inbox; False when it was there (a duplicate)."""
-        result = session.execute(self._inbox_insert(queue, message_id))
-        return bool(getattr(result, "rowcount", 1))
+        return session.execute(self._inbox_insert(queue, message_id)).first() is not None
 
     async def record_async(self, session: AsyncSession, queue: str, message_id: str) -> bool:
         """The asyncio form of :meth:`record`."""
         result = await session.execute(self._inbox_insert(queue, message_id))
-        return bool(getattr(result, "rowcount", 1))
+        return result.first() is not None
+
+    async def close(self) -> None:
+        """Dispose of the relay engine this outbox made itself (not one it was given)."""
+        made, self._relay_engine = self._relay_engine, None
+        if made is not None and made is not self.engine:
+            await made.dispose()
+        elif made is not None:
+            self._relay_engine = made
 
     # -- waking in-process relays ----------------------------------------------------
 

@@ -425,3 +425,5 @@ class RelayGroup:
         for relay in self.relays:
             relay.stop("worker stopping")
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        for relay in self.relays:
+            await relay.outbox.close()
