@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 from psycopg import sql
+from sqlalchemy import Column, Integer, MetaData, String, Table
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 PG_HOST = "postgres@127.0.0.1:5432"
@@ -42,3 +43,16 @@ def pg_name() -> Iterator[str]:
 
 def pg_url(name: str, driver: str = "psycopg") -> str:
     return f"postgresql+{driver}://{PG_HOST}/{name}"
+
+
+def effects_table(prefix: str) -> tuple[MetaData, Table]:
+    """``fx_<prefix>``: one row per handled event; no unique constraint, so a second
+    effect of one message shows up as a second row."""
+    metadata = MetaData()
+    table = Table(
+        f"fx_{prefix}",
+        metadata,
+        Column("message_id", String(255), nullable=False),
+        Column("seq", Integer, nullable=False),
+    )
+    return metadata, table

@@ -36,6 +36,8 @@ _WAKE_INFO = "pigeon_outbox_wake"
 
 DEFAULT_RETENTION = 3600.0
 """Seconds a published row is kept (for ``pigeon outbox status`` and forensics)."""
+DEFAULT_LEASE = 60.0
+"""Seconds a relay's claim protects its rows from other relays."""
 
 
 class Outbox:
@@ -47,7 +49,9 @@ class Outbox:
     messages (exchange, ``app_id``); by default the app of the listener that
     dispatches, else :func:`pigeon.default_app`. ``retention`` is how long
     published rows stay (0: deleted once confirmed); ``inbox_retention`` how
-    long handled message ids are remembered (default ``PIGEON_IDEMPOTENCY_RETENTION``).
+    long handled message ids are remembered (default ``PIGEON_IDEMPOTENCY_RETENTION``);
+    ``lease`` how long a relay's claim on rows lasts: rows of a relay that died
+    are published by another after it (keep it above ``PIGEON_DISPATCH_TIMEOUT``).
     """
 
     def __init__(
@@ -59,6 +63,7 @@ class Outbox:
         inbox_table: str = INBOX_TABLE,
         retention: float = DEFAULT_RETENTION,
         inbox_retention: float | None = None,
+        lease: float = DEFAULT_LEASE,
     ) -> None:
         if isinstance(engine, str):
             engine = create_async_engine(async_url(engine))
@@ -66,6 +71,7 @@ class Outbox:
         self.app = app
         self.metadata, self.table, self.inbox = make_tables(table, inbox_table)
         self.retention = retention
+        self.lease = lease
         self.inbox_retention = inbox_retention
         self.dialect = engine.dialect.name
         if self.dialect not in ("postgresql", "sqlite"):

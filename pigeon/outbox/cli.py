@@ -41,7 +41,7 @@ def _outbox(
 @click.option("--table", default="pigeon_outbox", show_default=True, help="Outbox table name.")
 @click.option("--inbox-table", default="pigeon_inbox", show_default=True, help="Inbox table.")
 @click.option("--batch-size", default=500, show_default=True, help="Rows per claim.")
-@click.option("--lease", default=60.0, show_default=True, help="Seconds a claim protects rows.")
+@click.option("--lease", type=float, default=None, help="Seconds a claim protects rows [60].")
 @click.option(
     "--poll-interval", type=float, default=None, help="Fallback poll [10 s PG, 1 s SQLite]."
 )
@@ -52,7 +52,7 @@ def relay_command(
     table: str,
     inbox_table: str,
     batch_size: int,
-    lease: float,
+    lease: float | None,
     poll_interval: float | None,
     retention: float | None,
     metrics_port: int | None,

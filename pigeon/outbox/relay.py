@@ -66,8 +66,8 @@ class Relay:
 
     ``await relay.run()`` returns 0 after :meth:`stop` (it finishes the batch
     in hand first). ``poll_interval`` is the fallback poll (default 10 s on
-    PostgreSQL, which is woken by NOTIFY, and 1 s on SQLite); ``lease`` is how
-    long a claim protects its rows (keep it above ``PIGEON_DISPATCH_TIMEOUT``).
+    PostgreSQL, which is woken by NOTIFY, and 1 s on SQLite); ``lease`` (default:
+    the outbox's) is how long a claim protects its rows.
     """
 
     def __init__(
@@ -76,7 +76,7 @@ class Relay:
         *,
         app: Pigeon | None = None,
         batch_size: int = 500,
-        lease: float = 60.0,
+        lease: float | None = None,
         poll_interval: float | None = None,
         max_backoff: float = 30.0,
         listen: bool = True,
@@ -85,7 +85,7 @@ class Relay:
         self.outbox = outbox
         self.app = app
         self.batch_size = batch_size
-        self.lease = lease
+        self.lease = outbox.lease if lease is None else lease
         postgres = outbox.dialect == "postgresql"
         self.poll_interval = poll_interval or (10.0 if postgres else 1.0)
         self.max_backoff = max_backoff
