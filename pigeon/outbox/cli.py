@@ -47,6 +47,9 @@ def _outbox(
 )
 @click.option("--retention", type=float, default=None, help="Keep published rows S seconds [3600].")
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics here.")
+@click.option(
+    "--create-tables", is_flag=True, help="Create the outbox and inbox tables if they are missing."
+)
 def relay_command(
     database_url: str,
     table: str,
@@ -56,6 +59,7 @@ def relay_command(
     poll_interval: float | None,
     retention: float | None,
     metrics_port: int | None,
+    create_tables: bool,
 ) -> None:
     """Publish the committed rows of DATABASE_URL's outbox until SIGTERM/SIGINT (exit 0).
 
@@ -77,6 +81,8 @@ def relay_command(
 
             serve_metrics(metrics_port, relay)  # type: ignore[arg-type]
         try:
+            if create_tables:
+                await box.create_tables_async()
             return await relay.run()
         finally:
             from pigeon.app import default_app
