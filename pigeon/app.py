@@ -11,7 +11,7 @@ import asyncio
 import os
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from typing import Any, Unpack
+from typing import TYPE_CHECKING, Any, Unpack
 
 from aio_pika.abc import AbstractConnection
 
@@ -34,6 +34,9 @@ from pigeon.metrics import DISPATCHED
 from pigeon.middleware import Metrics, Middleware, PublishMiddleware, PublishNext, publish_chain
 from pigeon.retry import Retry
 from pigeon.settings import Settings
+
+if TYPE_CHECKING:
+    from pigeon.outbox import Outbox
 
 _UNSET: Any = object()
 
@@ -122,11 +125,14 @@ class Pigeon:
         delivery_limit: int = topo.DEFAULT_DELIVERY_LIMIT,
         max_body_bytes: int | None = None,
         middleware: Sequence[Middleware] | None = None,
+        outbox: Outbox | None = None,
     ) -> Callable[[Handler], Listener]:
         """Register a handler for events (classes), names or patterns (``order.*``, ``#``).
 
         The handler takes ``(event)`` or ``(event, ctx)``; annotate ``event`` with an
         :class:`Event` subclass for a validated model or ``dict`` for the raw payload.
+        With ``outbox=``, each message runs in a transaction of the outbox's database
+        (``ctx.session``) that also records it in the inbox (see docs/outbox.md).
         """
         if not targets:
             raise ConfigurationError("@app.listener(...) needs at least one event or pattern")
@@ -143,6 +149,8 @@ class Pigeon:
                     "(Pigeon(service='orders') or PIGEON_SERVICE) or pass queue=..."
                 )
             queue_name = queue or f"{self.service}.{listener_name}"
+            if outbox is not None:
+                outbox.check_handler(listener_name, is_async=is_async)
             if any(existing.queue == queue_name for existing in self.listeners):
                 raise ConfigurationError(
                     f"two listeners would share queue {queue_name}; pass name= or queue="
@@ -166,6 +174,7 @@ class Pigeon:
                 takes_context=takes_context,
                 is_async=is_async,
                 context_first=context_first,
+                outbox=outbox,
             )
             self.listeners.append(listener)
             return listener

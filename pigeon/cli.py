@@ -22,6 +22,7 @@ from pigeon.errors import (
     TopologyError,
 )
 from pigeon.logs import configure_logging
+from pigeon.outbox.cli import outbox_group
 from pigeon.settings import Settings, mask_url
 
 EX_CONFIG = 78
@@ -217,3 +218,6 @@ def asyncapi_command(
         click.echo(text, nl=False)
     else:
         Path(output).write_text(text, encoding="utf-8")
+
+
+main.add_command(outbox_group)

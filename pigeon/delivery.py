@@ -84,6 +84,7 @@ class Delivery:
     store: IdempotencyStore | None = None
     undecodable: list[str] = field(default_factory=list)
     raw_properties: bytes = b""
+    duplicate: bool = False
 
     @classmethod
     def create(
@@ -138,7 +139,8 @@ class Processor:
         max_body_bytes: int,
     ) -> None:
         self.listener = listener
-        self.store = store if listener.idempotent else None
+        # a listener with an outbox has its inbox instead of the idempotency store
+        self.store = store if listener.idempotent and listener.outbox is None else None
         self.lock_store = store
         self.executor = executor
         self.max_body_bytes = listener.max_body_bytes or max_body_bytes
@@ -167,7 +169,10 @@ class Processor:
             return self._dead(delivery, exc.reason, exc, delivery.attempt)
         store = self.store if delivery.has_message_id else None
         if store is None:
-            return await self._limited(delivery, limit)
+            outcome = await self._limited(delivery, limit)
+            if delivery.duplicate and outcome.kind is OutcomeKind.ACKED:
+                return Outcome(OutcomeKind.DUPLICATE, outcome.attempt)
+            return outcome
         key = f"{self.listener.queue}:{delivery.message_id}"
         lease = self.listener.claim_lease
         try:
@@ -368,7 +373,9 @@ class Processor:
         timeout = listener.timeout
         try:
             async with asyncio.timeout(timeout) as scope:
-                if listener.is_async:
+                if listener.outbox is not None:
+                    await self._invoke_in_transaction(delivery, args)
+                elif listener.is_async:
                     await listener.handler(*args)
                 else:
                     loop = asyncio.get_running_loop()
@@ -384,3 +391,24 @@ class Processor:
             raise HandlerTimeout(
                 f"{listener.name} ran longer than its timeout of {timeout:g}s and was cancelled"
             ) from exc
+
+    async def _invoke_in_transaction(self, delivery: Delivery, args: tuple[Any, ...]) -> None:
+        """The handler inside the inbox transaction of its listener's outbox."""
+        from pigeon.outbox import inbox
+
+        listener, ctx = self.listener, delivery.context
+        assert listener.outbox is not None
+        assert ctx is not None
+        if listener.is_async:
+            ran = await inbox.run_async(listener.outbox, ctx, listener.handler, *args)
+        else:
+            call = functools.partial(
+                contextvars.copy_context().run,
+                inbox.run_sync,
+                listener.outbox,
+                ctx,
+                listener.handler,
+                *args,
+            )
+            ran = await asyncio.get_running_loop().run_in_executor(self.executor, call)
+        delivery.duplicate = not ran

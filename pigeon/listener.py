@@ -25,6 +25,7 @@ from pigeon.retry import Retry
 
 if TYPE_CHECKING:
     from pigeon.messages import DispatchOptions
+    from pigeon.outbox import Outbox
     from pigeon.settings import Settings
 
 Handler = Callable[..., Any]
@@ -96,6 +97,7 @@ class Context:
         "_log",
         "_loop",
         "_loop_thread",
+        "_outbox",
         "attempt",
         "causation_id",
         "correlation_id",
@@ -105,6 +107,7 @@ class Context:
         "message_id",
         "queue",
         "redelivered",
+        "session",
     )
 
     def __init__(
@@ -135,6 +138,14 @@ class Context:
         self.queue = queue
         self.listener = listener
         self._log: structlog.typing.FilteringBoundLogger | None = None
+        self._outbox: Outbox | None = None
+        self.session: Any = None
+        """For a listener with ``outbox=``: the SQLAlchemy session of this message's
+        transaction (``Session`` or ``AsyncSession``); None otherwise."""
+
+    def bind_session(self, outbox: Outbox | None, session: Any) -> None:
+        """Route ``dispatch`` into ``outbox`` within ``session`` (the inbox does this)."""
+        self._outbox, self.session = outbox, session
 
     @property
     def log(self) -> structlog.typing.FilteringBoundLogger:
@@ -168,6 +179,10 @@ class Context:
                 "ctx.dispatch() must be awaited on the worker's event loop; "
                 "from a sync handler call ctx.dispatch_sync(...) instead"
             )
+        if self._outbox is not None:
+            return self._outbox.dispatch_async(
+                self.session, event, payload, app=self._app, **self._dispatch_kwargs(kwargs)
+            )
         return self._app.dispatch_async(event, payload, **self._dispatch_kwargs(kwargs))
 
     def dispatch_sync(
@@ -178,6 +193,8 @@ class Context:
     ) -> str:
         """The blocking form of :meth:`dispatch`, for sync handlers running in the thread pool."""
         kwargs = self._dispatch_kwargs(kwargs)
+        if self._outbox is not None:
+            return self._outbox.dispatch(self.session, event, payload, app=self._app, **kwargs)
         loop = self._loop
         if loop is None or not loop.is_running():
             return self._app.dispatch(event, payload, **kwargs)
@@ -211,6 +228,7 @@ class Listener:
     takes_context: bool = True
     is_async: bool = True
     context_first: bool = False
+    outbox: Outbox | None = None
     fallback_handler: Fallback | None = field(default=None, repr=False)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

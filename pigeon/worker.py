@@ -102,6 +102,15 @@ def _quiet_connection_errors(loop: asyncio.AbstractEventLoop, context: dict[str,
     loop.default_exception_handler(context)
 
 
+def _start_relays(app: Pigeon, listeners: Sequence[Listener]) -> Any:
+    """Relay the outboxes these listeners dispatch into (none: nothing is imported)."""
+    if all(listener.outbox is None for listener in listeners):
+        return None
+    from pigeon.outbox.relay import RelayGroup
+
+    return RelayGroup.start(app, [lst.outbox for lst in listeners if lst.outbox is not None])
+
+
 class Worker:
     """Consumes an app's listeners on one connection until stopped.
 
@@ -155,6 +164,7 @@ class Worker:
         self._executor: HandlerThreads | None = None
         self._runtime: Runtime | None = None
         self._purging: asyncio.Future[None] | None = None
+        self._relays: Any = None
 
     @property
     def connections(self) -> int:
@@ -186,6 +196,7 @@ class Worker:
             await self._open_store()
             self._purging = asyncio.ensure_future(self._purge_periodically())
             self._build_processors()
+            self._relays = _start_relays(self.app, self.listeners)
             if self.freeze_heap:
                 gc.collect()
                 gc.freeze()
@@ -221,7 +232,9 @@ class Worker:
             self.ready.clear()
 
     async def _open_store(self) -> None:
-        if self.store is None and any(listener.idempotent for listener in self.listeners):
+        if self.store is None and any(
+            listener.idempotent and listener.outbox is None for listener in self.listeners
+        ):
             self.store = open_store(
                 self._store_url, retention=self.app.settings.idempotency_retention
             )
@@ -378,6 +391,8 @@ class Worker:
                 await asyncio.gather(*pending, return_exceptions=True)
         await asyncio.gather(*(consumer.acker.close() for consumer in self._consumers))
         self._consumers.clear()
+        if self._relays is not None:
+            await self._relays.stop()
         if self._runtime is not None:
             await self._runtime.close()
             self.app._runtimes.pop(self._runtime.loop, None)

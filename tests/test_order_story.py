@@ -47,6 +47,7 @@ BIN = ROOT / ".venv" / "bin"
 SERVICES = ("notification", "seller", "logistics")
 PROGRAMS = {
     "letterthief",
+    "orders-relay",
     "notification",
     "seller",
     "logistics:logistics-0",
@@ -80,7 +81,7 @@ def replace_once(text: str, old: str, new: str, count: int = 1) -> str:
 
 def private_conf(prefix: str, port: int) -> str:
     text = (ROOT / "supervisord.conf").read_text()
-    text = replace_once(text, "%(here)s/.venv/", f"{ROOT}/.venv/", count=4)
+    text = replace_once(text, "%(here)s/.venv/", f"{ROOT}/.venv/", count=5)
     text = replace_once(text, "--port 8025", f"--port {port}")
     for service in SERVICES:
         text = replace_once(
@@ -289,13 +290,14 @@ def story(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Story]:
     env = {
         k: v
         for k, v in settings_env(unique_settings(prefix)).items()
-        if not k.startswith(("LETTERTHIEF_", "NOTIFICATION_", "SELLER_", "LOGISTICS_"))
+        if not k.startswith(("LETTERTHIEF_", "NOTIFICATION_", "SELLER_", "LOGISTICS_", "ORDERS_"))
     }
     env |= {
         "PYTHONPATH": str(ROOT),
         "NOTIFICATION_SEND_DELAY": str(SEND_DELAY),
         "LOGISTICS_BOOKING_DELAY": str(BOOKING_DELAY),
         "LOGISTICS_PARTNERS_FILE": str(home / "var" / "partners.json"),
+        "ORDERS_DATABASE": str(home / "var" / "orders.db"),
     }
     queues, exchanges = declared_names(env, prefix)
     story = Story(home, prefix, env, port, demo_login())

@@ -1,0 +1,308 @@
+"""The outbox: events stored in the caller's own database transaction.
+
+``outbox.dispatch(session, event)`` writes the complete wire message (the one
+:func:`pigeon.dispatch` would publish, built by the same code) into
+``pigeon_outbox`` in the transaction ``session`` is in. The event exists if and
+only if that transaction commits; a relay (``pigeon outbox relay`` or the
+``pigeon listen`` of a listener using this outbox) publishes it afterwards with
+publisher confirms. Its message id is fixed when the row is written, so a
+publish repeated after a crash is the same message to every listener.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Engine, event, insert, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+
+from pigeon.dispatch import Outgoing, build_outgoing
+from pigeon.errors import ConfigurationError
+from pigeon.events import Event
+from pigeon.outbox.tables import INBOX_TABLE, OUTBOX_TABLE, async_url, make_tables
+
+if TYPE_CHECKING:
+    from pigeon.app import Pigeon
+    from pigeon.listener import ListenerApp
+
+_TX_INFO = "pigeon_outbox_tx"
+_WAKE_INFO = "pigeon_outbox_wake"
+
+DEFAULT_RETENTION = 3600.0
+"""Seconds a published row is kept (for ``pigeon outbox status`` and forensics)."""
+DEFAULT_LEASE = 60.0
+"""Seconds a relay's claim protects its rows from other relays."""
+
+
+class Outbox:
+    """The outbox and inbox tables of one database, reached through ``engine``.
+
+    ``engine`` is a SQLAlchemy ``Engine`` (sync code, sync handlers), an
+    ``AsyncEngine`` (asyncio code, async handlers) or a URL string (the relay
+    and ``pigeon outbox status`` need nothing else). ``app`` stamps the
+    messages (exchange, ``app_id``); by default the app of the listener that
+    dispatches, else :func:`pigeon.default_app`. ``retention`` is how long
+    published rows stay (0: deleted once confirmed); ``inbox_retention`` how
+    long handled message ids are remembered (default ``PIGEON_IDEMPOTENCY_RETENTION``);
+    ``lease`` how long a relay's claim on rows lasts: rows of a relay that died
+    are published by another after it (keep it above ``PIGEON_DISPATCH_TIMEOUT``).
+    """
+
+    def __init__(
+        self,
+        engine: Engine | AsyncEngine | str,
+        *,
+        app: Pigeon | None = None,
+        table: str = OUTBOX_TABLE,
+        inbox_table: str = INBOX_TABLE,
+        retention: float = DEFAULT_RETENTION,
+        inbox_retention: float | None = None,
+        lease: float = DEFAULT_LEASE,
+    ) -> None:
+        if isinstance(engine, str):
+            engine = create_async_engine(async_url(engine))
+        self.engine = engine
+        self.app = app
+        self.metadata, self.table, self.inbox = make_tables(table, inbox_table)
+        self.retention = retention
+        self.lease = lease
+        self.inbox_retention = inbox_retention
+        self.dialect = engine.dialect.name
+        if self.dialect not in ("postgresql", "sqlite"):
+            raise ConfigurationError(
+                f"the outbox supports PostgreSQL and SQLite, not {self.dialect}"
+            )
+        self._relay_engine: AsyncEngine | None = engine if isinstance(engine, AsyncEngine) else None
+        self._wakers: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<Outbox {self.table.name} on {self.engine.url!r}>"
+
+    @property
+    def is_async(self) -> bool:
+        return isinstance(self.engine, AsyncEngine)
+
+    @property
+    def channel(self) -> str:
+        """The PostgreSQL ``NOTIFY`` channel relays of this table listen on."""
+        return self.table.name
+
+    def relay_engine(self) -> AsyncEngine:
+        """The async engine relays use (the outbox's own, or one made from its URL)."""
+        with self._lock:
+            if self._relay_engine is None:
+                self._relay_engine = create_async_engine(async_url(self.engine.url))
+            return self._relay_engine
+
+    def check_handler(self, listener: str, *, is_async: bool) -> None:
+        """Raise :class:`ConfigurationError` unless the handler's kind matches the engine's."""
+        if is_async and not self.is_async:
+            raise ConfigurationError(
+                f"listener {listener} is async but its outbox has a sync Engine: "
+                "pass an AsyncEngine (create_async_engine) or make the handler a plain def"
+            )
+        if not is_async and self.is_async:
+            raise ConfigurationError(
+                f"listener {listener} is a sync handler but its outbox has an AsyncEngine: "
+                "pass a sync Engine (create_engine) or make the handler async def"
+            )
+
+    # -- schema ----------------------------------------------------------------------
+
+    def create_tables(self) -> None:
+        """Create ``pigeon_outbox`` and ``pigeon_inbox`` if missing (sync engines)."""
+        if isinstance(self.engine, AsyncEngine):
+            raise ConfigurationError("this Outbox has an AsyncEngine: await create_tables_async()")
+        with self.engine.begin() as conn:
+            self.metadata.create_all(conn)
+        self._wal_mode()
+
+    async def create_tables_async(self) -> None:
+        """Create ``pigeon_outbox`` and ``pigeon_inbox`` if missing (any engine)."""
+        engine = self.relay_engine()
+        async with engine.begin() as conn:
+            await conn.run_sync(self.metadata.create_all)
+        if self.dialect == "sqlite":
+            async with engine.connect() as conn:
+                await conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+
+    def _wal_mode(self) -> None:
+        """SQLite: WAL, so readers (the relay's scans) never block the writers."""
+        if self.dialect == "sqlite" and isinstance(self.engine, Engine):
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+
+    # -- dispatch --------------------------------------------------------------------
+
+    def dispatch(
+        self,
+        session: Session,
+        event: Event | str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+        key: str | None = None,
+        app: ListenerApp | None = None,
+    ) -> str:
+        """Store ``event`` in ``session``'s transaction; returns its message id.
+
+        Nothing is published now: the relay publishes it once the transaction
+        committed, and never if it rolls back. Events with the same ``key``
+        (default: those of one transaction) are published in the order they
+        were written. Same keywords as :func:`pigeon.dispatch`.
+        """
+        if isinstance(session, AsyncSession):
+            raise TypeError("outbox.dispatch() takes a Session; await outbox.dispatch_async()")
+        outgoing = self._build(
+            app, event, payload, message_id, correlation_id, causation_id, headers
+        )
+        row, notify = self._row(session, outgoing, key)
+        session.execute(insert(self.table).values(**row))
+        if notify:
+            session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": self.channel})
+        return outgoing.message_id
+
+    async def dispatch_async(
+        self,
+        session: AsyncSession,
+        event: Event | str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+        key: str | None = None,
+        app: ListenerApp | None = None,
+    ) -> str:
+        """The asyncio form of :meth:`dispatch`, for an ``AsyncSession``."""
+        if not isinstance(session, AsyncSession):
+            raise TypeError("outbox.dispatch_async() takes an AsyncSession; use outbox.dispatch()")
+        outgoing = self._build(
+            app, event, payload, message_id, correlation_id, causation_id, headers
+        )
+        row, notify = self._row(session.sync_session, outgoing, key)
+        await session.execute(insert(self.table).values(**row))
+        if notify:
+            await session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": self.channel})
+        return outgoing.message_id
+
+    def _build(
+        self,
+        app: ListenerApp | None,
+        event: Event | str,
+        payload: Mapping[str, Any] | None,
+        message_id: str | None,
+        correlation_id: str | None,
+        causation_id: str | None,
+        headers: Mapping[str, Any] | None,
+    ) -> Outgoing:
+        if app is None:
+            from pigeon.app import default_app
+
+            app = self.app or default_app()
+        return build_outgoing(
+            app.settings.exchange,
+            app.service,
+            event,
+            payload,
+            message_id=message_id,
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+            headers=headers,
+        )
+
+    def _row(self, session: Session, out: Outgoing, key: str | None) -> tuple[dict[str, Any], bool]:
+        """The row for ``out``, and whether this transaction still has to NOTIFY the relays."""
+        tx = session.get_transaction() or session.begin()
+        info = session.info.get(_TX_INFO)
+        if info is None or info[0] is not tx:
+            info = session.info[_TX_INFO] = (tx, uuid.uuid4().hex, [False])
+        notify = self.dialect == "postgresql" and not info[2][0]
+        info[2][0] = True
+        if self._wakers:
+            session.info[_WAKE_INFO] = self
+        stamp = out.timestamp.timestamp() if out.timestamp is not None else time.time()
+        return {
+            "message_id": out.message_id,
+            "key": key or info[1],
+            "exchange": out.exchange,
+            "routing_key": out.routing_key,
+            "event_name": out.event_name,
+            "body": out.body,
+            "headers": json.dumps(out.headers, default=str),
+            "correlation_id": out.correlation_id,
+            "app_id": out.app_id,
+            "content_type": out.content_type,
+            "content_encoding": out.content_encoding,
+            "created_at": stamp,
+        }, notify
+
+    # -- inbox -----------------------------------------------------------------------
+
+    def _inbox_insert(self, queue: str, message_id: str) -> Any:
+        values = {"queue": queue, "message_id": message_id, "created_at": time.time()}
+        dialect_insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        statement = dialect_insert(self.inbox).values(**values).on_conflict_do_nothing()
+        return statement.returning(self.inbox.c.message_id)
+
+    def record(self, session: Session, queue: str, message_id: str) -> bool:
+        """Insert ``(queue, message_id)`` into the inbox; False when it was there (a duplicate)."""
+        return session.execute(self._inbox_insert(queue, message_id)).first() is not None
+
+    async def record_async(self, session: AsyncSession, queue: str, message_id: str) -> bool:
+        """The asyncio form of :meth:`record`."""
+        result = await session.execute(self._inbox_insert(queue, message_id))
+        return result.first() is not None
+
+    async def close(self) -> None:
+        """Dispose of the relay engine this outbox made itself (not one it was given)."""
+        made, self._relay_engine = self._relay_engine, None
+        if made is not None and made is not self.engine:
+            await made.dispose()
+        elif made is not None:
+            self._relay_engine = made
+
+    # -- waking in-process relays ----------------------------------------------------
+
+    def add_waker(self, wake: Callable[[], None]) -> None:
+        """Call ``wake()`` (thread-safe) after a transaction that dispatched here commits."""
+        _install_commit_hook()
+        self._wakers.append(wake)
+
+    def remove_waker(self, wake: Callable[[], None]) -> None:
+        if wake in self._wakers:
+            self._wakers.remove(wake)
+
+    def wake(self) -> None:
+        for wake in list(self._wakers):
+            wake()
+
+
+_hook_installed = False
+
+
+def _install_commit_hook() -> None:
+    """One process-wide ``after_commit`` hook: a commit that stored events wakes the relays
+    of this process at once (other processes wake on NOTIFY, or on their poll)."""
+    global _hook_installed
+    if _hook_installed:
+        return
+    _hook_installed = True
+
+    @event.listens_for(Session, "after_commit")
+    def _after_commit(session: Session) -> None:
+        box = session.info.pop(_WAKE_INFO, None)
+        if isinstance(box, Outbox):
+            box.wake()

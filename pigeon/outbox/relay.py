@@ -1,0 +1,429 @@
+"""The relay: publishes committed outbox rows with confirms, in key order, exactly-once-ish.
+
+One loop: claim a batch, publish it through the app's confirmed publisher,
+mark it published (or delete it), repeat; when the table is empty, sleep
+until woken. Guarantees and how each is kept:
+
+- **Only after the confirm.** A row is marked only after the broker confirmed
+  its message; a relay killed in between leaves the row claimed, and once its
+  lease runs out another relay (or the restarted one) publishes it again with
+  the same message id, which every listener's idempotency or inbox drops.
+- **Several relays.** A claim is one short transaction: PostgreSQL locks the
+  candidate rows ``FOR UPDATE SKIP LOCKED``; SQLite takes its write lock
+  first. The claimed rows get this relay's name and a lease
+  (``claimed_until``), so others skip them while it lives.
+- **Per-key order.** A relay keeps a row only if every earlier pending row of
+  the same key is in its own batch; a key whose head is held elsewhere waits.
+- **No busy polling.** PostgreSQL relays ``LISTEN`` on the table's channel
+  (every dispatching transaction sends one ``NOTIFY``); the poll is only a
+  fallback. Relays in the dispatching process are woken after the commit.
+- **Broker outage.** A batch the broker did not confirm is released and the
+  relay backs off exponentially (up to ``max_backoff``) before the next try.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from prometheus_client import Gauge
+from sqlalchemy import Row, delete, func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from pigeon.dispatch import Outgoing
+from pigeon.metrics import DISPATCHED
+from pigeon.outbox.box import Outbox
+from pigeon.outbox.tables import listen_dsn
+
+if TYPE_CHECKING:
+    from pigeon.app import Pigeon
+
+log = structlog.get_logger("pigeon")
+
+PENDING = Gauge("pigeon_outbox_pending", "Outbox rows not yet published.", ["table"])
+LAG = Gauge(
+    "pigeon_outbox_lag_seconds", "Age of the oldest outbox row not yet published.", ["table"]
+)
+
+MAINTENANCE_INTERVAL = 60.0
+METRICS_INTERVAL = 5.0
+CONTENDED_WAIT = 0.05
+"""Seconds to wait after a claim left rows to another relay: they free up without a NOTIFY."""
+
+
+class Relay:
+    """Publishes the committed rows of one outbox until stopped.
+
+    ``await relay.run()`` returns 0 after :meth:`stop` (it finishes the batch
+    in hand first). ``poll_interval`` is the fallback poll (default 10 s on
+    PostgreSQL, which is woken by NOTIFY, and 1 s on SQLite); ``lease`` (default:
+    the outbox's) is how long a claim protects its rows.
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        *,
+        app: Pigeon | None = None,
+        batch_size: int = 500,
+        lease: float | None = None,
+        poll_interval: float | None = None,
+        max_backoff: float = 30.0,
+        listen: bool = True,
+        shutdown_timeout: float = 20.0,
+    ) -> None:
+        self.outbox = outbox
+        self.app = app
+        self.batch_size = batch_size
+        self.lease = outbox.lease if lease is None else lease
+        postgres = outbox.dialect == "postgresql"
+        self.poll_interval = poll_interval or (10.0 if postgres else 1.0)
+        self.max_backoff = max_backoff
+        self.shutdown_timeout = shutdown_timeout
+        self._batch: asyncio.Future[int] | None = None
+        self.listen = listen and postgres
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.published = 0
+        self.ready = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listener: Any = None
+        self._failures = 0
+        self._contended = False
+        self._maintained = 0.0
+        self._measured = 0.0
+        table = outbox.table
+        self._columns = [
+            table.c[name]
+            for name in (
+                "id", "message_id", "key", "exchange", "routing_key", "event_name", "body",
+                "headers", "correlation_id", "app_id", "content_type", "content_encoding",
+                "created_at",
+            )
+        ]  # fmt: skip
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def stop(self, reason: str = "requested") -> None:
+        """Finish the batch in hand, then return from :meth:`run`; safe to call twice."""
+        if not self._stopping.is_set():
+            log.info("outbox.relay_stopping", table=self.outbox.table.name, reason=reason)
+            self._stopping.set()
+            self._wake.set()
+            if self._loop is not None:
+                self._loop.call_later(self.shutdown_timeout, self._abandon_batch)
+
+    def _abandon_batch(self) -> None:
+        """Past the shutdown timeout (a broker outage): give the batch's rows back."""
+        if self._batch is not None and not self._batch.done():
+            log.warning("outbox.relay_abandoned_batch", table=self.outbox.table.name)
+            self._batch.cancel()
+
+    def wake(self) -> None:
+        """Look for rows now instead of at the next poll (thread-safe)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._wake.set)
+
+    async def run(self) -> int:
+        """Relay until stopped; returns the exit code (0)."""
+        self._loop = asyncio.get_running_loop()
+        self.outbox.add_waker(self.wake)
+        log.info("outbox.relay_started", table=self.outbox.table.name, relay=self.name)
+        try:
+            while not self._stopping.is_set():
+                await self._ensure_listening()
+                self._wake.clear()
+                try:
+                    self._batch = asyncio.ensure_future(self.relay_once())
+                    count = await self._batch
+                    await self._maintain()
+                except asyncio.CancelledError:
+                    if not self._stopping.is_set() or (self._batch and not self._batch.done()):
+                        raise
+                    break
+                except Exception as exc:
+                    await self._back_off(exc)
+                    continue
+                self._failures = 0
+                self.ready.set()
+                if count < self.batch_size:
+                    await self._idle(CONTENDED_WAIT if self._contended else self.poll_interval)
+        finally:
+            self.outbox.remove_waker(self.wake)
+            await self._stop_listening()
+        log.info("outbox.relay_stopped", table=self.outbox.table.name, published=self.published)
+        return 0
+
+    async def _idle(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+
+    async def _back_off(self, exc: BaseException) -> None:
+        """Wait 0.5 s, 1 s, 2 s ... up to ``max_backoff`` (with jitter) after a failure."""
+        self._failures += 1
+        delay = min(0.5 * 2 ** (self._failures - 1), self.max_backoff)
+        delay *= random.uniform(0.8, 1.2)
+        log.warning(
+            "outbox.relay_failed",
+            table=self.outbox.table.name,
+            error=repr(exc),
+            attempt=self._failures,
+            retry_in=round(delay, 2),
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), delay)
+
+    # -- one batch -------------------------------------------------------------------
+
+    async def relay_once(self) -> int:
+        """Claim, publish and mark one batch; returns how many rows were published.
+
+        A batch the broker did not confirm is released (for this relay or
+        another to retry) and the error is raised.
+        """
+        rows = await self._claim()
+        if not rows:
+            return 0
+        batch = [self._outgoing(row) for row in rows]
+        ids = [row.id for row in rows]
+        try:
+            await self._publish(batch)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._release(ids))
+            raise
+        await self._mark(ids)
+        self.published += len(ids)
+        return len(ids)
+
+    async def _publish(self, batch: list[Outgoing]) -> None:
+        from pigeon import app as app_module
+
+        app = self.app or self.outbox.app or app_module.default_app()
+        sink = app_module._sink
+        if sink is not None:  # pigeon.testing.fake(): captured like any dispatch
+            for out in batch:
+                await sink(out)
+            return
+        await app.runtime().publisher.publish_many(batch)
+        for out in batch:
+            DISPATCHED.labels(out.event_name).inc()
+
+    async def _claim(self) -> list[Row[Any]]:
+        """Lease the next rows this relay may publish without breaking any key's order."""
+        table = self.outbox.table
+        now = time.time()
+        async with self.outbox.relay_engine().begin() as conn:
+            if self.outbox.dialect == "sqlite":  # take the write lock first: claims queue up
+                await conn.execute(
+                    update(table).where(table.c.id == -1).values(claimed_by=table.c.claimed_by)
+                )
+            query = (
+                select(*self._columns)
+                .where(
+                    table.c.published_at.is_(None),
+                    or_(table.c.claimed_until.is_(None), table.c.claimed_until < now),
+                )
+                .order_by(table.c.id)
+                .limit(self.batch_size)
+            )
+            if self.outbox.dialect == "postgresql":
+                query = query.with_for_update(skip_locked=True)
+            rows = list((await conn.execute(query)).all())
+            self._contended = False
+            if not rows:
+                return []
+            selected = len(rows)
+            rows = await self._in_key_order(conn, rows)
+            self._contended = len(rows) < selected
+            if rows:
+                await conn.execute(
+                    update(table)
+                    .where(table.c.id.in_([row.id for row in rows]))
+                    .values(claimed_by=self.name, claimed_until=now + self.lease)
+                )
+            return rows
+
+    async def _in_key_order(self, conn: AsyncConnection, rows: list[Row[Any]]) -> list[Row[Any]]:
+        """Of ``rows``, those whose every earlier pending row of the same key is in ``rows``."""
+        table = self.outbox.table
+        mine = {row.id for row in rows}
+        keys = {row.key for row in rows}
+        earlier = await conn.execute(
+            select(table.c.id, table.c.key)
+            .where(
+                table.c.published_at.is_(None),
+                table.c.key.in_(keys),
+                table.c.id <= max(mine),
+            )
+            .order_by(table.c.id)
+        )
+        blocked: set[str] = set()
+        keep: set[int] = set()
+        for row_id, key in earlier:
+            if key in blocked:
+                continue
+            if row_id in mine:
+                keep.add(row_id)
+            else:
+                blocked.add(key)
+        return [row for row in rows if row.id in keep]
+
+    def _outgoing(self, row: Row[Any]) -> Outgoing:
+        return Outgoing(
+            exchange=row.exchange,
+            routing_key=row.routing_key,
+            body=bytes(row.body),
+            message_id=row.message_id,
+            event_name=row.event_name,
+            headers=json.loads(row.headers),
+            correlation_id=row.correlation_id,
+            app_id=row.app_id,
+            content_type=row.content_type,
+            content_encoding=row.content_encoding,
+            timestamp=datetime.fromtimestamp(row.created_at, UTC),
+        )
+
+    async def _mark(self, ids: Sequence[int]) -> None:
+        """After the confirm: the rows are done (deleted when ``retention`` is 0)."""
+        table = self.outbox.table
+        async with self.outbox.relay_engine().begin() as conn:
+            if self.outbox.retention <= 0:
+                await conn.execute(delete(table).where(table.c.id.in_(ids)))
+            else:
+                await conn.execute(
+                    update(table)
+                    .where(table.c.id.in_(ids))
+                    .values(published_at=time.time(), claimed_by=None, claimed_until=None)
+                )
+
+    async def _release(self, ids: Sequence[int]) -> None:
+        table = self.outbox.table
+        async with self.outbox.relay_engine().begin() as conn:
+            await conn.execute(
+                update(table)
+                .where(table.c.id.in_(ids), table.c.claimed_by == self.name)
+                .values(claimed_by=None, claimed_until=None)
+            )
+
+    # -- housekeeping ----------------------------------------------------------------
+
+    async def _maintain(self) -> None:
+        """Now and then: refresh the metrics, purge old published rows and inbox entries."""
+        now = time.monotonic()
+        try:
+            if now - self._measured >= METRICS_INTERVAL:
+                self._measured = now
+                await self.measure()
+            if now - self._maintained >= MAINTENANCE_INTERVAL:
+                self._maintained = now
+                await purge(self.outbox, self.app)
+        except Exception as exc:  # housekeeping never holds up relaying
+            log.warning("outbox.maintenance_failed", table=self.outbox.table.name, error=repr(exc))
+
+    async def measure(self) -> tuple[int, float | None]:
+        """Pending rows and the oldest one's age in seconds; also sets the metrics."""
+        pending, age = await status(self.outbox)
+        PENDING.labels(self.outbox.table.name).set(pending)
+        LAG.labels(self.outbox.table.name).set(age or 0.0)
+        return pending, age
+
+    # -- LISTEN/NOTIFY ---------------------------------------------------------------
+
+    async def _ensure_listening(self) -> None:
+        """PostgreSQL: a dedicated asyncpg connection LISTENs on the table's channel.
+
+        If it cannot be opened the relay still works, on its poll; it tries again
+        on the next round.
+        """
+        if not self.listen or (self._listener is not None and not self._listener.is_closed()):
+            return
+        try:
+            import asyncpg
+
+            dsn = listen_dsn(self.outbox.relay_engine().url)
+            conn = await asyncpg.connect(dsn, timeout=10)
+            await conn.add_listener(self.outbox.channel, self._notified)
+        except Exception as exc:
+            log.warning("outbox.listen_failed", table=self.outbox.table.name, error=repr(exc))
+            self._listener = None
+            return
+        self._listener = conn
+        self._wake.set()  # rows committed while nobody listened
+
+    def _notified(self, *_: object) -> None:
+        self._wake.set()
+
+    async def _stop_listening(self) -> None:
+        conn, self._listener = self._listener, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close(timeout=5)
+
+
+async def status(outbox: Outbox) -> tuple[int, float | None]:
+    """``(pending rows, age in seconds of the oldest pending row or None)``."""
+    table = outbox.table
+    async with outbox.relay_engine().connect() as conn:
+        row = (
+            await conn.execute(
+                select(func.count(), func.min(table.c.created_at)).where(
+                    table.c.published_at.is_(None)
+                )
+            )
+        ).one()
+    pending, oldest = int(row[0]), row[1]
+    return pending, (max(time.time() - float(oldest), 0.0) if oldest is not None else None)
+
+
+async def purge(outbox: Outbox, app: Pigeon | None = None) -> tuple[int, int]:
+    """Delete published rows older than the retention and inbox entries older than theirs."""
+    owner = app or outbox.app
+    inbox_retention = outbox.inbox_retention
+    if inbox_retention is None:
+        inbox_retention = owner.settings.idempotency_retention if owner else 7 * 24 * 3600.0
+    now = time.time()
+    async with outbox.relay_engine().begin() as conn:
+        published = await conn.execute(
+            delete(outbox.table).where(outbox.table.c.published_at < now - outbox.retention)
+        )
+        handled = await conn.execute(
+            delete(outbox.inbox).where(outbox.inbox.c.created_at < now - inbox_retention)
+        )
+    counts = (int(getattr(published, "rowcount", 0)), int(getattr(handled, "rowcount", 0)))
+    if any(counts):
+        log.info("outbox.purged", table=outbox.table.name, published=counts[0], inbox=counts[1])
+    return counts
+
+
+class RelayGroup:
+    """The relays a ``pigeon listen`` runs beside its listeners, one per distinct outbox."""
+
+    def __init__(self, relays: list[Relay]) -> None:
+        self.relays = relays
+        self.tasks = [asyncio.ensure_future(relay.run()) for relay in relays]
+
+    @classmethod
+    def start(cls, app: Pigeon, outboxes: Sequence[Outbox]) -> RelayGroup:
+        unique = list({id(box): box for box in outboxes}.values())
+        return cls([Relay(box, app=app) for box in unique])
+
+    async def stop(self) -> None:
+        """Let each relay finish its batch in hand, then wait for it."""
+        for relay in self.relays:
+            relay.stop("worker stopping")
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for relay in self.relays:
+            await relay.outbox.close()
