@@ -39,7 +39,7 @@ def test_without_pigeon_quorum_size_rabbitmq_places_the_queue_on_all_nodes_up_to
 
 def test_a_quorum_size_below_one_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PIGEON_QUORUM_SIZE", "0")
-    with pytest.raises(ValueError, match="quorum_size"):
+    with pytest.raises(ValueError, match="PIGEON_QUORUM_SIZE"):
         Settings()
 
 
