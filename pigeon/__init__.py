@@ -2,7 +2,14 @@
 
 from pigeon.app import Pigeon, default_app, dispatch, dispatch_async, set_default_app
 from pigeon.delivery import Delivery, Outcome, OutcomeKind
-from pigeon.errors import ConfigurationError, DispatchError, PigeonError, TopologyError
+from pigeon.errors import (
+    ConfigurationError,
+    DispatchError,
+    DispatchManyError,
+    InvalidHeaderError,
+    PigeonError,
+    TopologyError,
+)
 from pigeon.events import Event
 from pigeon.listener import Context, Listener
 from pigeon.logs import configure_logging
@@ -14,7 +21,9 @@ __all__ = [
     "Context",
     "Delivery",
     "DispatchError",
+    "DispatchManyError",
     "Event",
+    "InvalidHeaderError",
     "Listener",
     "Outcome",
     "OutcomeKind",
