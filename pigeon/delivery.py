@@ -28,6 +28,7 @@ from pigeon.deadletter import dead_letter_headers
 from pigeon.events import Event
 from pigeon.headers import Reason
 from pigeon.idempotency.base import ClaimState
+from pigeon.idempotency.owner import holder_is_dead
 from pigeon.listener import Context, Listener
 from pigeon.middleware import chain
 from pigeon.retry import Reject, RetryLater, tier_delay
@@ -105,6 +106,14 @@ class Delivery:
     store: IdempotencyStore | None = None
     undecodable: list[str] = field(default_factory=list)
     raw_properties: bytes = b""
+    slot: asyncio.Semaphore | None = None
+    """The worker's concurrency slot held while this delivery runs; given up while
+    it only waits for another process's claim."""
+
+    @property
+    def key(self) -> str:
+        """The idempotency key: claims, done marks and recorded outcomes use it."""
+        return f"{self.listener.queue}:{self.message_id}"
 
     @classmethod
     def create(
@@ -134,6 +143,17 @@ class Delivery:
     def causation_id(self) -> str | None:
         value = self.headers.get(h.CAUSATION_ID)
         return value if isinstance(value, str) else None
+
+
+async def _settled(store: IdempotencyStore, delivery: Delivery) -> bool:
+    """Whether the outcome of this very try was published already (the process that
+    published it died before its ack), so the redelivery must not run again."""
+    try:
+        settled = await store.recorded_outcome(delivery.key)
+    except Exception as exc:  # unknown: run it, as before outcomes were recorded
+        log.warning("idempotency.store_failed", key=delivery.key, error=repr(exc))
+        return False
+    return settled is not None and delivery.attempt <= settled
 
 
 def _is_json(content_type: str | None) -> bool:
@@ -203,17 +223,19 @@ class Processor:
     async def process(self, delivery: Delivery) -> Outcome:
         """Decide the fate of ``delivery``. Never raises, except on cancellation."""
         delivery.store = self.lock_store
+        store = self.store if delivery.has_message_id else None
+        if store is not None and delivery.redelivered and await _settled(store, delivery):
+            return Outcome(OutcomeKind.DUPLICATE, delivery.attempt)
         try:
             delivery.payload = self.decode(delivery)
         except InvalidMessage as exc:
             return self._dead(delivery, exc.reason, exc, delivery.attempt)
-        store = self.store if delivery.has_message_id else None
         if store is None:
             return await self._attempts(delivery)
-        key = f"{self.listener.queue}:{delivery.message_id}"
+        key = delivery.key
         lease = self.listener.claim_lease
         try:
-            claim = await self._claim(store, key, lease)
+            claim = await self._claim(store, key, lease, delivery.slot)
         except Exception as exc:  # the store is down: fail this try, keep the message
             return await self._failed(delivery, delivery.attempt, exc)
         if claim.token is None:
@@ -230,18 +252,35 @@ class Processor:
         await self._settle_claim(store, key, claim.token, released=failed)
         return outcome
 
-    async def _claim(self, store: IdempotencyStore, key: str, lease: float) -> Claim:
+    async def _claim(
+        self, store: IdempotencyStore, key: str, lease: float, slot: asyncio.Semaphore | None
+    ) -> Claim:
         """Claim ``key``; while another delivery holds it, wait for it to finish or expire.
 
         Waiting (rather than re-queueing a copy) keeps the broker's delivery
         count intact, so a message that crashes every process that takes it
-        still reaches ``x-delivery-limit`` and is dead-lettered.
+        still reaches ``x-delivery-limit`` and is dead-lettered. A holder on
+        this host that provably died (its pid is gone or reused) is not waited
+        for: its claim is released at once. While waiting, the delivery gives
+        up its concurrency ``slot``.
         """
         while True:
             claim = await store.claim(key, lease)
             if claim.state is not ClaimState.IN_PROGRESS:
                 return claim
-            await asyncio.sleep(min(max(claim.retry_after, 0.05), lease / 3, 1.0))
+            if claim.holder is not None and holder_is_dead(claim.holder):
+                log.warning("idempotency.dead_holder_released", key=key, holder=claim.holder)
+                await store.release(key, claim.holder)
+                continue
+            delay = min(max(claim.retry_after, 0.05), lease / 3, 1.0)
+            if slot is None:
+                await asyncio.sleep(delay)
+                continue
+            slot.release()
+            try:
+                await asyncio.sleep(delay)
+            finally:  # the caller's ``async with slot`` releases it again: take it back
+                await asyncio.shield(slot.acquire())
 
     async def _settle_claim(
         self, store: IdempotencyStore, key: str, token: str, *, released: bool

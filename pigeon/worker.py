@@ -411,6 +411,7 @@ class Worker:
                 redelivered=bool(message.redelivered),
                 undecodable=undecodable,
                 raw_properties=raw_properties,
+                slot=semaphore,
             )
             outcome = await processor.process(delivery)
             assert self._settler is not None
