@@ -230,6 +230,8 @@ class Processor:
             delivery.payload = self.decode(delivery)
         except InvalidMessage as exc:
             return self._dead(delivery, exc.reason, exc, delivery.attempt)
+        except Exception as exc:  # a body no decoder expected: never leave it unsettled
+            return self._dead(delivery, Reason.INVALID_PAYLOAD, exc, delivery.attempt)
         if store is None:
             return await self._attempts(delivery)
         key = delivery.key
@@ -321,7 +323,7 @@ class Processor:
         if listener.wants_dict:
             try:
                 data = json.loads(delivery.body)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 raise InvalidMessage(
                     Reason.INVALID_PAYLOAD, f"body is not valid JSON: {exc}"
                 ) from exc

@@ -4,45 +4,13 @@ stalls the restarted worker for the dead process's lease."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from pathlib import Path
 
-from pigeon import Context, Pigeon
+from pigeon import Context
 from pigeon.idempotency.memory import MemoryStore
 from tests.conftest import AppFactory, Broker, RunWorker, eventually
-from tests.procs import PIGEON, ROOT, env_for, recorded, stop, wait_for_log, wait_recorded
-
-
-class Hostile:
-    """``pigeon listen tests.apps.hostile:app`` processes sharing one SQLite store."""
-
-    def __init__(self, make_app: AppFactory, broker: Broker, tmp_path: Path) -> None:
-        self.app: Pigeon = make_app("hostile")
-        self.rec = tmp_path / "rec.txt"
-        self.log = tmp_path / "listen.log"
-        self.env = env_for(
-            self.app.settings,
-            self.app.service or "",
-            HOSTILE_FILE=str(self.rec),
-            PIGEON_IDEMPOTENCY_URL=f"sqlite:///{tmp_path}/idempotency.db",
-        )
-        self.queue = f"{self.app.service}.record"
-        broker.queues |= {self.queue, f"{self.queue}.retry.200ms"}
-        broker.track(self.app.settings)
-
-    def start(self, **extra: str) -> subprocess.Popen[bytes]:
-        with open(self.log, "ab") as out:
-            proc = subprocess.Popen(
-                [*PIGEON, "listen", "tests.apps.hostile:app"],
-                env={**self.env, **extra},
-                cwd=ROOT,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        return proc
-
-    def lines(self, kind: str) -> list[str]:
-        return recorded(self.rec, kind)
+from tests.hostile import Hostile
+from tests.procs import stop, wait_for_log, wait_recorded
 
 
 async def _killed_before_the_ack_of(
