@@ -280,3 +280,19 @@ async def test_one_listener_process_outlives_every_hostile_message(
     assert by_id["k-header-minus-one-failing"].headers["x-offset"] == -1
     assert by_id["k-headers-near-frame-max-failing"].headers[headers.DROPPED_HEADERS] == "x-huge"
     assert by_id["k-header-nested-40-deep-failing"].headers[headers.DROPPED_HEADERS] == "x"
+
+
+async def test_a_basic_get_of_a_message_that_is_not_utf_8_keeps_the_connection(
+    broker: Broker,
+) -> None:
+    name = f"{broker.prefix}.get"
+    broker.queues.add(name)
+    channel = await broker.connection.channel()
+    queue = await channel.declare_queue(name)
+    await queue.bind("amq.topic", "bad.#")
+    await publish("amq.topic", b"bad.\xff", b"{}", message_id=b"\xfe", headers={b"k\xff": 1})
+    message = await broker.get(name)
+    assert message.routing_key == "bad.\\xff"
+    assert message.message_id == "\\xfe"
+    assert message.headers == {"k\\xff": 1}
+    assert not broker.connection.is_closed
