@@ -6,6 +6,8 @@ from pigeon.errors import (
     BrokerRefused,
     ConfigurationError,
     DispatchError,
+    DispatchManyError,
+    InvalidHeaderError,
     PigeonError,
     TopologyError,
 )
@@ -21,7 +23,9 @@ __all__ = [
     "Context",
     "Delivery",
     "DispatchError",
+    "DispatchManyError",
     "Event",
+    "InvalidHeaderError",
     "Listener",
     "Outcome",
     "OutcomeKind",

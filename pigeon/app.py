@@ -262,6 +262,7 @@ class Pigeon:
         self,
         events: Iterable[Event | tuple[str, Mapping[str, Any]]],
         *,
+        message_ids: Sequence[str] | None = None,
         correlation_id: str | None = None,
         causation_id: str | None = None,
         headers: Mapping[str, Any] | None = None,
@@ -270,29 +271,40 @@ class Pigeon:
 
         Much faster than awaiting ``dispatch_async`` one by one: every confirm is
         in flight together. Publish middleware does not run here; use
-        ``dispatch_async`` when it must. Raises :class:`pigeon.DispatchError`
-        if any event could not be confirmed within the dispatch timeout (the
-        ones before it may have been published: their ids are in the log).
+        ``dispatch_async`` when it must. ``message_ids`` (one per event) fixes
+        the ids, so a batch can be sent again without creating copies its
+        listeners cannot skip. Raises :class:`pigeon.DispatchManyError` if any
+        event could not be confirmed within the dispatch timeout: its
+        ``confirmed`` and ``unconfirmed`` list the ids (the unconfirmed may
+        have been stored: retry them with the same ids).
         """
+        items = list(events)
+        ids: Sequence[str | None] = [None] * len(items) if message_ids is None else message_ids
+        if len(ids) != len(items):
+            raise ValueError(
+                f"dispatch_many got {len(items)} events and {len(ids)} message_ids; "
+                "pass one id per event"
+            )
         batch = [
             build_outgoing(
                 self.settings.exchange,
                 self.service,
                 *(item if isinstance(item, tuple) else (item, None)),
+                message_id=message_id,
                 correlation_id=correlation_id,
                 causation_id=causation_id,
                 headers=headers,
             )
-            for item in events
+            for item, message_id in zip(items, ids, strict=True)
         ]
         if not batch:
             return []
         if _sink is not None:
             return [await _sink(out) for out in batch]
-        ids = await self.runtime().publisher.publish_many(batch)
+        confirmed = await self.runtime().publisher.publish_many(batch)
         for out in batch:
             DISPATCHED.labels(out.event_name).inc()
-        return ids
+        return confirmed
 
     def dispatch(
         self,

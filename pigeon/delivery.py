@@ -29,6 +29,7 @@ from pigeon.events import Event
 from pigeon.headers import Reason
 from pigeon.idempotency.base import ClaimState
 from pigeon.idempotency.lease import Renewal
+from pigeon.idempotency.owner import holder_is_dead
 from pigeon.listener import Context, Listener
 from pigeon.logs import get_logger
 from pigeon.messages import Outcome, OutcomeKind
@@ -86,6 +87,11 @@ class Delivery:
     raw_properties: bytes = b""
     duplicate: bool = False
 
+    @property
+    def key(self) -> str:
+        """The idempotency key: claims, done marks and recorded outcomes use it."""
+        return f"{self.listener.queue}:{self.message_id}"
+
     @classmethod
     def create(
         cls,
@@ -114,6 +120,17 @@ class Delivery:
     def causation_id(self) -> str | None:
         value = self.headers.get(h.CAUSATION_ID)
         return value if isinstance(value, str) else None
+
+
+async def _settled(store: IdempotencyStore, delivery: Delivery) -> bool:
+    """Whether the outcome of this very try was published already (the process that
+    published it died before its ack), so the redelivery must not run again."""
+    try:
+        settled = await store.recorded_outcome(delivery.key)
+    except Exception as exc:  # unknown: run it, as before outcomes were recorded
+        log.warning("idempotency.store_failed", key=delivery.key, error=repr(exc))
+        return False
+    return settled is not None and delivery.attempt <= settled
 
 
 def _is_json(content_type: str | None) -> bool:
@@ -163,17 +180,21 @@ class Processor:
         prefetched message's call into one round, not only the running ones'.
         """
         delivery.store = self.lock_store
+        store = self.store if delivery.has_message_id else None
+        if store is not None and delivery.redelivered and await _settled(store, delivery):
+            return Outcome(OutcomeKind.DUPLICATE, delivery.attempt)
         try:
             delivery.payload = self.decode(delivery)
         except InvalidMessage as exc:
             return self._dead(delivery, exc.reason, exc, delivery.attempt)
-        store = self.store if delivery.has_message_id else None
+        except Exception as exc:  # a body no decoder expected: never leave it unsettled
+            return self._dead(delivery, Reason.INVALID_PAYLOAD, exc, delivery.attempt)
         if store is None:
             outcome = await self._limited(delivery, limit)
             if delivery.duplicate and outcome.kind is OutcomeKind.ACKED:
                 return Outcome(OutcomeKind.DUPLICATE, outcome.attempt)
             return outcome
-        key = f"{self.listener.queue}:{delivery.message_id}"
+        key = delivery.key
         lease = self.listener.claim_lease
         try:
             claim = await self._claim(store, key, lease)
@@ -206,12 +227,19 @@ class Processor:
 
         Waiting (rather than re-queueing a copy) keeps the broker's delivery
         count intact, so a message that crashes every process that takes it
-        still reaches ``x-delivery-limit`` and is dead-lettered.
+        still reaches ``x-delivery-limit`` and is dead-lettered. A holder on
+        this host that provably died (its pid is gone or reused) is not waited
+        for: its claim is released at once. Waiting holds no concurrency slot
+        (see :meth:`process`).
         """
         while True:
             claim = await store.claim(key, lease)
             if claim.state is not ClaimState.IN_PROGRESS:
                 return claim
+            if claim.holder is not None and holder_is_dead(claim.holder):
+                log.warning("idempotency.dead_holder_released", key=key, holder=claim.holder)
+                await store.release(key, claim.holder)
+                continue
             await asyncio.sleep(min(max(claim.retry_after, 0.05), lease / 3, 1.0))
 
     async def _settle_claim(
@@ -253,7 +281,7 @@ class Processor:
         if listener.wants_dict:
             try:
                 data = json.loads(delivery.body)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 raise InvalidMessage(
                     Reason.INVALID_PAYLOAD, f"body is not valid JSON: {exc}"
                 ) from exc

@@ -31,13 +31,12 @@ from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
     retry_if_not_exception_type,
-    stop_after_delay,
     wait_exponential_jitter,
 )
 
 from pigeon import headers as h
 from pigeon.connection import Connector
-from pigeon.errors import BrokerRefused, DispatchError
+from pigeon.errors import BrokerRefused, DispatchError, DispatchManyError
 from pigeon.events import Event, encode_payload, validate_event_name
 from pigeon.logs import get_logger
 from pigeon.messages import DISPATCH_OPTIONS, DispatchOptions, Outgoing
@@ -186,8 +185,20 @@ class Publisher:
         raise ChannelInvalidStateError("no usable publishing channel: each one closed at once")
 
     async def publish(self, outgoing: Outgoing, *, timeout: float | None = None) -> str:
-        """Publish and wait for the confirm; retry outages until ``timeout``, then raise."""
+        """Publish and wait for the confirm; retry outages until ``timeout``, then raise.
+
+        The deadline is kept: no try and no backoff sleep runs past it. The
+        :class:`DispatchError` says the message may have been stored anyway.
+        """
         limit = self.timeout if timeout is None else timeout
+        try:
+            return await self._publish_until(outgoing, limit)
+        except BrokerRefused as exc:  # wrong credentials, vhost or TLS: no retry can cure it
+            raise DispatchError(
+                f"could not publish {outgoing.event_name} (message {outgoing.message_id}): {exc}"
+            ) from exc
+
+    async def _publish_until(self, outgoing: Outgoing, limit: float) -> str:
         deadline = time.monotonic() + limit
         try:
             await self._publish_once(outgoing, limit)
@@ -197,32 +208,31 @@ class Publisher:
                 f"could not publish {outgoing.event_name} (message {outgoing.message_id}): "
                 f"{_explain(exc)}"
             ) from exc
-        except BrokerRefused as exc:  # wrong credentials, vhost or TLS: no retry can cure it
-            raise DispatchError(
-                f"could not publish {outgoing.event_name} (message {outgoing.message_id}): {exc}"
-            ) from exc
-        except RETRYABLE:
-            pass  # retried below, with backoff
+        except RETRYABLE as exc:
+            first = exc  # retried below, with backoff
+        telling: BaseException = first  # a try cut short by the deadline says less
         try:
             async for attempt in AsyncRetrying(
-                stop=stop_after_delay(max(deadline - time.monotonic(), 0.0)),
-                wait=wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.5),
+                stop=lambda _: deadline - time.monotonic() < MIN_TRY,
+                wait=_until(deadline),
                 retry=retry_if_exception_type(RETRYABLE)
                 & retry_if_not_exception_type(PublishError),
                 reraise=True,
                 before_sleep=self._log_retry(outgoing),
             ):
                 with attempt:
-                    remaining = max(deadline - time.monotonic(), 0.5)
-                    await self._publish_once(outgoing, remaining)
-        except BrokerRefused as exc:
-            raise DispatchError(
-                f"could not publish {outgoing.event_name} (message {outgoing.message_id}): {exc}"
-            ) from exc
+                    remaining = max(deadline - time.monotonic(), MIN_TRY)
+                    try:
+                        await self._publish_once(outgoing, remaining)
+                    except RETRYABLE as exc:
+                        if not isinstance(exc, TimeoutError):
+                            telling = exc
+                        raise
         except RETRYABLE as exc:
             raise DispatchError(
-                f"could not publish {outgoing.event_name} (message {outgoing.message_id}) to "
-                f"{self.connector.masked_url} within {limit:g}s: {_explain(exc)}"
+                f"could not confirm {outgoing.event_name} (message {outgoing.message_id}) with "
+                f"{self.connector.masked_url} within {limit:g}s: {_explain(telling)}. It may have "
+                f"been stored; retry with the same message id ({outgoing.message_id})"
             ) from exc
         return outgoing.message_id
 
@@ -234,8 +244,8 @@ class Publisher:
         flight: the next chunk is written while the broker still confirms the
         last, so the link never idles waiting for a chunk's final confirm. Any
         message that was not confirmed (a nack, a lost connection) goes through
-        :meth:`publish`, with its retries and its ``DispatchError``: nothing is
-        dropped silently.
+        :meth:`publish`, with its retries: nothing is dropped silently. If any
+        still fails, :class:`DispatchManyError` lists which ids were confirmed.
         """
         failed: list[Outgoing] = []
         in_flight: deque[tuple[list[Outgoing], asyncio.Future[list[Any]]]] = deque()
@@ -253,14 +263,14 @@ class Publisher:
                 failed.extend(await _unconfirmed(*in_flight.popleft()))
         while in_flight:
             failed.extend(await _unconfirmed(*in_flight.popleft()))
-        first_error: BaseException | None = None
-        for out in failed:  # every one is tried; the first error is raised after
+        errors: dict[str, Exception] = {}
+        for out in failed:  # every one is tried; the errors are raised together after
             try:
                 await self.publish(out)
             except Exception as exc:
-                first_error = first_error or exc
-        if first_error is not None:
-            raise first_error
+                errors[out.message_id] = exc
+        if errors:
+            raise _batch_error(batch, errors)
         return [out.message_id for out in batch]
 
     def _forget_writer(self) -> None:
@@ -302,6 +312,36 @@ class Publisher:
         channel, self._channel = self._channel, None
         if channel is not None and not channel.is_closed:
             await channel.close()
+
+
+MIN_TRY = 0.05
+"""Seconds: a retry with less time than this left before the deadline is not started."""
+
+
+def _until(deadline: float) -> Any:
+    """Exponential backoff with jitter, each sleep cut to end at ``deadline`` at the latest."""
+    backoff = wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.5)
+
+    def wait(state: Any) -> float:
+        return max(0.0, min(backoff(state), deadline - time.monotonic()))
+
+    return wait
+
+
+def _batch_error(batch: list[Outgoing], errors: dict[str, Exception]) -> DispatchManyError:
+    confirmed = [out.message_id for out in batch if out.message_id not in errors]
+    unconfirmed = [out.message_id for out in batch if out.message_id in errors]
+    first = next(iter(errors.values()))
+    shown = ", ".join(unconfirmed[:20]) + (" …" if len(unconfirmed) > 20 else "")
+    error = DispatchManyError(
+        f"{len(unconfirmed)} of {len(batch)} events were not confirmed ({first}); "
+        f"unconfirmed ids: {shown}. They may have been stored; retry them with the same "
+        "message ids (the error's .unconfirmed); .confirmed lists the rest",
+        confirmed=confirmed,
+        unconfirmed=unconfirmed,
+    )
+    error.__cause__ = first
+    return error
 
 
 def _acked(result: object) -> bool:

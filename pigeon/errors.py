@@ -31,9 +31,27 @@ class BrokerRefused(ConfigurationError):
 class DispatchError(PigeonError):
     """An event could not be confirmed by the broker within the dispatch timeout.
 
-    The event was *not* silently dropped: the caller decides (fail the request,
-    store it in an outbox, retry later). ``__cause__`` holds the last error.
+    The event was *not* silently dropped, but it **may have been stored**: a
+    confirm lost with its connection looks the same as a publish that never
+    arrived. Retry with the same message id (listeners then skip the copy),
+    or fail the request, or store it in an outbox. ``__cause__`` holds the
+    last error.
     """
+
+
+class DispatchManyError(DispatchError):
+    """Some events of a ``dispatch_many`` batch were not confirmed.
+
+    ``confirmed`` and ``unconfirmed`` are message ids, in the batch's order.
+    The unconfirmed ones may have been stored too: dispatch them again with
+    the same ids (``dispatch_many(..., message_ids=e.unconfirmed)`` for those
+    events) so listeners skip any copy.
+    """
+
+    def __init__(self, message: str, *, confirmed: list[str], unconfirmed: list[str]) -> None:
+        super().__init__(message)
+        self.confirmed = confirmed
+        self.unconfirmed = unconfirmed
 
 
 class TopologyError(PigeonError):

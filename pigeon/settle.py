@@ -66,6 +66,24 @@ def login(connection: Any) -> str | None:
     return str(url.user or "guest")
 
 
+async def _record_outcome(delivery: Delivery, outcome: Outcome) -> None:
+    """Record in the idempotency store that this try is finished, before the ack.
+
+    The retry copy or dead letter is confirmed by now; if the process dies
+    before the ack, the broker redelivers the original, and the processor
+    finds the outcome here and acks it without running the handler (or the
+    fallback) again. A failure to record only reopens that window: logged.
+    """
+    store = delivery.store
+    if store is None or not delivery.listener.idempotent or not delivery.has_message_id:
+        return
+    settled = outcome.attempt - 1 if outcome.kind is OutcomeKind.RETRIED else outcome.attempt
+    try:
+        await store.record_outcome(delivery.key, settled)
+    except Exception as exc:
+        log.error("idempotency.store_failed", key=delivery.key, error=repr(exc), settled=settled)
+
+
 class Settler:
     """Settles outcomes for one connection of a worker; knows which tier queues exist."""
 
@@ -108,6 +126,8 @@ class Settler:
             )
             acker.give_back(tag)
             return False
+        if outcome.kind is not OutcomeKind.ACKED and outcome.kind is not OutcomeKind.DUPLICATE:
+            await _record_outcome(delivery, outcome)
         acker.ack(tag)
         return True
 

@@ -10,8 +10,8 @@ would then drop the worker's connection on every redelivery.
 :func:`install`). It tries pamqp first; when a content header or a
 ``basic.deliver`` fails to decode it decodes them again leniently, property
 by property, keeping what is readable and naming what is not. The result is
-an :class:`UndecodableHeader` / :class:`UndecodableDeliver`, which the worker
-turns into a dead letter with ``x-pigeon-reason: undecodable``. Any other
+an :class:`UndecodableHeader` or a ``basic.deliver`` whose problems
+:func:`problems_of` finds again, which the worker turns into a dead letter with ``x-pigeon-reason: undecodable``. Any other
 frame that fails to decode is a protocol error and still closes the
 connection, as before.
 """
@@ -19,6 +19,7 @@ connection, as before.
 from __future__ import annotations
 
 import struct
+from collections import OrderedDict
 from typing import Any
 
 import aiormq.connection
@@ -36,6 +37,7 @@ log = get_logger("pigeon")
 
 _pamqp_unmarshal = pamqp.frame.unmarshal
 _DELIVER_INDEX = struct.pack(">HH", 60, 60)
+_GET_OK_INDEX = struct.pack(">HH", 60, 71)
 _STRING_TYPES = ("shortstr",)
 _FIXED = {"octet": 1, "timestamp": 8, "short": 2, "long": 4, "longlong": 8}
 
@@ -57,18 +59,22 @@ class UndecodableHeader(ContentHeader):
         self.raw = raw
 
 
-class UndecodableDeliver(Basic.Deliver):
-    """A ``basic.deliver`` with a consumer tag, exchange or routing key that is not UTF-8."""
-
-    def __init__(self, problems: list[str], **fields: Any) -> None:
-        super().__init__(**fields)
-        self.problems = problems
+_MAX_REMEMBERED = 256
+_deliver_problems: OrderedDict[int, tuple[Basic.Deliver, list[str]]] = OrderedDict()
+"""What could not be decoded of recent ``basic.deliver`` frames, by ``id``: aiormq
+dispatches method frames by their exact type, so a subclass cannot carry it. The
+frame itself is held, so its id cannot be reused while it is here; bounded, for
+deliveries on channels nobody asks about."""
 
 
 def problems_of(message: DeliveredMessage) -> tuple[list[str], bytes]:
     """What could not be decoded of ``message`` (empty when all of it could) and the raw
     property bytes of its content header (empty when that header decoded)."""
-    problems = list(getattr(message.delivery, "problems", ()))
+    problems: list[str] = []
+    if _deliver_problems:
+        entry = _deliver_problems.pop(id(message.delivery), None)
+        if entry is not None and entry[0] is message.delivery:
+            problems = list(entry[1])
     header = message.header
     if isinstance(header, UndecodableHeader):
         return problems + header.problems, header.raw
@@ -90,16 +96,22 @@ def unmarshal(data: bytes) -> tuple[int, int, Any]:
         ):
             raise
         payload = data[FRAME_HEADER_SIZE:end]
+        problems: list[str] = []
         if kind == FRAME_HEADER:
-            frame: Any = _lenient_header(payload)
+            frame: Any = _lenient_header(payload, problems)
         elif payload[:4] == _DELIVER_INDEX:
-            frame = _lenient_deliver(payload[4:])
+            frame = _lenient_deliver(payload[4:], problems)
+            _deliver_problems[id(frame)] = (frame, problems)
+            while len(_deliver_problems) > _MAX_REMEMBERED:
+                _deliver_problems.popitem(last=False)
+        elif payload[:4] == _GET_OK_INDEX:
+            frame = _lenient_get_ok(payload[4:], problems)
         else:
             raise
         log.warning(
             "frames.undecodable",
             channel=channel,
-            problems=frame.problems,
+            problems=problems,
             error=repr(exc),
             note="the message is dead-lettered as undecodable",
         )
@@ -112,7 +124,7 @@ def _text(raw: bytes, what: str, problems: list[str]) -> str:
     except UnicodeDecodeError:
         problems.append(f"{what} {raw!r} is not UTF-8")
         # escaped, it may outgrow a short string: cut so a copy can carry it
-        return raw.decode("utf-8", "backslashreplace").encode()[:255].decode()
+        return raw.decode("utf-8", "backslashreplace").encode()[:255].decode("utf-8", "ignore")
 
 
 def _short(data: bytes, offset: int, what: str, problems: list[str]) -> tuple[int, str]:
@@ -123,15 +135,13 @@ def _short(data: bytes, offset: int, what: str, problems: list[str]) -> tuple[in
     return end, _text(data[offset + 1 : end], what, problems)
 
 
-def _lenient_deliver(data: bytes) -> UndecodableDeliver:
-    problems: list[str] = []
+def _lenient_deliver(data: bytes, problems: list[str]) -> Basic.Deliver:
     offset, consumer_tag = _short(data, 0, "consumer tag", problems)
     (delivery_tag,) = struct.unpack_from(">Q", data, offset)
     redelivered = bool(data[offset + 8] & 1)
     offset, exchange = _short(data, offset + 9, "exchange", problems)
     _, routing_key = _short(data, offset, "routing key", problems)
-    return UndecodableDeliver(
-        problems,
+    return Basic.Deliver(
         consumer_tag=consumer_tag,
         delivery_tag=delivery_tag,
         redelivered=redelivered,
@@ -140,12 +150,26 @@ def _lenient_deliver(data: bytes) -> UndecodableDeliver:
     )
 
 
-def _lenient_header(payload: bytes) -> UndecodableHeader:
+def _lenient_get_ok(data: bytes, problems: list[str]) -> Basic.GetOk:
+    (delivery_tag,) = struct.unpack_from(">Q", data, 0)
+    redelivered = bool(data[8] & 1)
+    offset, exchange = _short(data, 9, "exchange", problems)
+    offset, routing_key = _short(data, offset, "routing key", problems)
+    (message_count,) = struct.unpack_from(">I", data, offset)
+    return Basic.GetOk(
+        delivery_tag=delivery_tag,
+        redelivered=redelivered,
+        exchange=exchange,
+        routing_key=routing_key,
+        message_count=message_count,
+    )
+
+
+def _lenient_header(payload: bytes, problems: list[str]) -> UndecodableHeader:
     """Each property on its own: a failure skips that property (its length is known)."""
     _, _, body_size, flags = struct.unpack_from(">HHQH", payload)
     raw = payload[14:]
     properties = Basic.Properties()
-    problems: list[str] = []
     offset = 0
     try:
         for name in properties.__slots__:

@@ -7,8 +7,10 @@ bytes are what another client could send, not what Pigeon would.
 from __future__ import annotations
 
 import struct
+from collections import Counter
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pamqp.decode
@@ -19,7 +21,8 @@ from pigeon.errors import InvalidHeaderError
 from pigeon.tables import encode_table
 from pigeon.unmarshal import UndecodableHeader, unmarshal
 from tests.conftest import AppFactory, Broker, RunWorker, eventually
-from tests.hostile import get, publish
+from tests.hostile import Hostile, get, publish, publish_all
+from tests.procs import recorded, stop, wait_for_log, wait_recorded
 
 FAST = Retry(attempts=2, delays=[0.1])
 
@@ -187,3 +190,109 @@ def test_every_encodable_value_reads_back_the_same() -> None:
     }
     _, decoded = pamqp.decode.field_table(encode_table(value))
     assert decoded == value
+
+
+RK = "test.order.placed"
+FAIL = b'{"mode": "fail"}'
+#: name -> (routing key, body, pika properties, expected dead-letter reason or "handled")
+KINDS: dict[str, tuple[str | bytes, bytes, dict[str, Any], str]] = {
+    # the defects of issue 18
+    "header-key-not-utf-8": (RK, b"{}", {"headers": {b"x-\xff": 1}}, "undecodable"),
+    "message-id-not-utf-8": (RK, b"{}", {"message_id": b"k-mid-\xff"}, "undecodable"),
+    "type-not-utf-8": (RK, b"{}", {"type": b"\xc3("}, "undecodable"),
+    "correlation-id-not-utf-8": (RK, b"{}", {"correlation_id": b"\xfe"}, "undecodable"),
+    "routing-key-not-utf-8": (b"test.\xff", b"{}", {}, "undecodable"),
+    "timestamp-out-of-range": (RK, b"{}", {"timestamp": 2**63}, "undecodable"),
+    "header-minus-one-failing": (RK, FAIL, {"headers": {"x-offset": -1}}, "handler-error"),
+    "header-negative-decimal": (RK, b"{}", {"headers": {"x-p": Decimal("-1.5")}}, "handled"),
+    "header-negative-decimal-failing": (
+        RK,
+        FAIL,
+        {"headers": {"x-p": Decimal("-1.5")}},
+        "handler-error",
+    ),
+    "header-bytes-failing": (RK, FAIL, {"headers": {"x-raw": b"\x00\xff"}}, "handler-error"),
+    "header-nested-40-deep-failing": (RK, FAIL, {"headers": {"x": _nested(40)}}, "handler-error"),
+    "headers-near-frame-max-failing": (
+        RK,
+        FAIL,
+        {"headers": {"x-huge": "h" * 125_000}},
+        "handler-error",
+    ),
+    "json-nested-100k-deep": (RK, b"[" * 100_000, {}, "invalid-payload"),
+    # the eleven malformed kinds that were already dead-lettered or handled
+    "broken-json": (RK, b'{"order_id":', {}, "invalid-payload"),
+    "json-array": (RK, b"[1, 2]", {}, "invalid-payload"),
+    "json-null": (RK, b"null", {}, "invalid-payload"),
+    "empty-body": (RK, b"", {}, "invalid-payload"),
+    "body-not-utf-8": (RK, b'{"a": "\xff\xfe"}', {}, "invalid-payload"),
+    "xml": (RK, b"<order/>", {"content_type": "application/xml"}, "unsupported-content-type"),
+    "gzip": (RK, b"\x1f\x8b\x08", {"content_encoding": "gzip"}, "unsupported-content-type"),
+    "body-2-mib": (RK, b'{"x": "' + b"x" * 2_097_152 + b'"}', {}, "body-too-large"),
+    "attempt-header-not-a-number": (RK, b"{}", {"headers": {"x-pigeon-attempt": "x"}}, "handled"),
+    "attempt-header-huge-failing": (
+        RK,
+        FAIL,
+        {"headers": {"x-pigeon-attempt": 10**6}},
+        "handler-error",
+    ),
+    "handler-fails": (RK, FAIL, {}, "handler-error"),
+}
+
+
+def _message_id(name: str, props: dict[str, Any]) -> str:
+    raw = props.get("message_id", f"k-{name}")
+    return raw.decode("utf-8", "backslashreplace") if isinstance(raw, bytes) else str(raw)
+
+
+async def test_one_listener_process_outlives_every_hostile_message(
+    make_app: AppFactory, broker: Broker, tmp_path: Path
+) -> None:
+    hostile = Hostile(make_app, broker, tmp_path)
+    proc = hostile.start()
+    wait_for_log(hostile.log, "worker.consuming")
+    messages = [
+        (rk, body, {"message_id": f"k-{name}", **props})
+        for name, (rk, body, props, _) in KINDS.items()
+    ]
+    await publish_all(hostile.app.settings.exchange, messages)
+    dead = {_message_id(n, p): r for n, (_, _, p, r) in KINDS.items() if r != "handled"}
+    handled = {f"k-{name}" for name, (*_, r) in KINDS.items() if r == "handled"}
+    try:
+        letters = [await broker.get(hostile.app.settings.dead_letter_queue, 30) for _ in dead]
+        wait_recorded(hostile.rec, len(handled), kind="done")
+        await hostile.app.dispatch_async(RK, {}, message_id="sentinel")
+        wait_recorded(hostile.rec, len(handled) + 1, kind="done")
+        assert proc.poll() is None, "the same process ran throughout"
+    finally:
+        assert stop(proc) == 0
+    reasons = {str(m.message_id): m.headers[headers.REASON] for m in letters}
+    assert reasons == dead, "each dead letter once, with its reason"
+    assert set(recorded(hostile.rec, "done")) == handled | {"sentinel"}
+    starts = Counter(line.split()[0] for line in recorded(hostile.rec, "start"))
+    assert max(starts.values()) <= 2, f"no message ran more than its two attempts: {starts}"
+    assert await broker.count(hostile.app.settings.dead_letter_queue) == 0, "no extra letters"
+    assert await broker.count(hostile.queue) == 0
+    log = hostile.log.read_text()
+    assert log.count("worker.consuming") == 1, "never reconnected"
+    assert "connection_lost" not in log
+    by_id = {str(m.message_id): m for m in letters}
+    assert by_id["k-header-minus-one-failing"].headers["x-offset"] == -1
+    assert by_id["k-headers-near-frame-max-failing"].headers[headers.DROPPED_HEADERS] == "x-huge"
+    assert by_id["k-header-nested-40-deep-failing"].headers[headers.DROPPED_HEADERS] == "x"
+
+
+async def test_a_basic_get_of_a_message_that_is_not_utf_8_keeps_the_connection(
+    broker: Broker,
+) -> None:
+    name = f"{broker.prefix}.get"
+    broker.queues.add(name)
+    channel = await broker.connection.channel()
+    queue = await channel.declare_queue(name)
+    await queue.bind("amq.topic", "bad.#")
+    await publish("amq.topic", b"bad.\xff", b"{}", message_id=b"\xfe", headers={b"k\xff": 1})
+    message = await broker.get(name)
+    assert message.routing_key == "bad.\\xff"
+    assert message.message_id == "\\xfe"
+    assert message.headers == {"k\\xff": 1}
+    assert not broker.connection.is_closed

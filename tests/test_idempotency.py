@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import re
+import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,8 +25,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from pigeon.idempotency import ClaimState, IdempotencyStore, open_store
-from pigeon.idempotency.base import answer_each
+from pigeon.idempotency.base import answer_each, new_token
 from pigeon.idempotency.memory import MemoryStore
+from pigeon.idempotency.owner import holder_is_dead, owner
 from pigeon.idempotency.postgres import PostgresStore
 from pigeon.idempotency.redis import KEY_PREFIX, RedisStore
 from pigeon.idempotency.sqlite import SQLiteStore
@@ -546,3 +549,45 @@ async def test_a_batch_hands_each_caller_its_answer_its_error_or_the_batch_failu
     for future in futures:
         with pytest.raises(ConnectionError, match="store down"):
             future.result()
+
+
+async def test_a_recorded_outcome_is_read_back_and_leaves_the_claim_alone(
+    store: IdempotencyStore, key: str, prefix: str
+) -> None:
+    first = await store.claim(key, lease=30)
+    assert await store.recorded_outcome(key) is None
+    await store.record_outcome(key, 2)
+    assert await store.recorded_outcome(key) == 2
+    assert (await store.claim(key, lease=30)).state is ClaimState.IN_PROGRESS
+    assert first.token is not None
+    await store.release(key, first.token)
+    assert (await store.claim(key, lease=30)).state is ClaimState.CLAIMED
+    await store.record_outcome(key, 3)
+    assert await store.recorded_outcome(key) == 3, "a later outcome replaces the earlier"
+    assert await store.recorded_outcome(f"{prefix}other") is None
+
+
+async def test_an_in_progress_claim_names_its_holder_who_is_alive(
+    store: IdempotencyStore, key: str
+) -> None:
+    first = await store.claim(key, lease=30)
+    second = await store.claim(key, lease=30)
+    assert second.state is ClaimState.IN_PROGRESS
+    assert second.holder == first.token
+    assert second.holder is not None
+    assert f":{os.getpid()}:" in second.holder
+    assert not holder_is_dead(second.holder), "this very process holds it"
+    await store.release(key, second.holder)
+    assert (await store.claim(key, lease=30)).state is ClaimState.CLAIMED, "released by holder"
+
+
+def test_a_holder_is_dead_only_when_provably_gone_from_this_host() -> None:
+    here = owner().rsplit(":", 2)[0]
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    mine = new_token()
+    assert not holder_is_dead(mine)
+    assert holder_is_dead(f"abc@{here}:{gone.pid}:1")
+    assert holder_is_dead(f"abc@{here}:{os.getpid()}:1"), "this pid, another start: reused"
+    assert not holder_is_dead(f"abc@elsewhere/b/1:{gone.pid}:1"), "another host: unknown"
+    assert not holder_is_dead("0123abcd"), "a token of an older Pigeon names no owner"

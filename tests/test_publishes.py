@@ -18,7 +18,7 @@ from pamqp.body import ContentBody
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
-from pigeon import DispatchError
+from pigeon import DispatchError, DispatchManyError
 from pigeon.connection import Connector
 from pigeon.dispatch import Publisher
 from pigeon.errors import InvalidHeaderError
@@ -374,6 +374,9 @@ async def test_a_batch_publishes_everything_it_can_before_raising_for_a_bad_mess
     exchange, queue = await exchange_with_queue(broker, "#")
     batch = [outgoing(exchange=exchange, message_id=f"m-{i}") for i in range(250)]
     batch[150] = outgoing(exchange=exchange, message_id="bad", headers={"raw": object()})
-    with pytest.raises(InvalidHeaderError, match="raw"):
+    with pytest.raises(DispatchManyError, match="raw") as caught:
         await publisher.publish_many(batch, chunk=100)
+    assert caught.value.unconfirmed == ["bad"]
+    assert len(caught.value.confirmed) == 249
+    assert isinstance(caught.value.__cause__, InvalidHeaderError)
     assert await broker.wait_count(queue, 249) == 249, "all but the one that cannot be encoded"

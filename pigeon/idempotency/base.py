@@ -7,7 +7,11 @@ the handler again. A done key stays done for ``retention`` seconds, then it is
 forgotten (purged), so the store stays bounded.
 
 A claim whose lease ran out (the process holding it died) counts as absent:
-the next claimer gets it. A done row past its retention counts as absent too,
+the next claimer gets it. A claim's token names its owner, so a process on
+the same host can see that the holder died and free its claim at once.
+After a failure, the outcome (retried, dead-lettered) is recorded under the
+key too, so a redelivery of a message whose outcome was already published
+is not run again. A done row past its retention counts as absent too,
 even before :meth:`IdempotencyStore.purge` deletes it.
 """
 
@@ -21,6 +25,11 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
+
+from pigeon.idempotency.owner import owner
+
+OUTCOME_SUFFIX = "\x1foutcome"
+"""Appended to a key for the row or entry that records its outcome."""
 
 
 class ClaimState(enum.Enum):
@@ -40,12 +49,16 @@ class Claim:
 
     ``token`` is set only when ``state`` is ``CLAIMED``; pass it to ``done`` or
     ``release``. ``retry_after`` is the seconds left on another holder's lease
-    when ``state`` is ``IN_PROGRESS``, else ``0.0``.
+    when ``state`` is ``IN_PROGRESS``, else ``0.0``; ``holder`` is that
+    holder's token (passing it to ``release`` frees a dead holder's claim).
     """
 
     state: ClaimState
     token: str | None = None
     retry_after: float = 0.0
+    holder: str | None = None
+    """When ``IN_PROGRESS``: the holder's token, which names its owner (see
+    :mod:`pigeon.idempotency.owner`); ``None`` if the store could not tell."""
 
 
 async def answer_each(
@@ -80,8 +93,12 @@ async def answer_each(
 
 
 def new_token() -> str:
-    """Return a fresh, unguessable claim token (128 random bits, as 32 hex digits)."""
-    return os.urandom(16).hex()  # a quarter of the cost of uuid4().hex, same entropy
+    """Return a fresh, unguessable claim token naming its owner.
+
+    128 random bits as 32 hex digits, then ``@`` and this process (see
+    :func:`pigeon.idempotency.owner.owner`).
+    """
+    return os.urandom(16).hex() + "@" + owner()  # urandom: a quarter of uuid4's cost
 
 
 class IdempotencyStore(abc.ABC):
@@ -145,6 +162,21 @@ class IdempotencyStore(abc.ABC):
         Deletes only a claim still held with ``token``: a stale holder whose
         lease expired cannot free someone else's claim, and a done key stays done.
         """
+
+    async def record_outcome(self, key: str, settled: int) -> None:
+        """Remember that every delivery of ``key`` up to attempt ``settled`` is finished.
+
+        Called after a retry copy (``settled`` = its attempt - 1) or a dead letter
+        (``settled`` = the last attempt) was confirmed and before the original
+        is acked, so a redelivery of the original (the process died before the
+        ack) is acked without running anything. Kept for ``retention``. A store
+        that does not override it records nothing: then the redelivery runs again.
+        """
+        return None
+
+    async def recorded_outcome(self, key: str) -> int | None:
+        """The ``settled`` attempt last recorded for ``key``, or ``None``."""
+        return None
 
     @abc.abstractmethod
     async def purge(self) -> int:

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import time
 
-from pigeon.idempotency.base import Claim, ClaimState, IdempotencyStore, new_token
+from pigeon.idempotency.base import (
+    OUTCOME_SUFFIX,
+    Claim,
+    ClaimState,
+    IdempotencyStore,
+    new_token,
+)
 
 _MIN_PURGE_AT = 1024
 
@@ -39,7 +45,7 @@ class MemoryStore(IdempotencyStore):
         if row is not None and row[2] > now:
             if row[0] is ClaimState.DONE:
                 return Claim(ClaimState.DONE)
-            return Claim(ClaimState.IN_PROGRESS, retry_after=row[2] - now)
+            return Claim(ClaimState.IN_PROGRESS, retry_after=row[2] - now, holder=row[1])
         token = new_token()
         self._rows[key] = (ClaimState.CLAIMED, token, now + lease)
         if len(self._rows) >= self._purge_at:
@@ -62,6 +68,14 @@ class MemoryStore(IdempotencyStore):
         row = self._rows.get(key)
         if row is not None and row[0] is ClaimState.CLAIMED and row[1] == token:
             del self._rows[key]
+
+    async def record_outcome(self, key: str, settled: int) -> None:
+        now = time.monotonic()
+        self._rows[key + OUTCOME_SUFFIX] = (ClaimState.DONE, str(settled), now + self.retention)
+
+    async def recorded_outcome(self, key: str) -> int | None:
+        row = self._rows.get(key + OUTCOME_SUFFIX)
+        return int(row[1]) if row is not None and row[2] > time.monotonic() else None
 
     async def purge(self) -> int:
         return self._purge(time.monotonic())

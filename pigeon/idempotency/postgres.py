@@ -18,7 +18,14 @@ from typing import Any
 
 import asyncpg
 
-from pigeon.idempotency.base import Claim, ClaimState, IdempotencyStore, answer_each, new_token
+from pigeon.idempotency.base import (
+    OUTCOME_SUFFIX,
+    Claim,
+    ClaimState,
+    IdempotencyStore,
+    answer_each,
+    new_token,
+)
 from pigeon.settings import mask_url
 
 _SCHEMA = """
@@ -42,9 +49,9 @@ WITH input AS (
     WHERE t.expires_at <= now()
     RETURNING t.key
 )
-SELECT key, true AS won, NULL AS state, 0.0::float8 AS retry_after FROM claimed
+SELECT key, true AS won, NULL AS state, 0.0::float8 AS retry_after, NULL AS holder FROM claimed
 UNION ALL
-SELECT t.key, false, t.state, extract(epoch FROM t.expires_at - now())::float8
+SELECT t.key, false, t.state, extract(epoch FROM t.expires_at - now())::float8, t.token
 FROM pigeon_idempotency t JOIN input USING (key)
 WHERE t.expires_at > now() AND t.key NOT IN (SELECT key FROM claimed)
 """
@@ -61,6 +68,15 @@ WHERE key = $1 AND token = $2 AND state = 'claimed' AND expires_at > now()
 """
 _RELEASE = "DELETE FROM pigeon_idempotency WHERE key = $1 AND token = $2 AND state = 'claimed'"
 _PURGE = "DELETE FROM pigeon_idempotency WHERE expires_at <= now()"
+_RECORD = """
+INSERT INTO pigeon_idempotency (key, state, token, expires_at)
+VALUES ($1, 'outcome', $2, now() + make_interval(secs => $3))
+ON CONFLICT (key) DO UPDATE
+SET state = 'outcome', token = excluded.token, expires_at = excluded.expires_at
+"""
+_RECORDED = """
+SELECT token FROM pigeon_idempotency WHERE key = $1 AND state = 'outcome' AND expires_at > now()
+"""
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -126,12 +142,12 @@ class PostgresStore(IdempotencyStore):
         row = None
         while row is None:  # None: a concurrent claimer's row is not visible yet; ask again
             row = await self._queue(self._claims.setdefault(float(lease), []), key, token)
-        won, state, retry_after = row
+        won, state, retry_after, holder = row
         if won:
             return Claim(ClaimState.CLAIMED, token)
         if state == ClaimState.DONE.value:
             return Claim(ClaimState.DONE)
-        return Claim(ClaimState.IN_PROGRESS, retry_after=max(retry_after, 0.0))
+        return Claim(ClaimState.IN_PROGRESS, retry_after=max(retry_after, 0.0), holder=holder)
 
     async def extend(self, key: str, token: str, lease: float) -> bool:
         status = await self._opened().execute(_EXTEND, key, token, float(lease))
@@ -143,6 +159,15 @@ class PostgresStore(IdempotencyStore):
 
     async def release(self, key: str, token: str) -> None:
         await self._opened().execute(_RELEASE, key, token)
+
+    async def record_outcome(self, key: str, settled: int) -> None:
+        await self._opened().execute(
+            _RECORD, key + OUTCOME_SUFFIX, str(settled), float(self.retention)
+        )
+
+    async def recorded_outcome(self, key: str) -> int | None:
+        token = await self._opened().fetchval(_RECORDED, key + OUTCOME_SUFFIX)
+        return int(token) if token is not None else None
 
     async def purge(self) -> int:
         status = await self._opened().execute(_PURGE)
@@ -185,12 +210,12 @@ class PostgresStore(IdempotencyStore):
         for key, token, _ in waiters:
             first.setdefault(key, token)
         rows = await self._opened().fetch(_CLAIM_MANY, list(first), list(first.values()), lease)
-        by_key = {row[0]: (row[1], row[2], row[3]) for row in rows}
+        by_key = {row[0]: (row[1], row[2], row[3], row[4]) for row in rows}
         answers: list[Any] = []
         for key, token, _ in waiters:
             row = by_key.get(key)
             if row is not None and row[0] and first[key] != token:
-                row = (False, ClaimState.CLAIMED.value, lease)  # its first holds it now
+                row = (False, ClaimState.CLAIMED.value, lease, first[key])  # its first holds it
             answers.append(row)
         return answers
 

@@ -19,7 +19,14 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from pigeon.idempotency.base import Claim, ClaimState, IdempotencyStore, answer_each, new_token
+from pigeon.idempotency.base import (
+    OUTCOME_SUFFIX,
+    Claim,
+    ClaimState,
+    IdempotencyStore,
+    answer_each,
+    new_token,
+)
 from pigeon.settings import mask_url
 
 KEY_PREFIX = "pigeon:idem:"
@@ -27,7 +34,7 @@ KEY_PREFIX = "pigeon:idem:"
 _CLAIM = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, 0} end
 if redis.call('GET', KEYS[1]) == 'done' then return {2, 0} end
-return {3, redis.call('PTTL', KEYS[1])}
+return {3, redis.call('PTTL', KEYS[1]), redis.call('GET', KEYS[1])}
 """
 _EXTEND = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
@@ -114,14 +121,15 @@ class RedisStore(IdempotencyStore):
 
     async def claim(self, key: str, lease: float) -> Claim:
         token = new_token()
-        state, pttl = await self._call(
+        state, pttl, *held = await self._call(
             "EVALSHA", _CLAIM_SHA, 1, KEY_PREFIX + key, token, _ms(lease)
         )
         if state == 1:
             return Claim(ClaimState.CLAIMED, token)
         if state == 2:
             return Claim(ClaimState.DONE)
-        return Claim(ClaimState.IN_PROGRESS, retry_after=max(pttl, 0) / 1000)
+        holder = held[0].decode() if held and isinstance(held[0], bytes) else None
+        return Claim(ClaimState.IN_PROGRESS, retry_after=max(pttl, 0) / 1000, holder=holder)
 
     async def extend(self, key: str, token: str, lease: float) -> bool:
         result = await self._call("EVALSHA", _EXTEND_SHA, 1, KEY_PREFIX + key, token, _ms(lease))
@@ -132,6 +140,15 @@ class RedisStore(IdempotencyStore):
 
     async def release(self, key: str, token: str) -> None:
         await self._call("EVALSHA", _RELEASE_SHA, 1, KEY_PREFIX + key, token)
+
+    async def record_outcome(self, key: str, settled: int) -> None:
+        await self._call(
+            "SET", KEY_PREFIX + key + OUTCOME_SUFFIX, str(settled), "PX", _ms(self.retention)
+        )
+
+    async def recorded_outcome(self, key: str) -> int | None:
+        value = await self._call("GET", KEY_PREFIX + key + OUTCOME_SUFFIX)
+        return int(value) if value is not None else None
 
     async def purge(self) -> int:
         """Return 0: Redis deletes expired keys itself."""

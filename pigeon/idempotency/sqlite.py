@@ -22,7 +22,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pigeon.idempotency.base import Claim, ClaimState, IdempotencyStore, new_token
+from pigeon.idempotency.base import (
+    OUTCOME_SUFFIX,
+    Claim,
+    ClaimState,
+    IdempotencyStore,
+    new_token,
+)
 
 _T = TypeVar("_T")
 
@@ -44,7 +50,15 @@ _EXTEND = (
     "UPDATE pigeon_idempotency SET expires_at = ?"
     " WHERE key = ? AND token = ? AND state = 'claimed' AND expires_at > ?"
 )
-_LOOKUP = "SELECT state, expires_at FROM pigeon_idempotency WHERE key = ?"
+_LOOKUP = "SELECT state, expires_at, token FROM pigeon_idempotency WHERE key = ?"
+_RECORD = (
+    "INSERT INTO pigeon_idempotency (key, state, token, expires_at) VALUES (?, 'outcome', ?, ?)"
+    " ON CONFLICT (key) DO UPDATE SET"
+    " state = 'outcome', token = excluded.token, expires_at = excluded.expires_at"
+)
+_RECORDED = (
+    "SELECT token FROM pigeon_idempotency WHERE key = ? AND state = 'outcome' AND expires_at > ?"
+)
 _DONE = (
     "INSERT INTO pigeon_idempotency (key, state, token, expires_at) VALUES (?, 'done', ?, ?)"
     " ON CONFLICT (key) DO UPDATE SET"
@@ -111,6 +125,14 @@ class SQLiteStore(IdempotencyStore):
 
     async def release(self, key: str, token: str) -> None:
         await self._batched(self._write, _RELEASE, (key, token))
+
+    async def record_outcome(self, key: str, settled: int) -> None:
+        expires = time.time() + self.retention
+        await self._batched(self._write, _RECORD, (key + OUTCOME_SUFFIX, str(settled), expires))
+
+    async def recorded_outcome(self, key: str) -> int | None:
+        row = await self._batched(self._read, _RECORDED, (key + OUTCOME_SUFFIX, time.time()))
+        return int(row[0]) if row is not None else None
 
     async def purge(self) -> int:
         purged: int = await self._batched(self._write, _PURGE, (time.time(),))
@@ -195,7 +217,11 @@ class SQLiteStore(IdempotencyStore):
                 continue
             if row[0] == ClaimState.DONE.value:
                 return Claim(ClaimState.DONE)
-            return Claim(ClaimState.IN_PROGRESS, retry_after=max(row[1] - now, 0.0))
+            return Claim(ClaimState.IN_PROGRESS, retry_after=max(row[1] - now, 0.0), holder=row[2])
+
+    def _read(self, sql: str, params: tuple[object, ...]) -> Any:
+        assert self._conn is not None
+        return self._conn.execute(sql, params).fetchone()
 
     def _write(self, sql: str, params: tuple[object, ...]) -> int:
         assert self._conn is not None
