@@ -76,6 +76,26 @@ def _quiet_connection_errors(loop: asyncio.AbstractEventLoop, context: dict[str,
     loop.default_exception_handler(context)
 
 
+async def _hint_competitors(channel: AbstractChannel, queue: str) -> None:
+    """Say so when other consumers already share ``queue``: several ``pigeon listen``
+    processes of one app split its messages between them (how to scale out), which
+    surprises whoever started a second one by mistake."""
+    try:
+        declared = await channel.declare_queue(queue, passive=True)
+    except Exception as exc:  # a hint only: never fail the start for it
+        log.debug("worker.consumer_count_unknown", queue=queue, error=repr(exc))
+        return
+    count = declared.declaration_result.consumer_count or 0
+    if count > 1:
+        log.info(
+            "worker.competing_consumers",
+            queue=queue,
+            consumers=count,
+            hint="other processes consume this queue too and each message goes to one of them; "
+            "stop the others if this was not meant to scale out",
+        )
+
+
 class Worker:
     """Consumes an app's listeners on one connection until stopped.
 
@@ -301,6 +321,7 @@ class Worker:
                 )
             ok = await underlay.basic_consume(listener.queue, on_message)
             assert ok.consumer_tag is not None
+            await _hint_competitors(channel, listener.queue)
             self._consumers.append(
                 _Consumer(listener.queue, channel, underlay, ok.consumer_tag, acker)
             )
@@ -427,13 +448,14 @@ class Worker:
             "message_id": delivery.message_id,
             "correlation_id": delivery.correlation_id,
             "causation_id": delivery.causation_id,
-            "attempt": outcome.attempt,
+            "attempt": delivery.context.attempt if delivery.context else delivery.attempt,
             "outcome": outcome.kind.value,
             "duration_ms": round(seconds * 1000, 2),
         }
         if not settled:
             fields["settled"] = False
         if outcome.kind is OutcomeKind.RETRIED:
+            fields["next_attempt"] = outcome.attempt
             log.warning("message.handled", delay=outcome.delay, error=repr(outcome.error), **fields)
         elif outcome.kind is OutcomeKind.DEAD_LETTERED:
             log.error("message.handled", reason=outcome.reason, error=repr(outcome.error), **fields)
