@@ -8,6 +8,7 @@ accepted and then miscalled.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -648,3 +649,25 @@ async def test_dispatch_with_an_app_publishes_the_validated_event(
     assert message.message_id == result.stdout.strip()
     assert json.loads(message.body) == {"order_id": "o-1", "parcels": 2}
     assert (message.headers or {})["x-pigeon-event-version"] == 2
+
+
+async def test_letterthiefs_collector_reports_a_refused_login_and_keeps_trying(
+    settings: Settings, tmp_path: Path
+) -> None:
+    from letterthief.collector import Collector
+    from letterthief.store import Store
+    from tests.letterthief.conftest import lt_settings
+
+    url = f"sqlite:///{tmp_path / 'letterthief.db'}"
+    async with Store(url) as store:
+        collector = Collector(
+            store, settings.model_copy(update={"url": WRONG_PASSWORD}), lt_settings(url)
+        )
+        task = asyncio.create_task(collector.run())
+        try:
+            await eventually(lambda: collector.error is not None, message="the refusal reported")
+            assert "refused user 'guest'" in (collector.error or "")
+            assert not task.done()  # still trying: a fixed permission needs no restart
+        finally:
+            collector.stop()
+            await asyncio.wait_for(task, 20)
