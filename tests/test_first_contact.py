@@ -32,11 +32,12 @@ from pigeon import (
     Pigeon,
     Retry,
 )
+from pigeon.dispatch import Publisher
 from pigeon.errors import SettingsError
 from pigeon.events import lookup
 from pigeon.settings import Settings
 from pigeon.testing import deliver
-from tests.conftest import AppFactory, Broker, RunWorker, eventually, settings_env
+from tests.conftest import AMQP_URL, AppFactory, Broker, RunWorker, eventually, settings_env
 from tests.procs import PIGEON, ROOT, env_for, recorded, stop, wait_for_log, wait_recorded
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -671,3 +672,28 @@ async def test_letterthiefs_collector_reports_a_refused_login_and_keeps_trying(
         finally:
             collector.stop()
             await asyncio.wait_for(task, 20)
+
+
+async def test_dispatch_logs_every_failed_try_counting_from_1(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tries: list[int] = []
+
+    async def fails(self: Publisher, outgoing: object, timeout: float) -> None:
+        tries.append(1)
+        raise ConnectionError("the broker is away")
+
+    monkeypatch.setattr(Publisher, "_publish_once", fails)
+    with structlog.testing.capture_logs() as logs:
+        await _dispatch_error(settings.model_copy(update={"dispatch_timeout": 1.0}), AMQP_URL)
+    logged = [entry["attempt"] for entry in logs if entry["event"] == "dispatch.retrying"]
+    assert logged == list(range(1, len(tries)))  # the last try raises instead of retrying
+    assert len(tries) >= 2
+
+
+def test_pigeon_dispatch_prints_the_message_id_alone(settings: Settings, broker: Broker) -> None:
+    broker.track(settings)
+    result = _pigeon("dispatch", "first.contact", '{"n": 1}', env=settings_env(settings))
+    assert result.returncode == 0, result.stderr
+    assert UUID.match(result.stdout.rstrip("\n"))
+    assert result.stdout.count("\n") == 1
