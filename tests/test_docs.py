@@ -65,6 +65,8 @@ def _python(example: Example) -> None:
     if found:
         name = found.group(1)
         (namespace["__docdir__"] / f"{name}.py").write_text(source)
+        sys.modules.pop(name, None)
+        importlib.invalidate_caches()  # the file is newer than the finder's directory listing
         module = importlib.import_module(name)
         namespace["__modules__"].append(name)
         namespace.update({k: v for k, v in vars(module).items() if not k.startswith("__")})
