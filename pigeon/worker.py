@@ -35,6 +35,7 @@ from pigeon.app import Pigeon, Runtime
 from pigeon.delivery import Delivery, Outcome, OutcomeKind, Processor
 from pigeon.dispatch import RETRYABLE
 from pigeon.frames import Deliveries
+from pigeon.hints import hint_competitors
 from pigeon.idempotency import IdempotencyStore, open_store
 from pigeon.listener import Listener
 from pigeon.logs import get_logger
@@ -74,26 +75,6 @@ def _quiet_connection_errors(loop: asyncio.AbstractEventLoop, context: dict[str,
         log.debug("broker.background_error", error=repr(context["exception"]))
         return
     loop.default_exception_handler(context)
-
-
-async def _hint_competitors(channel: AbstractChannel, queue: str) -> None:
-    """Say so when other consumers already share ``queue``: several ``pigeon listen``
-    processes of one app split its messages between them (how to scale out), which
-    surprises whoever started a second one by mistake."""
-    try:
-        declared = await channel.declare_queue(queue, passive=True)
-    except Exception as exc:  # a hint only: never fail the start for it
-        log.debug("worker.consumer_count_unknown", queue=queue, error=repr(exc))
-        return
-    count = declared.declaration_result.consumer_count or 0
-    if count > 1:
-        log.info(
-            "worker.competing_consumers",
-            queue=queue,
-            consumers=count,
-            hint="other processes consume this queue too and each message goes to one of them; "
-            "stop the others if this was not meant to scale out",
-        )
 
 
 class Worker:
@@ -321,7 +302,7 @@ class Worker:
                 )
             ok = await underlay.basic_consume(listener.queue, on_message)
             assert ok.consumer_tag is not None
-            await _hint_competitors(channel, listener.queue)
+            await hint_competitors(channel, listener.queue)
             self._consumers.append(
                 _Consumer(listener.queue, channel, underlay, ok.consumer_tag, acker)
             )
