@@ -35,6 +35,7 @@ from pigeon import (
 from pigeon.dispatch import Publisher
 from pigeon.errors import SettingsError
 from pigeon.events import lookup
+from pigeon.retry import tier_queue
 from pigeon.settings import Settings
 from pigeon.testing import deliver
 from tests.conftest import AMQP_URL, AppFactory, Broker, RunWorker, eventually, settings_env
@@ -402,11 +403,17 @@ def _sync_listener(env: dict[str, str], log: Path, *args: str) -> subprocess.Pop
         )
 
 
+def _sync_queues(app: Pigeon) -> set[str]:
+    """The queues ``tests.apps.sync_recorder`` declares for ``app``'s service (default Retry)."""
+    queue = f"{app.service}.record-sync"
+    return {queue, *(tier_queue(queue, delay) for delay in Retry().tier_delays())}
+
+
 async def test_a_slow_sync_handler_does_not_outlive_the_shutdown_timeout(
     make_app: AppFactory, broker: Broker, tmp_path: Path
 ) -> None:
     app = make_app("sync")
-    broker.queues.add(f"{app.service}.record-sync")
+    broker.queues |= _sync_queues(app)
     rec, log = tmp_path / "rec.txt", tmp_path / "listen.log"
     env = env_for(app.settings, app.service or "", RECORDER_FILE=str(rec), RECORDER_SECONDS="60")
     proc = _sync_listener(env, log, "--shutdown-timeout", "2")
@@ -431,7 +438,7 @@ async def test_a_sync_handler_that_finishes_within_the_timeout_is_acked(
 ) -> None:
     app = make_app("sync")
     queue = f"{app.service}.record-sync"
-    broker.queues.add(queue)
+    broker.queues |= _sync_queues(app)
     rec, log = tmp_path / "rec.txt", tmp_path / "listen.log"
     env = env_for(app.settings, app.service or "", RECORDER_FILE=str(rec), RECORDER_SECONDS="1")
     proc = _sync_listener(env, log, "--shutdown-timeout", "30")
