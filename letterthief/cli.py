@@ -12,6 +12,7 @@ import contextlib
 import getpass
 import json
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
@@ -45,8 +46,10 @@ def _run(work: Callable[[LetterThief], Awaitable[T]], *, quiet: bool = True) -> 
     """Open the store (no collector), run ``work``, close everything."""
     pigeon = Settings()
     configure_logging(pigeon.log_format, "WARNING" if quiet else pigeon.log_level)
+    settings = LetterThiefSettings()
+    click.echo(f"letterthief: database {mask_url(settings.database_url)}", err=True)
     try:
-        thief = LetterThief(LetterThiefSettings(), pigeon)
+        thief = LetterThief(settings, pigeon)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -87,21 +90,39 @@ def serve(host: str, port: int) -> None:
             "--host 127.0.0.1."
         )
     configure_logging(pigeon.log_format, pigeon.log_level)
+    listening = _bind(host, port)
     try:
-        asyncio.run(_serve(settings, pigeon, host, port))
+        asyncio.run(_serve(settings, pigeon, listening))
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
 
 
-async def _serve(settings: LetterThiefSettings, pigeon: Settings, host: str, port: int) -> None:
+def _bind(host: str, port: int) -> socket.socket:
+    """The web port, bound before anything starts: a taken port is one line and exit 1,
+    not a crash after "serving" was logged."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        sock.close()
+        raise click.ClickException(
+            f"cannot serve on {host}:{port} ({exc.strerror or exc}): pick a free --port"
+        ) from None
+    sock.listen(128)
+    return sock
+
+
+async def _serve(settings: LetterThiefSettings, pigeon: Settings, listening: socket.socket) -> None:
     from letterthief.web import create_app
+
+    host, port = listening.getsockname()[:2]
 
     thief = LetterThief(settings, pigeon)
     await thief.start()
     config = uvicorn.Config(
         create_app(thief),
-        host=host,
-        port=port,
         log_config=None,
         access_log=False,
         lifespan="off",
@@ -121,7 +142,7 @@ async def _serve(settings: LetterThiefSettings, pigeon: Settings, host: str, por
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_exit, sig)
     try:
-        await server.serve()
+        await server.serve(sockets=[listening])
     finally:
         await thief.stop()
         log.info("letterthief.stopped")

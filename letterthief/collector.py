@@ -31,7 +31,7 @@ from letterthief.store import Store, Stored
 from pigeon import topology
 from pigeon.connection import Connector
 from pigeon.dispatch import RETRYABLE
-from pigeon.errors import TopologyError
+from pigeon.errors import BrokerRefused, TopologyError
 from pigeon.logs import get_logger
 from pigeon.settings import Settings
 
@@ -152,7 +152,7 @@ class Collector:
 
     async def _connect(self) -> bool:
         retrying = AsyncRetrying(
-            retry=retry_if_exception_type((*RETRYABLE, TopologyError)),
+            retry=retry_if_exception_type((*RETRYABLE, TopologyError, BrokerRefused)),
             wait=wait_exponential_jitter(multiplier=0.5, max=30.0, jitter=1.0),
             stop=lambda _: self._stopping.is_set(),
             sleep=self._sleep,
@@ -163,13 +163,20 @@ class Collector:
             async for attempt in retrying:
                 with attempt:
                     await self.connector.get(timeout=10)
-        except (*RETRYABLE, TopologyError):
+        except (*RETRYABLE, TopologyError, BrokerRefused):
             return False
         return not self._stopping.is_set()
 
     def _unreachable(self, state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome is not None else None
-        self.error = str(error) if isinstance(error, TopologyError) else repr(error)
+        # A refused login or vhost is a configuration error, but the UI still serves the
+        # stored letters meanwhile: it is logged as an error and tried again, so a fixed
+        # permission is picked up without a restart.
+        refused = isinstance(error, BrokerRefused)
+        self.error = str(error) if isinstance(error, TopologyError | BrokerRefused) else repr(error)
+        if refused:
+            log.error("collector.broker_refused", error=self.error)
+            return
         event = (
             "collector.topology_mismatch"
             if isinstance(error, TopologyError)

@@ -7,6 +7,8 @@ so it always agrees with the services it watches.
 from __future__ import annotations
 
 import ipaddress
+import os
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field, SecretStr, ValidationError
@@ -20,7 +22,8 @@ class LetterThiefSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LETTERTHIEF_", extra="ignore")
 
-    database_url: str = "sqlite:///letterthief.db"
+    database_url: str = Field(default_factory=lambda: default_database_url())
+    """Default: ``sqlite:///`` + :func:`default_database_path`, whatever the working directory."""
     username: str | None = None
     password: SecretStr | None = None
     api_token: SecretStr | None = None
@@ -57,6 +60,19 @@ class LetterThiefSettings(BaseSettings):
     @property
     def webhook(self) -> str | None:
         return self.slack_webhook_url.get_secret_value() if self.slack_webhook_url else None
+
+
+def default_database_path() -> Path:
+    """Where LetterThief keeps its SQLite database unless ``LETTERTHIEF_DATABASE_URL`` says
+    otherwise: ``$XDG_DATA_HOME/letterthief/letterthief.db``, by default
+    ``~/.local/share/letterthief/letterthief.db``. One place, so ``letterthief list`` run
+    from any directory reads the letters ``letterthief serve`` stored."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "letterthief" / "letterthief.db"
+
+
+def default_database_url() -> str:
+    return f"sqlite:///{default_database_path()}"
 
 
 def is_loopback(host: str) -> bool:

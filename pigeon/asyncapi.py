@@ -276,14 +276,14 @@ def build(
 
 
 def render(document: Document, fmt: Literal["json", "yaml"] = "json") -> str:
-    """``document`` as JSON or YAML text; YAML needs PyYAML (``pip install pyyaml``)."""
+    """``document`` as JSON or YAML text; YAML needs PyYAML (``pip install 'pigeon-bus[yaml]'``)."""
     if fmt == "json":
         return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
     try:
         import yaml
     except ImportError as exc:
         raise ConfigurationError(
-            "--format yaml needs PyYAML: pip install pyyaml (or use --format json)"
+            "--format yaml needs PyYAML: pip install 'pigeon-bus[yaml]' (or use --format json)"
         ) from exc
 
     class Dumper(yaml.SafeDumper):

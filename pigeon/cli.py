@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import click
+from pydantic import ValidationError
 
 from pigeon.app import Pigeon, default_app
 from pigeon.dispatch import RETRYABLE
@@ -21,6 +22,7 @@ from pigeon.errors import (
     SettingsError,
     TopologyError,
 )
+from pigeon.events import Event, lookup, registered
 from pigeon.logs import configure_logging
 from pigeon.outbox.cli import outbox_group
 from pigeon.settings import Settings, mask_url
@@ -40,9 +42,15 @@ def load_app(target: str) -> Pigeon:
     except ConfigurationError as exc:
         click.echo(f"pigeon: {target}: {exc}", err=True)
         sys.exit(EX_CONFIG)
-    app = getattr(module, attr or "app", None)
+    if not hasattr(module, attr or "app"):
+        raise click.BadParameter(
+            f"module {module_name!r} has no attribute {attr or 'app'!r} (use MODULE:ATTRIBUTE)"
+        )
+    app = getattr(module, attr or "app")
     if not isinstance(app, Pigeon):
-        raise click.BadParameter(f"{target} is not a pigeon.Pigeon app (use MODULE:ATTRIBUTE)")
+        raise click.BadParameter(
+            f"{target} is a {type(app).__name__}, not a pigeon.Pigeon app (use MODULE:ATTRIBUTE)"
+        )
     return app
 
 
@@ -113,36 +121,56 @@ async def _serve(worker: Any, metrics_port: int | None, metrics_host: str) -> in
     if metrics_port is not None:
         from pigeon.metrics import serve_metrics
 
-        serve_metrics(metrics_port, worker.ready.is_set, host=metrics_host)
+        try:
+            serve_metrics(metrics_port, worker.ready.is_set, host=metrics_host)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot serve metrics on {metrics_host}:{metrics_port} ({exc.strerror or exc}): "
+                "pick a free --metrics-port"
+            ) from None
     code: int = await worker.run()
     return code
 
 
 @main.command("dispatch")
 @click.argument("event_name")
-@click.argument("payload", default="{}")
+@click.argument("payload", required=False)
 @click.option("--message-id", default=None)
 @click.option("--correlation-id", default=None)
 @click.option("--header", "headers", multiple=True, help="KEY=VALUE (repeatable).")
+@click.option(
+    "--app",
+    "target",
+    default=None,
+    metavar="MODULE:APP",
+    help="Validate PAYLOAD against the Event class registered for EVENT_NAME.",
+)
 def dispatch_command(
     event_name: str,
-    payload: str,
+    payload: str | None,
     message_id: str | None,
     correlation_id: str | None,
     headers: tuple[str, ...],
+    target: str | None,
 ) -> None:
-    """Dispatch EVENT_NAME with a JSON PAYLOAD and print its message id once confirmed."""
+    """Dispatch EVENT_NAME with a JSON PAYLOAD and print its message id once confirmed.
+
+    With --app, the payload is validated against the app's Event class first and
+    may be left out when every field has a default.
+    """
+    if payload is None and target is None:
+        raise click.UsageError(
+            'give the event\'s JSON PAYLOAD (e.g. \'{"order_id": "o-1"}\'), or --app '
+            "MODULE:APP to validate it against the registered Event class"
+        )
+    data = _payload(payload or "{}")
+    header_map = _headers(headers)
+    app = default_app() if target is None else load_app(target)
+    event: Event | str = event_name if target is None else _validated(event_name, data)
     try:
-        data = json.loads(payload)
-    except ValueError as exc:
-        raise click.BadParameter(f"PAYLOAD is not JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise click.BadParameter("PAYLOAD must be a JSON object")
-    header_map = dict(item.split("=", 1) for item in headers if "=" in item)
-    try:
-        message_id = default_app().dispatch(
-            event_name,
-            data,
+        message_id = app.dispatch(
+            event,
+            None if isinstance(event, Event) else data,
             message_id=message_id,
             correlation_id=correlation_id,
             headers=header_map,
@@ -151,6 +179,44 @@ def dispatch_command(
         click.echo(f"pigeon: {exc}", err=True)
         sys.exit(EX_CONFIG if isinstance(exc.__cause__, BrokerRefused) else 1)
     click.echo(message_id)
+
+
+def _payload(text: str) -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"PAYLOAD is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise click.BadParameter("PAYLOAD must be a JSON object")
+    return data
+
+
+def _headers(items: tuple[str, ...]) -> dict[str, str]:
+    for item in items:
+        if "=" not in item:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--header")
+    return dict(item.split("=", 1) for item in items)
+
+
+def _validated(event_name: str, data: dict[str, Any]) -> Event:
+    """The payload as the app's Event class for ``event_name``; one line when it does not fit."""
+    event_type = lookup(event_name)
+    if event_type is None:
+        known = ", ".join(sorted(registered())) or "none"
+        raise click.BadParameter(
+            f"no Event class is registered for {event_name!r} (known: {known})",
+            param_hint="EVENT_NAME",
+        )
+    try:
+        return event_type.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or 'payload'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise click.BadParameter(
+            f"does not match {event_type.__name__}: {problems}", param_hint="PAYLOAD"
+        ) from None
 
 
 @main.group("topology")

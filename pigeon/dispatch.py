@@ -208,8 +208,9 @@ class Publisher:
                 f"could not publish {outgoing.event_name} (message {outgoing.message_id}): "
                 f"{_explain(exc)}"
             ) from exc
-        except RETRYABLE as exc:
-            first = exc  # retried below, with backoff
+        except RETRYABLE as exc:  # retried below at once, then with backoff
+            first = exc
+            self._log_retry(outgoing, attempt=1, retry_in=0.0, error=exc)
         telling: BaseException = first  # a try cut short by the deadline says less
         try:
             async for attempt in AsyncRetrying(
@@ -218,7 +219,7 @@ class Publisher:
                 retry=retry_if_exception_type(RETRYABLE)
                 & retry_if_not_exception_type(PublishError),
                 reraise=True,
-                before_sleep=self._log_retry(outgoing),
+                before_sleep=self._before_sleep(outgoing),
             ):
                 with attempt:
                     remaining = max(deadline - time.monotonic(), MIN_TRY)
@@ -293,16 +294,28 @@ class Publisher:
         if not self.connector.is_open or isinstance(exc, ConnectionError | OSError):
             self.connector.invalidate()
 
-    def _log_retry(self, outgoing: Outgoing) -> Any:
+    def _log_retry(
+        self, outgoing: Outgoing, *, attempt: int, retry_in: float, error: BaseException | None
+    ) -> None:
+        """``attempt`` is the try that failed: 1 for the first."""
+        log.warning(
+            "dispatch.retrying",
+            event_name=outgoing.event_name,
+            message_id=outgoing.message_id,
+            attempt=attempt,
+            retry_in=round(retry_in, 3),
+            error=repr(error),
+            url=self.connector.masked_url,
+        )
+
+    def _before_sleep(self, outgoing: Outgoing) -> Any:
         def before_sleep(state: Any) -> None:
-            log.warning(
-                "dispatch.retrying",
-                event_name=outgoing.event_name,
-                message_id=outgoing.message_id,
-                attempt=state.attempt_number,
-                retry_in=round(state.upcoming_sleep, 3),
-                error=repr(state.outcome.exception()),
-                url=self.connector.masked_url,
+            # the first try ran before tenacity's loop: its attempt n is try n + 1
+            self._log_retry(
+                outgoing,
+                attempt=state.attempt_number + 1,
+                retry_in=state.upcoming_sleep,
+                error=state.outcome.exception(),
             )
 
         return before_sleep

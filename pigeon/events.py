@@ -54,7 +54,7 @@ class Event(BaseModel):
         if name is not None:
             cls.__event_name__ = validate_event_name(name)
             cls.__event_version__ = version
-            _registry[name] = cls
+            _register(name, cls)
 
     @classmethod
     def event_name(cls) -> str:
@@ -69,6 +69,26 @@ class Event(BaseModel):
     def to_json(self) -> bytes:
         """The wire body: this event's fields as UTF-8 JSON."""
         return self.__pydantic_serializer__.to_json(self)
+
+
+def _register(name: str, cls: type[Event]) -> None:
+    """Refuse a second, different class for one event name: a listener bound to a pattern
+    would validate with whichever was imported last. The same class imported again (a
+    reload, a module run as ``__main__`` and imported) replaces the first."""
+    existing = _registry.get(name)
+    same = existing is not None and (
+        existing.__qualname__ == cls.__qualname__
+        and (
+            existing.__module__ == cls.__module__
+            or "__main__" in (existing.__module__, cls.__module__)
+        )
+    )
+    if existing is not None and not same:
+        raise ConfigurationError(
+            f"event name {name!r} is taken by {existing.__module__}.{existing.__qualname__}; "
+            f"{cls.__module__}.{cls.__qualname__} needs another name (or import the first one)"
+        )
+    _registry[name] = cls
 
 
 def lookup(name: str) -> type[Event] | None:

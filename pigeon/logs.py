@@ -54,11 +54,15 @@ class LibraryLogger:
     stdlib logger's level cost one check and render nothing.
     """
 
-    __slots__ = ("_context", "_name")
+    __slots__ = ("_context", "_name", "_stdlib", "_structlog")
 
     def __init__(self, name: str, context: dict[str, Any] | None = None) -> None:
         self._name = name
         self._context = context or {}
+        # structlog's lazy proxies read the configuration of the moment on every call
+        # (unless it says cache_logger_on_first_use), so each is built once.
+        self._structlog: Any = None
+        self._stdlib: Any = None
 
     def bind(self, **values: Any) -> LibraryLogger:
         return LibraryLogger(self._name, {**self._context, **values})
@@ -68,18 +72,21 @@ class LibraryLogger:
 
     def __getattr__(self, method: str) -> Any:
         if structlog.is_configured():
-            return getattr(structlog.get_logger(self._name, **self._context), method)
+            if self._structlog is None:
+                self._structlog = structlog.get_logger(self._name, **self._context)
+            return getattr(self._structlog, method)
         stdlib = logging.getLogger(self._name)
         level = _LEVELS.get(method)
         if level is not None and not stdlib.isEnabledFor(level):
             return _noop
-        bound = structlog.wrap_logger(
-            stdlib,
-            processors=_STDLIB_PROCESSORS,
-            wrapper_class=structlog.stdlib.BoundLogger,
-            **self._context,
-        )
-        return getattr(bound, method)
+        if self._stdlib is None:
+            self._stdlib = structlog.wrap_logger(
+                stdlib,
+                processors=_STDLIB_PROCESSORS,
+                wrapper_class=structlog.stdlib.BoundLogger,
+                **self._context,
+            )
+        return getattr(self._stdlib, method)
 
 
 def get_logger(name: str = "pigeon") -> structlog.typing.FilteringBoundLogger:

@@ -3,6 +3,12 @@
 - ``pigeon_fake``: a :class:`pigeon.testing.FakeBus` capturing every dispatch of the test.
 - ``pigeon_app``: a ``Pigeon(service="test")`` with in-memory idempotency whose
   dispatches are captured, for tests that build listeners inline.
+
+Handlers and ``deliver()`` are async, so the tests that drive them are too:
+with pytest-asyncio installed (the ``[testing]`` extra brings it) and no
+``asyncio_mode`` configured, this plugin selects ``auto``, so ``async def
+test_...`` runs without a marker. A project that sets ``asyncio_mode``
+itself (ini file or ``--asyncio-mode``) keeps its choice.
 """
 
 from __future__ import annotations
@@ -14,6 +20,16 @@ import pytest
 from pigeon.app import Pigeon
 from pigeon.settings import Settings
 from pigeon.testing import FakeBus, fake
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    options = config.option
+    if not hasattr(options, "asyncio_mode") or options.asyncio_mode is not None:
+        return
+    inipath = config.inipath
+    if inipath is not None and "asyncio_mode" in inipath.read_text(errors="replace"):
+        return
+    options.asyncio_mode = "auto"
 
 
 @pytest.fixture

@@ -204,6 +204,7 @@ async def deliver(
     ``message_id`` twice yields a ``duplicate`` outcome.
     """
     target = _find(app, event, listener)
+    message_id = message_id or str(uuid.uuid4())  # as dispatch: it is the correlation id too
     if isinstance(event, Event):
         name, body = type(event).event_name(), event.to_json()
     else:
@@ -221,9 +222,9 @@ async def deliver(
         target,
         body,
         event_name=name,
-        message_id=message_id or str(uuid.uuid4()),
+        message_id=message_id,
         headers=all_headers,
-        correlation_id=correlation_id,
+        correlation_id=correlation_id or message_id,
         content_type=content_type,
     )
     if app_module._sink is not None:

@@ -35,6 +35,7 @@ from pigeon.app import Pigeon, Runtime
 from pigeon.delivery import Delivery, NotStarted, Outcome, OutcomeKind, Processor
 from pigeon.dispatch import RETRYABLE
 from pigeon.frames import Deliveries
+from pigeon.hints import hint_competitors
 from pigeon.idempotency import IdempotencyStore, open_store
 from pigeon.listener import Listener
 from pigeon.logs import get_logger
@@ -340,6 +341,7 @@ class Worker:
                 )
             ok = await underlay.basic_consume(listener.queue, on_message)
             assert ok.consumer_tag is not None
+            await hint_competitors(channel, listener.queue)
             self._consumers.append(
                 _Consumer(listener.queue, channel, underlay, ok.consumer_tag, acker)
             )
@@ -474,13 +476,14 @@ class Worker:
             "message_id": delivery.message_id,
             "correlation_id": delivery.correlation_id,
             "causation_id": delivery.causation_id,
-            "attempt": outcome.attempt,
+            "attempt": delivery.context.attempt if delivery.context else delivery.attempt,
             "outcome": outcome.kind.value,
             "duration_ms": round(seconds * 1000, 2),
         }
         if not settled:
             fields["settled"] = False
         if outcome.kind is OutcomeKind.RETRIED:
+            fields["next_attempt"] = outcome.attempt
             log.warning("message.handled", delay=outcome.delay, error=repr(outcome.error), **fields)
         elif outcome.kind is OutcomeKind.DEAD_LETTERED:
             log.error("message.handled", reason=outcome.reason, error=repr(outcome.error), **fields)

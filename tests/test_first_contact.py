@@ -8,6 +8,8 @@ accepted and then miscalled.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import re
 import signal
@@ -21,11 +23,22 @@ from pathlib import Path
 import pytest
 import structlog
 
-from pigeon import BrokerRefused, ConfigurationError, Context, DispatchError, Event, Pigeon
+from pigeon import (
+    BrokerRefused,
+    ConfigurationError,
+    Context,
+    DispatchError,
+    Event,
+    Pigeon,
+    Retry,
+)
+from pigeon.dispatch import Publisher
 from pigeon.errors import SettingsError
+from pigeon.events import lookup
+from pigeon.retry import tier_queue
 from pigeon.settings import Settings
 from pigeon.testing import deliver
-from tests.conftest import AppFactory, Broker, settings_env
+from tests.conftest import AMQP_URL, AppFactory, Broker, RunWorker, eventually, settings_env
 from tests.procs import PIGEON, ROOT, env_for, recorded, stop, wait_for_log, wait_recorded
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -390,11 +403,17 @@ def _sync_listener(env: dict[str, str], log: Path, *args: str) -> subprocess.Pop
         )
 
 
+def _sync_queues(app: Pigeon) -> set[str]:
+    """The queues ``tests.apps.sync_recorder`` declares for ``app``'s service (default Retry)."""
+    queue = f"{app.service}.record-sync"
+    return {queue, *(tier_queue(queue, delay) for delay in Retry().tier_delays())}
+
+
 async def test_a_slow_sync_handler_does_not_outlive_the_shutdown_timeout(
     make_app: AppFactory, broker: Broker, tmp_path: Path
 ) -> None:
     app = make_app("sync")
-    broker.queues.add(f"{app.service}.record-sync")
+    broker.queues |= _sync_queues(app)
     rec, log = tmp_path / "rec.txt", tmp_path / "listen.log"
     env = env_for(app.settings, app.service or "", RECORDER_FILE=str(rec), RECORDER_SECONDS="60")
     proc = _sync_listener(env, log, "--shutdown-timeout", "2")
@@ -419,7 +438,7 @@ async def test_a_sync_handler_that_finishes_within_the_timeout_is_acked(
 ) -> None:
     app = make_app("sync")
     queue = f"{app.service}.record-sync"
-    broker.queues.add(queue)
+    broker.queues |= _sync_queues(app)
     rec, log = tmp_path / "rec.txt", tmp_path / "listen.log"
     env = env_for(app.settings, app.service or "", RECORDER_FILE=str(rec), RECORDER_SECONDS="1")
     proc = _sync_listener(env, log, "--shutdown-timeout", "30")
@@ -433,3 +452,255 @@ async def test_a_sync_handler_that_finishes_within_the_timeout_is_acked(
         stop(proc)
     assert recorded(rec, "done") == [message_id]
     assert await broker.count(queue) == 0
+
+
+# -- 8: the other edges -----------------------------------------------------------------
+
+
+def _pigeon(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PIGEON_")}
+    return subprocess.run(
+        [*PIGEON, *args],
+        env={**base, "PIGEON_SERVICE": "fc", **(env or {}), "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _taken_port() -> socket.socket:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    return holder
+
+
+def test_pigeon_has_a_version() -> None:
+    result = _pigeon("--version")
+    assert result.returncode == 0
+    assert re.fullmatch(r"pigeon, version \d+\.\d+\.\d+\S*\n", result.stdout)
+
+
+def test_a_taken_metrics_port_is_one_line() -> None:
+    with _taken_port() as holder:
+        port = str(holder.getsockname()[1])
+        result = _pigeon(
+            "listen",
+            "tests.apps.recorder:app",
+            "--metrics-port",
+            port,
+            "--metrics-host",
+            "127.0.0.1",
+        )
+    assert result.returncode == 78, result.stderr
+    assert "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("pigeon: ")]
+    assert f"127.0.0.1:{port}" in line
+    assert "--metrics-port" in line
+
+
+def test_letterthief_refuses_a_taken_port_before_it_says_serving(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIGEON_", "LETTERTHIEF_"))}
+    env["LETTERTHIEF_DATABASE_URL"] = f"sqlite:///{tmp_path}/lt.db"
+    with _taken_port() as holder:
+        port = str(holder.getsockname()[1])
+        result = subprocess.run(
+            [sys.executable, "-m", "letterthief", "serve", "--port", port],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1, result.stderr
+    assert "serving" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"Error: cannot serve on 127.0.0.1:{port} (Address already in use): pick a free --port"
+    ]
+
+
+def test_a_header_without_a_value_is_refused() -> None:
+    result = _pigeon("dispatch", "first.contact", "{}", "--header", "novalue")
+    assert result.returncode == 2
+    assert "'novalue' is not KEY=VALUE" in result.stderr
+
+
+def test_a_missing_attribute_is_named() -> None:
+    result = _pigeon("listen", "tests.apps.recorder:nope")
+    assert result.returncode == 2
+    assert "has no attribute 'nope'" in result.stderr
+
+
+def test_two_event_classes_cannot_share_a_name() -> None:
+    class First(Event, name="first-contact.duplicate"):
+        a: int
+
+    with pytest.raises(ConfigurationError, match=r"'first-contact.duplicate' is taken by .*First"):
+
+        class Second(Event, name="first-contact.duplicate"):
+            b: int
+
+    assert lookup("first-contact.duplicate") is First
+
+
+async def test_a_second_worker_on_the_same_queue_logs_a_hint(
+    make_app: AppFactory, run_worker: RunWorker
+) -> None:
+    apps = [make_app("twice"), make_app("twice")]
+    for app in apps:
+
+        @app.listener("first-contact.twice", name="twice")
+        async def twice(payload: dict[str, object]) -> None: ...
+
+    await run_worker(apps[0])
+    with structlog.testing.capture_logs() as logs:
+        await run_worker(apps[1])
+    (hint,) = [entry for entry in logs if entry["event"] == "worker.competing_consumers"]
+    assert hint["consumers"] == 2
+    assert hint["queue"] == apps[1].listeners[0].queue
+
+
+async def test_the_first_failed_try_logs_attempt_1(
+    make_app: AppFactory, run_worker: RunWorker
+) -> None:
+    app = make_app("fails")
+    tries: list[int] = []
+
+    @app.listener("first-contact.fails", retry=Retry(attempts=2, delays=[0.25]))
+    async def fails(payload: dict[str, object], ctx: Context) -> None:
+        tries.append(ctx.attempt)
+        if ctx.attempt == 1:
+            raise RuntimeError("first try fails")
+
+    await run_worker(app)
+    with structlog.testing.capture_logs() as logs:
+        await app.dispatch_async("first-contact.fails", {})
+        await eventually(lambda: len(tries) == 2)
+        await eventually(lambda: sum(e["event"] == "message.handled" for e in logs) == 2)
+    handled = [entry for entry in logs if entry["event"] == "message.handled"]
+    assert [(e["outcome"], e["attempt"]) for e in handled] == [("retried", 1), ("acked", 2)]
+    assert handled[0]["next_attempt"] == 2
+
+
+async def test_deliver_gives_the_message_a_correlation_id() -> None:
+    app = _app()
+    seen: list[Context] = []
+
+    @app.listener(Placed)
+    async def placed(event: Placed, ctx: Context) -> None:
+        seen.append(ctx)
+
+    await deliver(app, Placed(order_id="o-2"))
+    (ctx,) = seen
+    assert ctx.correlation_id == ctx.message_id
+    assert ctx.correlation_id is not None
+
+
+def test_letterthief_keeps_one_database_whatever_the_directory(tmp_path: Path) -> None:
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PIGEON_", "LETTERTHIEF_")) and k != "XDG_DATA_HOME"
+    }
+    env["HOME"] = str(home)
+    result = subprocess.run(
+        [sys.executable, "-m", "letterthief", "list"],
+        env=env,
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    database = home / ".local" / "share" / "letterthief" / "letterthief.db"
+    assert result.stderr.splitlines()[0] == f"letterthief: database sqlite:///{database}"
+    assert database.exists()
+    assert list(elsewhere.iterdir()) == []
+
+
+# -- 9: pigeon dispatch validates with --app ----------------------------------------------
+
+
+def test_dispatch_without_a_payload_or_an_app_is_refused() -> None:
+    result = _pigeon("dispatch", "first.contact")
+    assert result.returncode == 2
+    assert "PAYLOAD" in result.stderr
+    assert "--app" in result.stderr
+
+
+def test_dispatch_with_an_app_refuses_a_payload_that_does_not_fit() -> None:
+    result = _pigeon(
+        "dispatch", "test.first-contact.shipped", '{"order_id": "o-1"}', "--app", "tests.apps.typed"
+    )
+    assert result.returncode == 2
+    assert "does not match Shipped: parcels: Field required" in result.stderr
+
+
+async def test_dispatch_with_an_app_publishes_the_validated_event(
+    settings: Settings, broker: Broker
+) -> None:
+    broker.track(settings)
+    result = _pigeon(
+        "dispatch",
+        "test.first-contact.shipped",
+        '{"order_id": "o-1", "parcels": "2"}',
+        "--app",
+        "tests.apps.typed:app",
+        env=settings_env(settings),
+    )
+    assert result.returncode == 0, result.stderr
+    assert UUID.match(result.stdout.strip())
+    message = await broker.get(settings.unrouted_queue)
+    assert message.message_id == result.stdout.strip()
+    assert json.loads(message.body) == {"order_id": "o-1", "parcels": 2}
+    assert (message.headers or {})["x-pigeon-event-version"] == 2
+
+
+async def test_letterthiefs_collector_reports_a_refused_login_and_keeps_trying(
+    settings: Settings, tmp_path: Path
+) -> None:
+    from letterthief.collector import Collector
+    from letterthief.store import Store
+    from tests.letterthief.conftest import lt_settings
+
+    url = f"sqlite:///{tmp_path / 'letterthief.db'}"
+    async with Store(url) as store:
+        collector = Collector(
+            store, settings.model_copy(update={"url": WRONG_PASSWORD}), lt_settings(url)
+        )
+        task = asyncio.create_task(collector.run())
+        try:
+            await eventually(lambda: collector.error is not None, message="the refusal reported")
+            assert "refused user 'guest'" in (collector.error or "")
+            assert not task.done()  # still trying: a fixed permission needs no restart
+        finally:
+            collector.stop()
+            await asyncio.wait_for(task, 20)
+
+
+async def test_dispatch_logs_every_failed_try_counting_from_1(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tries: list[int] = []
+
+    async def fails(self: Publisher, outgoing: object, timeout: float) -> None:
+        tries.append(1)
+        raise ConnectionError("the broker is away")
+
+    monkeypatch.setattr(Publisher, "_publish_once", fails)
+    with structlog.testing.capture_logs() as logs:
+        await _dispatch_error(settings.model_copy(update={"dispatch_timeout": 1.0}), AMQP_URL)
+    logged = [entry["attempt"] for entry in logs if entry["event"] == "dispatch.retrying"]
+    assert logged == list(range(1, len(tries)))  # the last try raises instead of retrying
+    assert len(tries) >= 2
+
+
+def test_pigeon_dispatch_prints_the_message_id_alone(settings: Settings, broker: Broker) -> None:
+    broker.track(settings)
+    result = _pigeon("dispatch", "first.contact", '{"n": 1}', env=settings_env(settings))
+    assert result.returncode == 0, result.stderr
+    assert UUID.match(result.stdout.rstrip("\n"))
+    assert result.stdout.count("\n") == 1

@@ -24,7 +24,7 @@ from tests.conftest import AMQP_URL, AppFactory, Broker, RunWorker, eventually
 INTEROP = Path(__file__).parent / "interop"
 
 
-class OrderPlaced(Event, name="order.placed"):
+class OrderPlaced(Event, name="interop.order.placed"):
     order_id: str
     customer_email: str
     total_cents: int
@@ -74,7 +74,7 @@ async def finish(process: asyncio.subprocess.Process) -> int:
 
 async def publish_from_node(exchange: str, payload: dict[str, Any], **env: str) -> dict[str, str]:
     process = await node_script(
-        "publish.js", AMQP_URL, exchange, "order.placed", json.dumps(payload), env=env
+        "publish.js", AMQP_URL, exchange, "interop.order.placed", json.dumps(payload), env=env
     )
     try:
         sent: dict[str, str] = await read_json_line(process)
@@ -108,7 +108,7 @@ async def test_a_node_dispatch_is_handled_by_a_typed_pigeon_listener(
     assert event == OrderPlaced.model_validate(payload)
     assert ctx.message_id == sent["message_id"]
     assert ctx.correlation_id == "checkout-42"
-    assert ctx.event_name == "order.placed"
+    assert ctx.event_name == "interop.order.placed"
     assert ctx.headers[headers.EVENT_VERSION] == 1
     assert ctx.attempt == 1
 
@@ -138,7 +138,7 @@ async def test_a_pigeon_dispatch_reaches_a_node_consumer_in_the_documented_wire_
 ) -> None:
     app = make_app("orders")
     await app.declare()
-    consumer = await node_script("consume.js", AMQP_URL, app.settings.exchange, "order.*")
+    consumer = await node_script("consume.js", AMQP_URL, app.settings.exchange, "interop.order.*")
     try:
         assert await read_json_line(consumer) == {"ready": True}
         event = OrderPlaced(order_id="o-7", customer_email="grace@example.com", total_cents=990)
@@ -152,14 +152,14 @@ async def test_a_pigeon_dispatch_reaches_a_node_consumer_in_the_documented_wire_
     assert code == 0
 
     assert received["exchange"] == app.settings.exchange
-    assert received["routing_key"] == "order.placed"
+    assert received["routing_key"] == "interop.order.placed"
     properties = received["properties"]
     assert uuid.UUID(properties.pop("message_id")) == uuid.UUID(message_id)
     assert uuid.UUID(message_id).version == 4
     timestamp = properties.pop("timestamp")
     assert before - 1 <= timestamp <= time.time() + 1
     assert properties == {
-        "type": "order.placed",
+        "type": "interop.order.placed",
         "app_id": app.service,
         "content_type": "application/json",
         "content_encoding": None,

@@ -55,7 +55,7 @@ def test_list_show_archive_and_restore_work_on_the_database(sqlite_url: str) -> 
     assert "1 letter(s)" in listed.output
     assert "billing.charge" in listed.output
     as_json = runner.invoke(main, ["list", "--json"], env=env)
-    assert {json.loads(line)["message_id"] for line in as_json.output.splitlines()} == {
+    assert {json.loads(line)["message_id"] for line in as_json.stdout.splitlines()} == {
         "cli-1",
         "cli-2",
     }
