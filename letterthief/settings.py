@@ -26,6 +26,8 @@ class LetterThiefSettings(BaseSettings):
     public_url: str = "http://127.0.0.1:8025"
     slack_webhook_url: SecretStr | None = None
     alert_interval: float = Field(default=60.0, gt=0)
+    alert_max_queues: int = Field(default=10, ge=1)
+    """More queues than this failing in one interval make one summary post, not one each."""
     retention_days: float = Field(default=30.0, gt=0)
     batch_size: int = Field(default=500, ge=1)
     """Dead letters committed (and acked) together by the collector."""

@@ -7,17 +7,23 @@ broker (and SQLite and PostgreSQL where storage matters).
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import structlog
 
+from letterthief.alerts import Alerter
 from letterthief.service import LetterThief
+from letterthief.store import Stored
 from letterthief.web import create_app
 from pigeon import Retry
 from pigeon.settings import Settings
-from tests.conftest import AppFactory, Broker, RunWorker
+from tests.conftest import AppFactory, Broker, RunWorker, eventually
 from tests.letterthief import hostile
 from tests.letterthief.conftest import letters_when, lt_settings, received
 from tests.letterthief.test_web import log_in
@@ -238,3 +244,84 @@ async def test_parallel_retries_of_the_same_letters_deliver_one_copy_each(
         assert sum(j.json()["skipped"] for j in jobs) == 20
     await asyncio.sleep(0.3)
     assert await broker.count(queue) == 21
+
+
+HOOK = "https://hooks.slack.example/services/T0SECRET/B0SECRET/xoxSECRETPATH"
+
+
+@asynccontextmanager
+async def alerter_answering(
+    tmp_path: Path, answer: Callable[[str], int], **overrides: Any
+) -> AsyncIterator[tuple[Alerter, list[str]]]:
+    """An Alerter whose webhook answers ``answer(text)``; yields it and the texts posted."""
+    posted: list[str] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        text = json.loads(request.content)["text"]
+        status = answer(text)
+        if status == 200:
+            posted.append(text)
+        return httpx.Response(status, text="invalid_blocks: SECRET-RESPONSE-BODY " * 20)
+
+    values: dict[str, Any] = {"slack_webhook_url": HOOK, "alert_interval": 0.1}
+    values.update(overrides)
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handle))
+    alerter = Alerter(lt_settings(f"sqlite:///{tmp_path / 'x.db'}", **values), client=client)
+    task = asyncio.create_task(alerter.run())
+    try:
+        yield alerter, posted
+    finally:
+        alerter.stop()
+        await asyncio.wait_for(task, 10)
+        await client.aclose()
+
+
+def failure(queue: str) -> Stored:
+    return Stored(1, queue, "order.placed", "svc", "handler-error", "ValueError", "boom", None)
+
+
+async def test_a_failing_webhook_is_logged_by_host_never_by_its_secret_path(
+    tmp_path: Path,
+) -> None:
+    """Defect 4: alert.failed names the webhook's host; no path, no response body."""
+    with structlog.testing.capture_logs() as logs:
+        async with alerter_answering(tmp_path, lambda text: 500) as (alerter, _):
+            alerter.record([failure("billing.charge")])
+            await eventually(lambda: any(e["event"] == "alert.failed" for e in logs))
+    failed = [e for e in logs if e["event"] == "alert.failed"]
+    assert failed[0]["webhook"] == "hooks.slack.example"
+    everything = repr(logs)
+    assert "SECRET" not in everything
+    assert "HTTP 500" in everything
+
+
+async def test_a_refused_alert_is_parked_and_never_holds_up_other_queues(
+    tmp_path: Path,
+) -> None:
+    """Defect 5: a 400 for one queue parks that alert; the others are still sent."""
+
+    def answer(text: str) -> int:
+        return 400 if "poisoned.queue" in text else 200
+
+    with structlog.testing.capture_logs() as logs:
+        async with alerter_answering(tmp_path, answer) as (alerter, posted):
+            alerter.record([failure("poisoned.queue")])
+            await eventually(lambda: any(e["event"] == "alert.parked" for e in logs))
+            alerter.record([failure("billing.charge"), failure("mail.send")])
+            await eventually(lambda: len(posted) == 2, timeout=10)
+            assert alerter.outbox == {}
+            assert alerter.metrics.alerts.labels("parked")._value.get() == 1
+
+
+async def test_many_queues_failing_at_once_make_one_summary_post(tmp_path: Path) -> None:
+    """Defect 5: more than LETTERTHIEF_ALERT_MAX_QUEUES queues at once: one post, not 40."""
+    async with alerter_answering(tmp_path, lambda text: 200, alert_max_queues=5) as (
+        alerter,
+        posted,
+    ):
+        alerter.record([failure(f"service-{i}.listener") for i in range(40)])
+        await eventually(lambda: len(posted) == 1, timeout=10)
+        assert "40 queues" in posted[0]
+        assert "service-0.listener" in posted[0]
+        await asyncio.sleep(0.3)  # a flush or two later: still the one post
+        assert len(posted) == 1
