@@ -10,7 +10,7 @@ API from :mod:`letterthief.api`.
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
@@ -26,6 +26,7 @@ from letterthief.auth import Auth, Session
 from letterthief.models import Status
 from letterthief.queries import BadCursor, Filters
 from letterthief.replay import ReplayError
+from letterthief.sessions import Sessions
 
 if TYPE_CHECKING:
     from letterthief.service import LetterThief
@@ -119,7 +120,11 @@ def _safe_next(url: str | None) -> str:
 
 def create_app(thief: LetterThief) -> FastAPI:
     """The ASGI app for ``thief`` (which the caller starts and stops)."""
-    auth = Auth(thief.settings, thief.secret_key)
+    auth = Auth(
+        thief.settings,
+        thief.secret_key,
+        Sessions(thief.store.engine, timedelta(seconds=thief.settings.session_max_age)),
+    )
     app = FastAPI(
         title="LetterThief", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json"
     )
@@ -131,6 +136,7 @@ def create_app(thief: LetterThief) -> FastAPI:
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next: Any) -> Response:
+        await auth.resolve(request)
         response: Response = await call_next(request)
         response.headers["Content-Security-Policy"] = CSP
         response.headers["X-Content-Type-Options"] = "nosniff"
@@ -220,14 +226,14 @@ def create_app(thief: LetterThief) -> FastAPI:
                 "LETTERTHIEF_PASSWORD.",
             )
         response = RedirectResponse(target, status_code=303)
-        auth.write(response, Session(username, auth.ensure(request)[0].csrf))
+        await auth.log_in(response, username)
         return response
 
     @app.post("/logout")
     async def logout(request: Request) -> Response:
         await form_of(request)
         response = RedirectResponse("/login", status_code=303)
-        auth.clear(response)
+        await auth.log_out(request, response)
         return response
 
     # -- pages ----------------------------------------------------------------------

@@ -26,7 +26,7 @@ from pigeon.settings import Settings
 from tests.conftest import AppFactory, Broker, RunWorker, eventually
 from tests.letterthief import hostile
 from tests.letterthief.conftest import letters_when, lt_settings, received
-from tests.letterthief.test_web import log_in
+from tests.letterthief.test_web import csrf_of, log_in
 
 ThiefFactory = Callable[..., Awaitable[LetterThief]]
 
@@ -325,3 +325,38 @@ async def test_many_queues_failing_at_once_make_one_summary_post(tmp_path: Path)
         assert "service-0.listener" in posted[0]
         await asyncio.sleep(0.3)  # a flush or two later: still the one post
         assert len(posted) == 1
+
+
+def ui(thief: LetterThief) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=create_app(thief)), base_url="http://letterthief.test"
+    )
+
+
+async def test_a_copied_session_cookie_dies_at_logout_and_with_new_credentials(
+    make_thief: ThiefFactory, sqlite_url: str
+) -> None:
+    """Defect 6: sessions are revoked server-side and bound to the credentials."""
+    thief = await make_thief()
+    async with ui(thief) as browser:
+        before = csrf_of((await browser.get("/login")).text)
+        await log_in(browser)
+        dashboard = await browser.get("/")
+        assert dashboard.status_code == 200
+        assert csrf_of(dashboard.text) != before  # a fresh CSRF token at login
+        stolen = dict(browser.cookies)
+        logout = await browser.post("/logout", data={"csrf": csrf_of(dashboard.text)})
+        assert logout.status_code == 303
+    async with ui(thief) as thief_client:
+        thief_client.cookies.update(stolen)
+        assert (await thief_client.get("/")).status_code == 303
+        assert (await thief_client.get("/api/dead-letters")).status_code == 401
+    async with ui(thief) as browser:
+        await log_in(browser)
+        stolen = dict(browser.cookies)
+        assert (await browser.get("/")).status_code == 200
+    await thief.stop()
+    restarted = await make_thief(sqlite_url, password="n3w-passw0rd")
+    async with ui(restarted) as thief_client:
+        thief_client.cookies.update(stolen)
+        assert (await thief_client.get("/")).status_code == 303
