@@ -17,11 +17,11 @@ from urllib.parse import urlencode
 
 import jinja2
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from letterthief import api, parse
+from letterthief import api, guard, parse
 from letterthief.auth import Auth, Session
 from letterthief.models import Status
 from letterthief.queries import BadCursor, Filters
@@ -136,8 +136,12 @@ def create_app(thief: LetterThief) -> FastAPI:
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next: Any) -> Response:
-        await auth.resolve(request)
-        response: Response = await call_next(request)
+        refused = guard.refusal(request, thief.settings)
+        if refused is not None:
+            response: Response = PlainTextResponse(refused, status_code=403)
+        else:
+            await auth.resolve(request)
+            response = await call_next(request)
         response.headers["Content-Security-Policy"] = CSP
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Referrer-Policy"] = "same-origin"

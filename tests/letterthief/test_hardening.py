@@ -360,3 +360,34 @@ async def test_a_copied_session_cookie_dies_at_logout_and_with_new_credentials(
     async with ui(restarted) as thief_client:
         thief_client.cookies.update(stolen)
         assert (await thief_client.get("/")).status_code == 303
+
+
+async def test_the_open_loopback_mode_serves_only_loopback_and_public_hosts(
+    make_thief: ThiefFactory,
+) -> None:
+    """Defect 7: DNS rebinding: a foreign Host is refused; Origin is checked on writes."""
+    thief = await make_thief(username=None, password=None, api_token=None)
+    (stored,) = await thief.store.ingest([received("rebind-1")])
+    transport = httpx.ASGITransport(app=create_app(thief))
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8025") as c:
+        assert (await c.get("/")).status_code == 200
+        assert (await c.get("/", headers={"Host": "localhost:8025"})).status_code == 200
+        assert (await c.get("/", headers={"Host": "letterthief.test"})).status_code == 200
+        rebound = await c.get("/api/dead-letters", headers={"Host": "attacker.example:8025"})
+        assert rebound.status_code == 403
+        assert "LETTERTHIEF_PUBLIC_URL" in rebound.text
+        url = f"/api/dead-letters/{stored.letter_id}/archive"
+        c.cookies.clear()  # a script without the page's cookie (and its CSRF token)
+        for origin in ("http://attacker.example", "null"):
+            cross = await c.post(url, json={}, headers={"Origin": origin})
+            assert cross.status_code == 403, origin
+        same = await c.post(url, json={}, headers={"Origin": "http://127.0.0.1:8025"})
+        assert same.status_code == 200
+    async with ui(await make_thief()) as logged:
+        page = await logged.get("/login")
+        evil = await logged.post(
+            "/login",
+            data={"username": "ops", "password": "s3cret", "csrf": csrf_of(page.text)},
+            headers={"Origin": "http://attacker.example"},
+        )
+        assert evil.status_code == 403
