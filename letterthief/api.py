@@ -116,6 +116,7 @@ def detail(d: Detail) -> dict[str, Any]:
                 "action": a.action,
                 "result": a.result,
                 "detail": a.detail,
+                "body": a.body.decode("utf-8", "replace") if a.body is not None else None,
             }
             for a in d.actions
         ],
@@ -199,7 +200,7 @@ def router(thief: LetterThief) -> APIRouter:
 
     @api.get("/healthz", include_in_schema=False)
     async def healthz() -> JSONResponse:
-        state = thief.health()
+        state = thief.status()
         try:
             async with thief.store.engine.connect() as conn:
                 await conn.execute(text("SELECT 1"))
@@ -209,6 +210,10 @@ def router(thief: LetterThief) -> APIRouter:
         healthy = state["database"] == "ok" and thief.collector.ready.is_set()
         state["status"] = "ok" if healthy else "degraded"
         return JSONResponse(state, status_code=200 if healthy else 503)
+
+    @api.get("/api/openapi.json", include_in_schema=False)
+    async def openapi(request: Request, _: User) -> JSONResponse:
+        return JSONResponse(request.app.openapi())
 
     @api.get("/metrics", include_in_schema=False)
     async def metrics(_: User) -> Response:

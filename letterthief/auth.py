@@ -19,6 +19,8 @@ import base64
 import hashlib
 import hmac
 import secrets
+import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +36,61 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 _UNRESOLVED = object()
+THROTTLE_WINDOW = 60.0
+THROTTLE_KEYS = 10_000
+
+
+class Throttle:
+    """Wrong passwords per client address and per username in a sliding minute.
+
+    Past ``limit`` failures a key is refused (429) until its oldest failure
+    leaves the window, right password or not: a guesser learns nothing more.
+    Kept in memory (a restart forgets it) and bounded in size.
+    """
+
+    def __init__(self, limit: int, window: float = THROTTLE_WINDOW) -> None:
+        self.limit = limit
+        self.window = window
+        self.failures: dict[str, deque[float]] = {}
+
+    def _recent(self, key: str, now: float) -> deque[float]:
+        times = self.failures.get(key, deque())
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if not times:
+            self.failures.pop(key, None)
+        return times
+
+    def retry_after(self, *keys: str) -> float | None:
+        """Seconds until ``keys`` may try again, or ``None`` when none is blocked."""
+        now = time.monotonic()
+        waits = [
+            times[0] + self.window - now
+            for key in keys
+            if len(times := self._recent(key, now)) >= self.limit
+        ]
+        return max(waits) if waits else None
+
+    def failed(self, *keys: str) -> None:
+        now = time.monotonic()
+        for key in keys:
+            self.failures.setdefault(key, deque()).append(now)
+        while len(self.failures) > THROTTLE_KEYS:
+            self.failures.pop(next(iter(self.failures)))
+
+
+def too_many(retry_after: float) -> HTTPException:
+    return HTTPException(
+        429,
+        "too many wrong passwords from this address or for this user; wait a minute",
+        headers={"Retry-After": str(max(1, int(retry_after + 0.999)))},
+    )
+
+
+def client_keys(request: Request, user: str) -> tuple[str, str]:
+    """The throttle's keys of a login attempt: the client address and the username."""
+    address = request.client.host if request.client is not None else "?"
+    return f"ip:{address}", f"user:{user}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +108,7 @@ class Auth:
         self.serializer = URLSafeTimedSerializer(secret_key, salt="letterthief-session")
         self.secure_cookie = settings.public_url.startswith("https://")
         self.sessions = sessions
+        self.throttle = Throttle(settings.login_attempts)
         password = settings.password.get_secret_value() if settings.password else ""
         self.credentials = hmac.new(
             secret_key.encode(),
@@ -171,15 +229,26 @@ class Auth:
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
         token = self.settings.token
-        if scheme.lower() == "bearer" and token and hmac.compare_digest(value.strip(), token):
-            return "api-token"
+        if scheme.lower() == "bearer" and token:
+            address = client_keys(request, "")[0]
+            if (wait := self.throttle.retry_after(address)) is not None:
+                raise too_many(wait)
+            if hmac.compare_digest(
+                value.strip().encode("utf-8", "surrogateescape"), token.encode()
+            ):
+                return "api-token"
+            self.throttle.failed(address)
         if scheme.lower() == "basic":
             try:
                 user, _, password = base64.b64decode(value.strip()).decode().partition(":")
             except (ValueError, UnicodeDecodeError):
                 user, password = "", ""
+            keys = client_keys(request, user)
+            if (wait := self.throttle.retry_after(*keys)) is not None:
+                raise too_many(wait)
             if self.check_password(user, password):
                 return user
+            self.throttle.failed(*keys)
         session = self.read(request)
         if session is not None and (session.user or not self.login_required):
             if request.method not in SAFE_METHODS:

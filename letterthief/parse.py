@@ -221,13 +221,17 @@ def describe(
         service = queue.split(".", 1)[0]  # pigeon names queues {service}.{listener}
     event = message_type or original_key
     message_id = _text(properties.get("message_id")) or _synthetic_id(queue, event, body)
-    fingerprint = "|".join(
-        (
-            reason,
-            failed_at.isoformat() if failed_at else "",
-            _text(death.get("count")),
-            _text(death.get("time")),
+    fingerprint = (
+        "|".join(
+            (
+                reason,
+                failed_at.isoformat() if failed_at else "",
+                _text(death.get("count")),
+                _text(death.get("time")),
+            )
         )
+        if failed_at or death
+        else ""  # nothing tells one failure from the next: never taken for a redelivery
     )
     correlation_id = _text(properties.get("correlation_id")) or None
     content_type = _text(properties.get("content_type")) or None
@@ -330,8 +334,26 @@ def message_properties(message: AbstractIncomingMessage) -> dict[str, Any]:
     return out
 
 
+TAGS = ("$bytes", "$datetime", "$decimal")
+
+
+def _escape_key(key: Any) -> str:
+    """A real table key starting with ``$`` gets one more, so it never reads as a tag."""
+    text = str(key)
+    return "$" + text if text.startswith("$") else text
+
+
+def _unescape_key(key: str) -> str:
+    return key[1:] if key.startswith("$$") else key
+
+
 def to_json(value: Any) -> Any:
-    """AMQP values → JSON; bytes, timestamps and decimals are tagged so they survive."""
+    """AMQP values → JSON; bytes, timestamps and decimals are tagged so they survive.
+
+    A tag is a one-key object whose key starts with ``$``; keys of real
+    tables that start with ``$`` are stored with one more ``$``, so no
+    header can be mistaken for a tag.
+    """
     if value is None or isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, bytes | bytearray | memoryview):
@@ -341,24 +363,31 @@ def to_json(value: Any) -> Any:
     if isinstance(value, Decimal):
         return {"$decimal": str(value)}
     if isinstance(value, Mapping):
-        return {str(k): to_json(v) for k, v in value.items()}
+        return {_escape_key(k): to_json(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [to_json(v) for v in value]
     return str(value)
 
 
+def _untag(tag: str, raw: Any) -> Any:
+    if tag == "$bytes":
+        return base64.b64decode(raw, validate=True)
+    if tag == "$datetime":
+        return datetime.fromisoformat(raw)
+    return Decimal(raw)
+
+
 def from_json(value: Any) -> Any:
-    """The inverse of :func:`to_json`."""
+    """The inverse of :func:`to_json`; a tag that does not decode is kept as stored."""
     if isinstance(value, dict):
         if len(value) == 1:
             ((tag, raw),) = value.items()
-            if tag == "$bytes":
-                return base64.b64decode(raw)
-            if tag == "$datetime":
-                return datetime.fromisoformat(raw)
-            if tag == "$decimal":
-                return Decimal(raw)
-        return {k: from_json(v) for k, v in value.items()}
+            if tag in TAGS:
+                try:
+                    return _untag(tag, raw)
+                except (ValueError, TypeError, ArithmeticError):
+                    return {tag: raw}  # written before keys were escaped: shown as it is
+        return {_unescape_key(k): from_json(v) for k, v in value.items()}
     if isinstance(value, list):
         return [from_json(v) for v in value]
     return value
@@ -373,7 +402,7 @@ def display(value: Any) -> str:
         return plain.isoformat()
     if isinstance(plain, str):
         return plain
-    return json.dumps(value, ensure_ascii=False, default=str)
+    return json.dumps(plain, ensure_ascii=False, default=str)
 
 
 def is_json_type(content_type: str | None) -> bool:
@@ -389,7 +418,7 @@ def body_view(body: bytes, content_type: str | None) -> tuple[str, str]:
     if body[:1] in (b"{", b"[", b'"') or is_json_type(content_type):
         try:
             return "json", json.dumps(json.loads(body), indent=2, ensure_ascii=False)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deep to pretty-print
             pass
     try:
         text = body.decode("utf-8")

@@ -37,6 +37,10 @@ class LetterThiefSettings(BaseSettings):
     """Replays in flight at once during a bulk retry; bounds the load on the broker."""
     replay_timeout: float = Field(default=10.0, gt=0)
     session_max_age: int = Field(default=12 * 3600, ge=60)
+    max_edit_bytes: int = Field(default=1024 * 1024, ge=1)
+    """The largest body "Edit and try again" accepts."""
+    login_attempts: int = Field(default=10, ge=1)
+    """Wrong logins (UI or API Basic) per client address and per username per minute."""
 
     @property
     def has_login(self) -> bool:

@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 
 from letterthief.models import Action, Letter, Occurrence, Status, utcnow
 from letterthief.parse import Received
-from letterthief.queries import Queries
+from letterthief.queries import Queries, valid_ids
 from letterthief.settings import async_database_url
 from pigeon.settings import mask_url
 
@@ -200,7 +200,9 @@ class Store(Queries):
                 r
                 for r in batch
                 if not (
-                    r.redelivered and (existing.get((r.message_id, r.queue)), r.fingerprint) in seen
+                    r.redelivered
+                    and r.fingerprint
+                    and (existing.get((r.message_id, r.queue)), r.fingerprint) in seen
                 )
             ]
             by_key: dict[tuple[str, str], list[Received]] = {}
@@ -334,7 +336,7 @@ class Store(Queries):
         now = utcnow()
         won: list[int] = []
         async with self.engine.begin() as conn:
-            for chunk in _chunks(sorted(set(ids))):
+            for chunk in _chunks(sorted(set(valid_ids(ids)))):
                 result = await conn.execute(
                     update(letters)
                     .where(letters.c.id.in_(chunk))
@@ -435,7 +437,7 @@ class Store(Queries):
         now = utcnow()
         changed: list[int] = []
         async with self.engine.begin() as conn:
-            for chunk in _chunks(list(ids)):
+            for chunk in _chunks(valid_ids(ids)):
                 result = await conn.execute(
                     update(letters)
                     .where(letters.c.id.in_(chunk), letters.c.status.in_(allowed))

@@ -22,7 +22,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from letterthief import api, guard, parse
-from letterthief.auth import Auth, Session
+from letterthief.auth import Auth, Session, client_keys, too_many
 from letterthief.models import Status
 from letterthief.queries import BadCursor, Filters
 from letterthief.replay import ReplayError
@@ -125,9 +125,7 @@ def create_app(thief: LetterThief) -> FastAPI:
         thief.secret_key,
         Sessions(thief.store.engine, timedelta(seconds=thief.settings.session_max_age)),
     )
-    app = FastAPI(
-        title="LetterThief", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json"
-    )
+    app = FastAPI(title="LetterThief", docs_url=None, redoc_url=None, openapi_url=None)
     env = _environment()
     distinct = _Distinct(thief)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
@@ -219,7 +217,11 @@ def create_app(thief: LetterThief) -> FastAPI:
         auth.check_csrf(auth.read(request), token if isinstance(token, str) else None)
         username, password = str(form.get("username", "")), str(form.get("password", ""))
         target = _safe_next(str(form.get("next", "/")))
+        keys = client_keys(request, username)
+        if (wait := auth.throttle.retry_after(*keys)) is not None:
+            raise too_many(wait)
         if not auth.check_password(username, password):
+            auth.throttle.failed(*keys)
             await auth.reject_slowly()
             return render(
                 request,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,10 +19,13 @@ import pytest
 import structlog
 
 from letterthief.alerts import Alerter
+from letterthief.models import Status
+from letterthief.parse import describe
 from letterthief.service import LetterThief
 from letterthief.store import Stored
 from letterthief.web import create_app
 from pigeon import Retry
+from pigeon.logs import configure_logging
 from pigeon.settings import Settings
 from tests.conftest import AppFactory, Broker, RunWorker, eventually
 from tests.letterthief import hostile
@@ -391,3 +395,169 @@ async def test_the_open_loopback_mode_serves_only_loopback_and_public_hosts(
             headers={"Origin": "http://attacker.example"},
         )
         assert evil.status_code == 403
+
+
+def test_a_logged_exception_shows_its_traceback_not_an_object(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Defect 8: stdlib records with exc_info (uvicorn's errors) render the traceback."""
+    configure_logging("json", "INFO")
+    try:
+        try:
+            raise ValueError("kaputt")
+        except ValueError:
+            logging.getLogger("uvicorn.error").exception("Exception in ASGI application")
+    finally:
+        logging.getLogger().handlers.clear()
+        structlog.reset_defaults()
+    err = capsys.readouterr().err
+    assert "<traceback object" not in err
+    assert "Traceback (most recent call last)" in err
+    assert "kaputt" in err
+
+
+async def test_tag_shaped_header_tables_and_deep_bodies_are_shown_and_replayed(
+    make_thief: ThiefFactory, database_url: str, settings: Settings, broker: Broker
+) -> None:
+    """Defect 8: headers that look like storage tags, and a 100,000-deep JSON body."""
+    thief = await make_thief(database_url)
+    queue = await declare(broker, f"{broker.prefix}.charge")
+    tables = {
+        "x-bytes": {"$bytes": "not base64!"},
+        "x-when": {"$datetime": "garbage"},
+        "x-dec": {"$decimal": "NaN-ish"},
+        "x-escaped": {"$$bytes": "AA=="},
+    }
+    deep = b"[" * 100_000 + b"]" * 100_000
+    await hostile.publish(
+        settings.dead_letter_exchange,
+        queue,
+        deep,
+        headers={"x-pigeon-queue": queue, "x-pigeon-reason": "handler-error", **tables},
+        message_id="tags-1",
+    )
+    (letter,) = await letters_when(thief.store, 1)
+    async with api(thief) as client:
+        detail = await client.get(f"/api/dead-letters/{letter.id}")
+        assert detail.status_code == 200, detail.text
+        for key, value in tables.items():
+            assert detail.json()["headers"][key] == value
+        await log_in(client)
+        assert (await client.get(f"/letters/{letter.id}")).status_code == 200
+        assert (await client.get(f"/letters/{letter.id}/edit")).status_code == 200
+        edited = await client.post(
+            f"/api/dead-letters/{letter.id}/retry", json={"body": deep.decode()}
+        )
+        assert edited.status_code == 422, edited.text
+        assert (await client.post(f"/api/dead-letters/{letter.id}/retry")).status_code == 200
+    replayed = await broker.get(queue)
+    assert replayed.headers is not None
+    for key, value in tables.items():
+        assert replayed.headers[key] == value
+
+
+async def test_a_plain_letter_failing_again_after_archive_is_a_new_occurrence(
+    store: Any,
+) -> None:
+    """Defect 8: without failed-at or x-death, a redelivered copy is still counted."""
+
+    def plain(redelivered: bool) -> Any:
+        return describe(
+            body=b"{}",
+            headers={},
+            properties={"message_id": "plain-1"},
+            exchange="pigeon.dead",
+            routing_key="legacy.q",
+            redelivered=redelivered,
+        )
+
+    (first,) = await store.ingest([plain(False)])
+    await store.set_status([first.letter_id], Status.ARCHIVED, "ops")
+    assert len(await store.ingest([plain(True)])) == 1
+    letter = await store.get(first.letter_id)
+    assert (letter.status, letter.occurrences) == ("open", 2)
+
+
+async def test_odd_credentials_huge_ids_and_bad_targets_get_the_right_status(
+    make_thief: ThiefFactory,
+) -> None:
+    """Defect 8: 401 for a non-ASCII token, 404 for ids >= 2**64, 409/422 for targets."""
+    thief = await make_thief()
+    nowhere, too_long = await thief.store.ingest(
+        [received("no-target", queue=""), received("long-target", queue="q" * 300)]
+    )
+    async with api(thief) as client:
+        odd = await client.get(
+            "/api/dead-letters", headers={b"Authorization": "Bearer té".encode()}
+        )
+        assert odd.status_code == 401
+        for big in (2**63, 2**64, 10**30):
+            assert (await client.get(f"/api/dead-letters/{big}")).status_code == 404
+            assert (await client.post(f"/api/dead-letters/{big}/retry")).status_code == 404
+            assert (await client.post(f"/api/dead-letters/{big}/archive")).status_code == 404
+        many = await client.post("/api/dead-letters/retry", json={"ids": [2**64]})
+        assert many.status_code == 200
+        assert many.json()["skipped"] == 1
+        missing = await client.post(f"/api/dead-letters/{nowhere.letter_id}/retry")
+        assert missing.status_code == 409, missing.text
+        long = await client.post(f"/api/dead-letters/{too_long.letter_id}/retry")
+        assert long.status_code == 422, long.text
+        await log_in(client)
+        assert (await client.get(f"/letters/{2**64}")).status_code == 404
+
+
+async def test_guessing_passwords_is_rate_limited(make_thief: ThiefFactory) -> None:
+    """Defect 8: per IP and per user, wrong logins and wrong API Basic end in 429."""
+    thief = await make_thief(login_attempts=5)
+    async with ui(thief) as guesser:
+        codes = []
+        for _ in range(8):
+            page = await guesser.get("/login")
+            wrong = await guesser.post(
+                "/login",
+                data={"username": "ops", "password": "guess", "csrf": csrf_of(page.text)},
+            )
+            codes.append(wrong.status_code)
+        assert codes[:5] == [401] * 5
+        assert codes[-1] == 429
+        basic = {"Authorization": "Basic b3BzOmd1ZXNz"}  # ops:guess
+        assert (await guesser.get("/api/dead-letters", headers=basic)).status_code == 429
+
+
+async def test_edited_bodies_are_capped_and_shown_in_the_history(
+    make_thief: ThiefFactory, broker: Broker
+) -> None:
+    """Defect 8: LETTERTHIEF_MAX_EDIT_BYTES caps an edit; the history shows what was sent."""
+    thief = await make_thief(max_edit_bytes=64)
+    queue = await declare(broker, f"{broker.prefix}.charge")
+    (stored,) = await thief.store.ingest([received("edit-1", queue=queue)])
+    url = f"/api/dead-letters/{stored.letter_id}/retry"
+    async with api(thief) as client:
+        huge = await client.post(url, json={"body": json.dumps({"pad": "x" * 100})})
+        assert huge.status_code == 422
+        assert "LETTERTHIEF_MAX_EDIT_BYTES" in huge.json()["detail"]
+        fixed = await client.post(url, json={"body": '{"order_id": "o-9"}'})
+        assert fixed.status_code == 200, fixed.text
+        history = (await client.get(f"/api/dead-letters/{stored.letter_id}")).json()["history"]
+        assert history[0]["body"] == '{"order_id": "o-9"}'
+        await log_in(client)
+        page = (await client.get(f"/letters/{stored.letter_id}")).text
+        assert "o-9" in page
+
+
+async def test_healthz_shows_status_only_and_the_schema_needs_auth(
+    make_thief: ThiefFactory,
+) -> None:
+    """Defect 8: no database path or broker user in /healthz; /api/openapi.json is private."""
+    thief = await make_thief()
+    async with ui(thief) as anonymous:
+        health = await anonymous.get("/healthz")
+        assert health.status_code == 200
+        assert set(health.json()) <= {"status", "collector", "database"}
+        assert "guest" not in health.text
+        assert ".db" not in health.text
+        assert (await anonymous.get("/api/openapi.json")).status_code == 401
+    async with api(thief) as client:
+        schema = await client.get("/api/openapi.json")
+        assert schema.status_code == 200
+        assert "/api/dead-letters" in schema.json()["paths"]
