@@ -9,6 +9,11 @@ the headers that describe the failure and adds ``x-pigeon-replay-of`` /
 broker confirmed the publish and did not return it (``mandatory``); a
 missing queue is an error the user sees and the letter stays open.
 Bulk retries publish at most ``LETTERTHIEF_REPLAY_BATCH_SIZE`` at once.
+
+Each replay first claims its letter (open → retrying) so parallel clicks
+send one copy; its target is checked (:func:`target`: the origin queue, never
+``amq.*``, LetterThief's own queues or a retry tier) and the whole message is
+built and encoded before anything is sent (:mod:`letterthief.message`).
 """
 
 from __future__ import annotations
