@@ -8,6 +8,7 @@ edited body that does not parse, 503 the broker did not confirm.
 from __future__ import annotations
 
 import base64
+import math
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -87,6 +88,8 @@ def plain(value: Any) -> Any:
             return {k: convert(x) for k, x in v.items()}
         if isinstance(v, list):
             return [convert(x) for x in v]
+        if isinstance(v, float) and not math.isfinite(v):
+            return str(v)  # JSON has no NaN or infinity
         return str(v) if not isinstance(v, str | int | float | bool | type(None)) else v
 
     return convert(decoded)

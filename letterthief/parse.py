@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -366,7 +367,7 @@ def message_properties(message: AbstractIncomingMessage) -> dict[str, Any]:
     return out
 
 
-TAGS = ("$bytes", "$datetime", "$decimal")
+TAGS = ("$bytes", "$datetime", "$decimal", "$float")
 
 
 def _escape_key(key: Any) -> str:
@@ -386,6 +387,8 @@ def to_json(value: Any) -> Any:
     tables that start with ``$`` are stored with one more ``$``, so no
     header can be mistaken for a tag.
     """
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"$float": str(value)}  # JSON has no NaN or infinity; PostgreSQL refuses them
     if value is None or isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, bytes | bytearray | memoryview):
@@ -406,6 +409,8 @@ def _untag(tag: str, raw: Any) -> Any:
         return base64.b64decode(raw, validate=True)
     if tag == "$datetime":
         return datetime.fromisoformat(raw)
+    if tag == "$float":
+        return float(raw)
     return Decimal(raw)
 
 

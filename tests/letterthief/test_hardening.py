@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,9 +19,10 @@ import httpx
 import pytest
 import structlog
 
+from letterthief import api as letterthief_api
 from letterthief.alerts import Alerter
 from letterthief.models import Status
-from letterthief.parse import describe
+from letterthief.parse import describe, from_json
 from letterthief.service import LetterThief
 from letterthief.store import Stored
 from letterthief.web import create_app
@@ -561,3 +563,21 @@ async def test_healthz_shows_status_only_and_the_schema_needs_auth(
         schema = await client.get("/api/openapi.json")
         assert schema.status_code == 200
         assert "/api/dead-letters" in schema.json()["paths"]
+
+
+async def test_non_finite_float_headers_are_stored_and_come_back(store: Any) -> None:
+    """A hostile NaN or infinity must not make PostgreSQL refuse (and the collector loop on) a batch."""
+    r = describe(
+        body=b"{}",
+        headers={"x-nan": float("nan"), "x-inf": [float("inf"), float("-inf")]},
+        properties={"message_id": "nan-1"},
+        exchange="pigeon.dead",
+        routing_key="legacy.q",
+    )
+    (stored,) = await store.ingest([r])
+    letter = await store.get(stored.letter_id)
+    back = from_json(letter.headers)
+    assert math.isnan(back["x-nan"])
+    assert back["x-inf"] == [float("inf"), float("-inf")]
+    shown = json.dumps(letterthief_api.plain(letter.headers), allow_nan=False)
+    assert json.loads(shown)["x-inf"] == ["inf", "-inf"]
