@@ -158,6 +158,8 @@ def _auth(request: Request) -> Auth:
 
 
 async def security_headers(request: Request, call_next: Any) -> Response:
+    """Refuse foreign hosts and origins (:mod:`letterthief.guard`), check the session once,
+    and send the security headers with every response."""
     refused = guard.refusal(request, _thief(request).settings)
     if refused is not None:
         response: Response = PlainTextResponse(refused, status_code=403)
@@ -190,11 +192,13 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
 
 
 def render(request: Request, template: str, *, status: int = 200, **context: Any) -> HTMLResponse:
-    session, fresh = _auth(request).ensure(request)
+    """A page, with the session's user and CSRF token (a new session's cookie is set)."""
+    auth = _auth(request)
+    session, fresh = auth.ensure(request)
     html = request.app.state.env.get_template(template).render(
         request=request,
-        user=_auth(request).ui_user(session),
-        login_required=_auth(request).login_required,
+        user=auth.ui_user(session),
+        login_required=auth.login_required,
         csrf=session.csrf,
         notice=request.query_params.get("notice", ""),
         error=request.query_params.get("error", ""),
@@ -202,13 +206,15 @@ def render(request: Request, template: str, *, status: int = 200, **context: Any
     )
     response = HTMLResponse(html, status_code=status)
     if fresh:
-        _auth(request).write(response, session)
+        auth.write(response, session)
     return response
 
 
 def who(request: Request) -> tuple[Session | None, str]:
-    session = _auth(request).read(request)
-    user = _auth(request).ui_user(session)
+    """The session and user of a page request; raises :class:`LoginRequired` without one."""
+    auth = _auth(request)
+    session = auth.read(request)
+    user = auth.ui_user(session)
     if user is None:
         raise LoginRequired(
             str(request.url.path) + (f"?{request.url.query}" if request.url.query else "")
