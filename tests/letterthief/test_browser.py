@@ -1,8 +1,8 @@
 """The UI in Debian's chromium: log in, read a hostile letter safely, press Try again.
 
-Screenshots go to a temporary directory; set ``LETTERTHIEF_SCREENSHOTS=docs/img``
-to refresh the ones ``docs/letterthief.md`` shows (a test never rewrites tracked
-files on its own).
+Also takes the screenshots ``docs/letterthief.md`` shows: into a temporary
+folder, or into ``$LETTERTHIEF_SCREENSHOTS`` (``make screenshots`` refreshes
+``docs/img`` that way, on purpose; no test run changes tracked files).
 """
 
 from __future__ import annotations
@@ -34,14 +34,6 @@ ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-
-
-def screenshots(tmp_path: Path) -> Path:
-    """Where screenshots go: ``LETTERTHIEF_SCREENSHOTS`` if set, else this test's tmp dir."""
-    chosen = os.environ.get("LETTERTHIEF_SCREENSHOTS")
-    return Path(chosen) if chosen else tmp_path
-
-
 HOSTILE = {
     "order_id": "o-1042",
     "note": '<script>window.__xss=1</script><img src=x onerror="window.__xss=2">',
@@ -78,8 +70,8 @@ async def served(
 async def test_an_operator_reads_a_hostile_letter_safely_and_tries_it_again(
     served: tuple[LetterThief, str], make_app: AppFactory, run_worker: RunWorker, tmp_path: Path
 ) -> None:
+    IMG = Path(os.environ.get("LETTERTHIEF_SCREENSHOTS") or tmp_path)
     thief, base = served
-    img = screenshots(tmp_path)
     broken = {"yes": True}
     handled: list[Context] = []
     billing = make_app("billing")
@@ -132,11 +124,11 @@ async def test_an_operator_reads_a_hostile_letter_safely_and_tries_it_again(
             group = page.locator("table.groups tr", has_text=f"{billing.service}.charge-card")
             await expect(group).to_contain_text("ValueError")
             await expect(group.locator("td.num")).to_have_text("1")
-            img.mkdir(parents=True, exist_ok=True)
-            await page.screenshot(path=str(img / "letterthief-dashboard.png"))
+            IMG.mkdir(parents=True, exist_ok=True)
+            await page.screenshot(path=str(IMG / "letterthief-dashboard.png"))
 
             await page.goto(f"{base}/letters")
-            await page.screenshot(path=str(img / "letterthief-list.png"))
+            await page.screenshot(path=str(IMG / "letterthief-list.png"))
             await page.goto(f"{base}/")
             await group.locator("code.exc").click()
             await page.locator("table.letters a.queue").first.click()
@@ -146,7 +138,7 @@ async def test_an_operator_reads_a_hostile_letter_safely_and_tries_it_again(
             await expect(page.locator("body")).to_contain_text("Same conversation")
             assert await page.evaluate("window.__xss") is None
             assert dialogs == []
-            await page.screenshot(path=str(img / "letterthief-detail.png"), full_page=True)
+            await page.screenshot(path=str(IMG / "letterthief-detail.png"), full_page=True)
 
             broken["yes"] = False
             await page.click("button:has-text('Try again')")
