@@ -3,10 +3,15 @@
 The collector calls :meth:`Alerter.record` after each commit; that only adds
 to in-memory counters. Every ``LETTERTHIEF_ALERT_INTERVAL`` seconds the
 counters become one message per queue (the queue names the owning team),
-sent at most one per second overall. A 429 waits its ``Retry-After``; an
-unreachable webhook is logged and the message is kept and sent later, merged
-with newer failures of the same queue, so the backlog stays one message per
-queue. Nothing is sent when no webhook is configured.
+sent at most one per second overall; when more than
+``LETTERTHIEF_ALERT_MAX_QUEUES`` queues failed in one interval they become one
+summary post instead. A 429 waits its ``Retry-After``; an unreachable webhook
+or a 5xx is logged and that queue's message is kept and sent later (its own
+backoff), merged with newer failures of the same queue, so the backlog stays
+one message per queue and one queue's trouble never holds up another's. A
+permanent refusal (4xx other than 429) parks the message: it is dropped with
+a log line and the ``parked`` metric, never retried. Logs name the webhook's
+host only: its path is the secret. Nothing is sent without a webhook.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import contextlib
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import httpx
 
@@ -24,7 +29,6 @@ from letterthief.metrics import Metrics
 from letterthief.settings import LetterThiefSettings
 from letterthief.store import Stored
 from pigeon.logs import get_logger
-from pigeon.settings import mask_url
 
 log = get_logger("letterthief")
 
@@ -43,6 +47,10 @@ class QueueAlert:
     exceptions: Counter[str] = field(default_factory=Counter)
     services: set[str] = field(default_factory=set)
     last_message: str = ""
+    queues: Counter[str] = field(default_factory=Counter)
+    """For the summary post: letters per queue."""
+    retry_at: float = 0.0
+    backoff: float = 1.0
 
     def add(self, s: Stored) -> None:
         self.count += 1
@@ -59,6 +67,7 @@ class QueueAlert:
         self.exceptions.update(other.exceptions)
         self.services |= other.services
         self.last_message = other.last_message or self.last_message
+        self.queues.update(other.queues or {other.queue: other.count})
 
 
 def escape(text: str) -> str:
@@ -71,8 +80,30 @@ def truncate(text: str, limit: int = MAX_MESSAGE) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+SUMMARY = "*"
+"""The outbox key of the summary post (no queue is named ``*``)."""
+
+
+def render_summary(alert: QueueAlert, public_url: str, interval: float) -> dict[str, object]:
+    """One post for many queues failing at once."""
+    link = f"{public_url.rstrip('/')}/letters?{urlencode({'status': 'open'})}"
+    queues = ", ".join(f"`{escape(q)}` x{n}" for q, n in alert.queues.most_common(15))
+    more = len(alert.queues) - 15
+    exceptions = ", ".join(f"`{escape(e)}` x{n}" for e, n in alert.exceptions.most_common(3))
+    lines = [
+        f":rotating_light: *{alert.count} dead letters* in *{len(alert.queues)} queues* "
+        f"in the last {interval:g}s",
+        f"• queues: {queues}" + (f" and {more} more" if more > 0 else ""),
+        f"• exception: {exceptions}",
+        f"<{link}|Open them in LetterThief>",
+    ]
+    return {"text": "\n".join(lines), "unfurl_links": False}
+
+
 def render(alert: QueueAlert, public_url: str, interval: float) -> dict[str, object]:
-    """The webhook payload for one queue."""
+    """The webhook payload for one queue (or the summary of many)."""
+    if alert.queue == SUMMARY:
+        return render_summary(alert, public_url, interval)
     link = f"{public_url.rstrip('/')}/letters?{urlencode({'queue': alert.queue, 'status': 'open'})}"
     noun = "dead letter" if alert.count == 1 else "dead letters"
     team = f" (team: {escape(', '.join(sorted(alert.services)))})" if alert.services else ""
@@ -111,7 +142,7 @@ class Alerter:
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._next_send = 0.0
-        self._backoff = 1.0
+        self.webhook_host = urlsplit(self.webhook or "").hostname or "?"
 
     def record(self, stored: list[Stored]) -> None:
         """Count ``stored`` towards the next alerts; returns at once."""
@@ -146,62 +177,94 @@ class Alerter:
             if now >= next_flush:
                 self.flush()
                 next_flush = now + self.interval
-            if self.outbox and time.monotonic() >= self._next_send:
+            due = self._due_at()
+            if due is not None and time.monotonic() >= due:
                 await self._send_next()
                 continue
             wake_at = next_flush
-            if self.outbox:
-                wake_at = min(wake_at, loop.time() + max(self._next_send - time.monotonic(), 0))
+            if due is not None:
+                wake_at = min(wake_at, loop.time() + max(due - time.monotonic(), 0))
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(wake_at - loop.time(), 0.01))
 
     def flush(self) -> None:
-        """Move the interval's counters to the outbox, merging with unsent alerts."""
+        """Move the interval's counters to the outbox, merging with unsent alerts;
+        more than ``alert_max_queues`` queues at once are merged into one summary."""
         pending, self.pending = self.pending, {}
+        if len(pending) > self.settings.alert_max_queues:
+            summary = self.outbox.setdefault(SUMMARY, QueueAlert(SUMMARY))
+            for alert in pending.values():
+                summary.merge(alert)
+            return
         for queue, alert in pending.items():
             if queue in self.outbox:
                 self.outbox[queue].merge(alert)
             else:
                 self.outbox[queue] = alert
 
+    def _due_at(self) -> float | None:
+        """When the next alert may go (monotonic), or ``None`` with nothing to send."""
+        if not self.outbox:
+            return None
+        return max(self._next_send, min(a.retry_at for a in self.outbox.values()))
+
+    def _due(self) -> str | None:
+        """The first queue whose alert may be sent now (each has its own backoff)."""
+        now = time.monotonic()
+        return next((q for q, a in self.outbox.items() if a.retry_at <= now), None)
+
     async def _send_next(self) -> None:
         assert self._client is not None
         assert self.webhook is not None
-        queue = next(iter(self.outbox))
+        queue = self._due()
+        if queue is None:
+            return
         alert = self.outbox[queue]
         payload = render(alert, self.settings.public_url, self.interval)
         self._next_send = time.monotonic() + MIN_SPACING
         try:
             response = await self._client.post(self.webhook, json=payload)
-        except httpx.HTTPError as exc:
-            self._failed(queue, repr(exc))
+        except httpx.HTTPError as exc:  # its text may hold the URL: the type is enough
+            self._failed(alert, type(exc).__name__)
             return
-        if response.status_code == 429:
+        status = response.status_code
+        if status == 429:
             retry_after = _seconds(response.headers.get("Retry-After"), default=MIN_SPACING)
             self._next_send = time.monotonic() + retry_after
             self.metrics.alerts.labels("rate-limited").inc()
             log.warning("alert.rate_limited", queue=queue, retry_after=retry_after)
             return
-        if response.status_code >= 300:
-            self._failed(queue, f"HTTP {response.status_code}: {response.text[:200]}")
+        if 400 <= status < 500:
+            self.outbox.pop(queue, None)
+            self.metrics.alerts.labels("parked").inc()
+            log.error(
+                "alert.parked",
+                queue=queue,
+                letters=alert.count,
+                webhook=self.webhook_host,
+                status=status,
+                note="the webhook refused this alert for good; it is not retried",
+            )
+            return
+        if status >= 300:
+            self._failed(alert, f"HTTP {status}")
             return
         self.outbox.pop(queue, None)
-        self._backoff = 1.0
         self.metrics.alerts.labels("sent").inc()
         log.info("alert.sent", queue=queue, letters=alert.count)
 
-    def _failed(self, queue: str, error: str) -> None:
+    def _failed(self, alert: QueueAlert, error: str) -> None:
         self.metrics.alerts.labels("failed").inc()
         log.error(
             "alert.failed",
-            queue=queue,
-            webhook=mask_url(self.webhook or ""),
+            queue=alert.queue,
+            webhook=self.webhook_host,
             error=error,
-            retry_in=self._backoff,
+            retry_in=alert.backoff,
         )
-        self._next_send = time.monotonic() + self._backoff
-        self._backoff = min(self._backoff * 2, MAX_BACKOFF)
+        alert.retry_at = time.monotonic() + alert.backoff
+        alert.backoff = min(alert.backoff * 2, MAX_BACKOFF)
 
 
 def _seconds(value: str | None, *, default: float) -> float:

@@ -8,6 +8,7 @@ edited body that does not parse, 503 the broker did not confirm.
 from __future__ import annotations
 
 import base64
+import math
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -29,11 +30,11 @@ from letterthief.replay import (
     QueueMissing,
     ReplayError,
 )
+from letterthief.service import LetterThief
 
 if TYPE_CHECKING:
     from letterthief.auth import Auth
     from letterthief.queries import Group
-    from letterthief.service import LetterThief
 
 MAX_IDS = 100_000
 
@@ -87,6 +88,8 @@ def plain(value: Any) -> Any:
             return {k: convert(x) for k, x in v.items()}
         if isinstance(v, list):
             return [convert(x) for x in v]
+        if isinstance(v, float) and not math.isfinite(v):
+            return str(v)  # JSON has no NaN or infinity
         return str(v) if not isinstance(v, str | int | float | bool | type(None)) else v
 
     return convert(decoded)
@@ -116,6 +119,7 @@ def detail(d: Detail) -> dict[str, Any]:
                 "action": a.action,
                 "result": a.result,
                 "detail": a.detail,
+                "body": a.body.decode("utf-8", "replace") if a.body is not None else None,
             }
             for a in d.actions
         ],
@@ -192,104 +196,126 @@ def api_user(request: Request) -> str:
 User = Annotated[str, Depends(api_user)]
 
 
-def router(thief: LetterThief) -> APIRouter:
-    """The API routes of ``thief``; every route but ``/healthz`` asks who is calling."""
+def get_thief(request: Request) -> LetterThief:
+    """The service this app serves (``create_app`` puts it in ``app.state``)."""
+    thief: LetterThief = request.app.state.thief
+    return thief
 
-    api = APIRouter(dependencies=[])
 
-    @api.get("/healthz", include_in_schema=False)
-    async def healthz() -> JSONResponse:
-        state = thief.health()
-        try:
-            async with thief.store.engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
-            state["database"] = "ok"
-        except Exception as exc:
-            state["database"] = f"unavailable: {type(exc).__name__}"
-        healthy = state["database"] == "ok" and thief.collector.ready.is_set()
-        state["status"] = "ok" if healthy else "degraded"
-        return JSONResponse(state, status_code=200 if healthy else 503)
+Thief = Annotated[LetterThief, Depends(get_thief)]
 
-    @api.get("/metrics", include_in_schema=False)
-    async def metrics(_: User) -> Response:
-        thief.metrics.set_letters(await thief.store.counts())
-        return Response(thief.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+router = APIRouter()
+"""The API routes; every route but ``/healthz`` asks who is calling."""
 
-    @api.get("/api/dead-letters")
-    async def list_letters(
-        _: User,
-        filters: Annotated[Filters, Depends(filters_from)],
-        limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        cursor: str | None = None,
-    ) -> dict[str, Any]:
-        try:
-            page = await thief.store.page(filters, limit=limit, cursor=cursor)
-        except BadCursor as exc:
-            raise HTTPException(422, str(exc)) from exc
-        return {
-            "items": [item(x) for x in page.items],
-            "total": page.total,
-            "next_cursor": page.next_cursor,
-        }
 
-    @api.get("/api/groups")
-    async def groups(_: User) -> dict[str, Any]:
-        return {"items": [_group(g) for g in await thief.store.groups()]}
+@router.get("/healthz", include_in_schema=False)
+async def healthz(thief: Thief) -> JSONResponse:
+    state = thief.status()
+    try:
+        async with thief.store.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+        state["database"] = "ok"
+    except Exception as exc:
+        state["database"] = f"unavailable: {type(exc).__name__}"
+    healthy = state["database"] == "ok" and thief.collector.ready.is_set()
+    state["status"] = "ok" if healthy else "degraded"
+    return JSONResponse(state, status_code=200 if healthy else 503)
 
-    @api.get("/api/dead-letters/{letter_id}")
-    async def get_letter(letter_id: int, _: User) -> dict[str, Any]:
-        d = await thief.store.detail(letter_id)
-        if d is None:
-            raise HTTPException(404, f"there is no letter {letter_id}")
-        return detail(d)
 
-    @api.post("/api/dead-letters/retry")
-    async def retry_many(request: IdsRequest, who: User) -> dict[str, Any]:
-        job = thief.jobs.new("retry", who, len(request.ids))
-        await thief.replayer.retry_many(request.ids, who, job)
-        return job.as_dict()
+@router.get("/api/openapi.json", include_in_schema=False)
+async def openapi(request: Request, _: User) -> JSONResponse:
+    return JSONResponse(request.app.openapi())
 
-    @api.post("/api/dead-letters/archive")
-    async def archive_many(request: IdsRequest, who: User) -> dict[str, Any]:
-        changed = await thief.store.set_status(request.ids, Status.ARCHIVED, who)
-        return {"archived": changed}
 
-    @api.post("/api/dead-letters/restore")
-    async def restore_many(request: IdsRequest, who: User) -> dict[str, Any]:
-        changed = await thief.store.set_status(request.ids, Status.OPEN, who)
-        return {"restored": changed}
+@router.get("/metrics", include_in_schema=False)
+async def metrics(thief: Thief, _: User) -> Response:
+    thief.metrics.set_letters(await thief.store.counts())
+    return Response(thief.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @api.post("/api/dead-letters/{letter_id}/retry")
-    async def retry(
-        letter_id: int, who: User, request: RetryRequest | None = None
-    ) -> dict[str, Any]:
-        try:
-            letter = await thief.replayer.retry(
-                letter_id, who, request.body if request is not None else None
-            )
-        except ReplayError as exc:
-            raise HTTPException(replay_status(exc), str(exc)) from exc
-        return item(letter)
 
-    async def _set(letter_id: int, who: str, status: Status) -> dict[str, Any]:
-        letter = await thief.store.get(letter_id)
-        if letter is None:
-            raise HTTPException(404, f"there is no letter {letter_id}")
-        if not await thief.store.set_status([letter_id], status, who) and letter.status != status:
-            raise HTTPException(409, f"letter {letter_id} is {letter.status}")
-        after = await thief.store.get(letter_id)
-        assert after is not None
-        return item(after)
+@router.get("/api/dead-letters")
+async def list_letters(
+    thief: Thief,
+    _: User,
+    filters: Annotated[Filters, Depends(filters_from)],
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    try:
+        page = await thief.store.page(filters, limit=limit, cursor=cursor)
+    except BadCursor as exc:
+        raise HTTPException(422, str(exc)) from exc
+    return {
+        "items": [item(x) for x in page.items],
+        "total": page.total,
+        "next_cursor": page.next_cursor,
+    }
 
-    @api.post("/api/dead-letters/{letter_id}/archive")
-    async def archive(letter_id: int, who: User) -> dict[str, Any]:
-        return await _set(letter_id, who, Status.ARCHIVED)
 
-    @api.post("/api/dead-letters/{letter_id}/restore")
-    async def restore(letter_id: int, who: User) -> dict[str, Any]:
-        return await _set(letter_id, who, Status.OPEN)
+@router.get("/api/groups")
+async def groups(thief: Thief, _: User) -> dict[str, Any]:
+    return {"items": [_group(g) for g in await thief.store.groups()]}
 
-    return api
+
+@router.get("/api/dead-letters/{letter_id}")
+async def get_letter(letter_id: int, thief: Thief, _: User) -> dict[str, Any]:
+    d = await thief.store.detail(letter_id)
+    if d is None:
+        raise HTTPException(404, f"there is no letter {letter_id}")
+    return detail(d)
+
+
+@router.post("/api/dead-letters/retry")
+async def retry_many(request: IdsRequest, thief: Thief, who: User) -> dict[str, Any]:
+    job = thief.jobs.new("retry", who, len(request.ids))
+    await thief.replayer.retry_many(request.ids, who, job)
+    return job.as_dict()
+
+
+@router.post("/api/dead-letters/archive")
+async def archive_many(request: IdsRequest, thief: Thief, who: User) -> dict[str, Any]:
+    changed = await thief.store.set_status(request.ids, Status.ARCHIVED, who)
+    return {"archived": changed}
+
+
+@router.post("/api/dead-letters/restore")
+async def restore_many(request: IdsRequest, thief: Thief, who: User) -> dict[str, Any]:
+    changed = await thief.store.set_status(request.ids, Status.OPEN, who)
+    return {"restored": changed}
+
+
+@router.post("/api/dead-letters/{letter_id}/retry")
+async def retry(
+    letter_id: int, thief: Thief, who: User, request: RetryRequest | None = None
+) -> dict[str, Any]:
+    try:
+        letter = await thief.replayer.retry(
+            letter_id, who, request.body if request is not None else None
+        )
+    except ReplayError as exc:
+        raise HTTPException(replay_status(exc), str(exc)) from exc
+    return item(letter)
+
+
+async def _set(thief: LetterThief, letter_id: int, who: str, status: Status) -> dict[str, Any]:
+    letter = await thief.store.get(letter_id)
+    if letter is None:
+        raise HTTPException(404, f"there is no letter {letter_id}")
+    if not await thief.store.set_status([letter_id], status, who) and letter.status != status:
+        raise HTTPException(409, f"letter {letter_id} is {letter.status}")
+    after = await thief.store.get(letter_id)
+    assert after is not None
+    return item(after)
+
+
+@router.post("/api/dead-letters/{letter_id}/archive")
+async def archive(letter_id: int, thief: Thief, who: User) -> dict[str, Any]:
+    return await _set(thief, letter_id, who, Status.ARCHIVED)
+
+
+@router.post("/api/dead-letters/{letter_id}/restore")
+async def restore(letter_id: int, thief: Thief, who: User) -> dict[str, Any]:
+    return await _set(thief, letter_id, who, Status.OPEN)
 
 
 def _group(g: Group) -> dict[str, Any]:

@@ -168,7 +168,7 @@ def _status(value: str | None) -> str | None:
 
 @main.command("list")
 @click.option("--queue", help="only this original queue")
-@click.option("--status", type=click.Choice(["open", "retried", "archived", "any"]), default="open",
+@click.option("--status", type=click.Choice(["open", "retrying", "retried", "archived", "any"]), default="open",
               show_default=True)  # fmt: skip
 @click.option("--event", help="only this event name")
 @click.option("--search", "q", help="text in the message id, exception message or body")

@@ -154,3 +154,19 @@ class Action(Base):
     result: Mapped[str] = mapped_column(String(16))
     detail: Mapped[str] = mapped_column(Text, default="")
     body: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+
+
+class LoginSession(Base):
+    """A logged-in UI session: the cookie names it, logout revokes it.
+
+    ``credentials`` is a keyed hash of the username and password it was opened
+    with; a session of other credentials (changed since) is not accepted.
+    """
+
+    __tablename__ = "sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user: Mapped[str] = mapped_column(String)
+    credentials: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -160,6 +161,81 @@ def read(
     )
 
 
+@dataclass(slots=True)
+class _Where:
+    """Where and why a letter failed, as one of the four kinds of letter tells it."""
+
+    reason: str
+    queue: str
+    exchange: str
+    routing_key: str
+    note: str = ""
+    """The exception message to show when the letter carries none."""
+    native: bool = False
+
+
+def _where(
+    headers: Mapping[str, Any],
+    death: Mapping[str, Any],
+    message_type: str,
+    exchange: str,
+    routing_key: str,
+    events_exchange: str,
+    unrouted_queue: str | None,
+) -> _Where:
+    """Unrouted, pigeon's own dead letter, RabbitMQ's (``x-death``), or neither."""
+    if unrouted_queue is not None:
+        return _Where(
+            UNROUTED,
+            unrouted_queue,
+            exchange,
+            routing_key,
+            f"no queue was bound to {exchange or 'the exchange'} for {routing_key!r} "
+            "when it was dispatched",
+        )
+    if h.REASON in headers:
+        key = message_type or _first_key(death) or routing_key
+        return _Where(_text(headers[h.REASON]) or UNKNOWN, routing_key, events_exchange, key)
+    if death or h.X_FIRST_DEATH_REASON in headers:
+        reason = normalise_reason(
+            _text(death.get("reason") or headers.get(h.X_FIRST_DEATH_REASON)) or UNKNOWN
+        )
+        return _Where(
+            reason,
+            routing_key or _text(headers.get(h.X_FIRST_DEATH_QUEUE)),
+            _text(death.get("exchange") or headers.get("x-first-death-exchange")),
+            _first_key(death) or routing_key,
+            f"RabbitMQ dead-lettered it: {_native(reason)}",
+            native=True,
+        )
+    return _Where(
+        UNKNOWN,
+        routing_key,
+        "",
+        message_type or routing_key,
+        "published straight to the dead-letter exchange, without x-pigeon-* or x-death "
+        "headers; the routing key is taken as the queue",
+    )
+
+
+def _fingerprint(reason: str, failed_at: datetime | None, death: Mapping[str, Any]) -> str:
+    """What tells one failure of a message from the next (a redelivery repeats it).
+
+    Empty when nothing does (no failed-at, no ``x-death``): such a letter is
+    never taken for a redelivery, so a new failure is never dropped.
+    """
+    if not failed_at and not death:
+        return ""
+    return "|".join(
+        (
+            reason,
+            failed_at.isoformat() if failed_at else "",
+            _text(death.get("count")),
+            _text(death.get("time")),
+        )
+    )
+
+
 def describe(
     *,
     body: bytes,
@@ -174,86 +250,47 @@ def describe(
     """The pure part of :func:`read`: decide what failed, where, and why."""
     death = first_death(headers)
     message_type = _text(properties.get("type"))
-    app_id = _text(properties.get("app_id"))
-    exc_type = _text(headers.get(h.EXCEPTION_TYPE))
-    exc_message = _text(headers.get(h.EXCEPTION_MESSAGE))
-    tb = _text(headers.get(h.TRACEBACK))
+    unrouted = unrouted_queue is not None
+    where = _where(
+        headers, death, message_type, exchange, routing_key, events_exchange, unrouted_queue
+    )
     attempts = _int(headers.get(h.ATTEMPTS))
     failed_at = _when(headers.get(h.FAILED_AT))
-    service = _text(headers.get(h.SERVICE))
-    unrouted = unrouted_queue is not None
-    if unrouted_queue is not None:
-        reason = UNROUTED
-        queue = unrouted_queue
-        original_exchange, original_key = exchange, routing_key
-        exc_message = exc_message or (
-            f"no queue was bound to {exchange or 'the exchange'} for {routing_key!r} "
-            "when it was dispatched"
-        )
-        service = service or app_id
-    elif h.REASON in headers:
-        reason = _text(headers[h.REASON]) or UNKNOWN
-        queue = routing_key
-        original_exchange = events_exchange
-        original_key = message_type or _first_key(death) or routing_key
-    elif death or h.X_FIRST_DEATH_REASON in headers:
-        reason = normalise_reason(
-            _text(death.get("reason") or headers.get(h.X_FIRST_DEATH_REASON)) or UNKNOWN
-        )
-        queue = routing_key or _text(headers.get(h.X_FIRST_DEATH_QUEUE))
-        original_exchange = _text(death.get("exchange") or headers.get("x-first-death-exchange"))
-        original_key = _first_key(death) or routing_key
-        exc_message = exc_message or f"RabbitMQ dead-lettered it: {_native(reason)}"
+    if where.native:
         attempts = attempts or _int(headers.get(h.X_DELIVERY_COUNT)) or _int(death.get("count"))
         failed_at = failed_at or _when(death.get("time"))
-    else:
-        reason = UNKNOWN
-        queue = routing_key
-        original_exchange, original_key = "", message_type or routing_key
-        exc_message = exc_message or (
-            "published straight to the dead-letter exchange, without x-pigeon-* or x-death "
-            "headers; the routing key is taken as the queue"
-        )
-    problem = "" if unrouted else origin_problem(headers, death, routing_key)
+    queue = where.queue
     if not queue and not unrouted:
         queue = _text(headers.get(h.QUEUE)) or _text(death.get("queue"))
-    if not service and "." in queue and not unrouted:
+    service = _text(headers.get(h.SERVICE))
+    if unrouted:
+        service = service or _text(properties.get("app_id"))
+    elif not service and "." in queue:
         service = queue.split(".", 1)[0]  # pigeon names queues {service}.{listener}
-    event = message_type or original_key
-    message_id = _text(properties.get("message_id")) or _synthetic_id(queue, event, body)
-    fingerprint = "|".join(
-        (
-            reason,
-            failed_at.isoformat() if failed_at else "",
-            _text(death.get("count")),
-            _text(death.get("time")),
-        )
-    )
-    correlation_id = _text(properties.get("correlation_id")) or None
-    content_type = _text(properties.get("content_type")) or None
+    event = message_type or where.routing_key
     return Received(
-        message_id=message_id,
+        message_id=_text(properties.get("message_id")) or _synthetic_id(queue, event, body),
         queue=queue,
-        exchange=original_exchange,
-        routing_key=original_key,
+        exchange=where.exchange,
+        routing_key=where.routing_key,
         event=event,
         service=service,
-        reason=reason,
-        exception_type=exc_type,
-        exception_message=exc_message,
-        traceback=tb,
+        reason=where.reason,
+        exception_type=_text(headers.get(h.EXCEPTION_TYPE)),
+        exception_message=_text(headers.get(h.EXCEPTION_MESSAGE)) or where.note,
+        traceback=_text(headers.get(h.TRACEBACK)),
         attempts=attempts,
         failed_at=failed_at,
-        correlation_id=correlation_id,
-        content_type=content_type,
+        correlation_id=_text(properties.get("correlation_id")) or None,
+        content_type=_text(properties.get("content_type")) or None,
         body=body,
         headers=to_json(headers),
         properties=to_json(properties),
         source=UNROUTED if unrouted else "dead-letter",
-        fingerprint=fingerprint,
+        fingerprint=_fingerprint(where.reason, failed_at, death),
         redelivered=redelivered,
         replay_of=_text(headers.get(h.REPLAY_OF)) or None,
-        origin_problem=problem,
+        origin_problem="" if unrouted else origin_problem(headers, death, routing_key),
     )
 
 
@@ -330,8 +367,28 @@ def message_properties(message: AbstractIncomingMessage) -> dict[str, Any]:
     return out
 
 
+TAGS = ("$bytes", "$datetime", "$decimal", "$float")
+
+
+def _escape_key(key: Any) -> str:
+    """A real table key starting with ``$`` gets one more, so it never reads as a tag."""
+    text = str(key)
+    return "$" + text if text.startswith("$") else text
+
+
+def _unescape_key(key: str) -> str:
+    return key[1:] if key.startswith("$$") else key
+
+
 def to_json(value: Any) -> Any:
-    """AMQP values → JSON; bytes, timestamps and decimals are tagged so they survive."""
+    """AMQP values → JSON; bytes, timestamps and decimals are tagged so they survive.
+
+    A tag is a one-key object whose key starts with ``$``; keys of real
+    tables that start with ``$`` are stored with one more ``$``, so no
+    header can be mistaken for a tag.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"$float": str(value)}  # JSON has no NaN or infinity; PostgreSQL refuses them
     if value is None or isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, bytes | bytearray | memoryview):
@@ -341,24 +398,33 @@ def to_json(value: Any) -> Any:
     if isinstance(value, Decimal):
         return {"$decimal": str(value)}
     if isinstance(value, Mapping):
-        return {str(k): to_json(v) for k, v in value.items()}
+        return {_escape_key(k): to_json(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [to_json(v) for v in value]
     return str(value)
 
 
+def _untag(tag: str, raw: Any) -> Any:
+    if tag == "$bytes":
+        return base64.b64decode(raw, validate=True)
+    if tag == "$datetime":
+        return datetime.fromisoformat(raw)
+    if tag == "$float":
+        return float(raw)
+    return Decimal(raw)
+
+
 def from_json(value: Any) -> Any:
-    """The inverse of :func:`to_json`."""
+    """The inverse of :func:`to_json`; a tag that does not decode is kept as stored."""
     if isinstance(value, dict):
         if len(value) == 1:
             ((tag, raw),) = value.items()
-            if tag == "$bytes":
-                return base64.b64decode(raw)
-            if tag == "$datetime":
-                return datetime.fromisoformat(raw)
-            if tag == "$decimal":
-                return Decimal(raw)
-        return {k: from_json(v) for k, v in value.items()}
+            if tag in TAGS:
+                try:
+                    return _untag(tag, raw)
+                except (ValueError, TypeError, ArithmeticError):
+                    return {tag: raw}  # written before keys were escaped: shown as it is
+        return {_unescape_key(k): from_json(v) for k, v in value.items()}
     if isinstance(value, list):
         return [from_json(v) for v in value]
     return value
@@ -373,7 +439,7 @@ def display(value: Any) -> str:
         return plain.isoformat()
     if isinstance(plain, str):
         return plain
-    return json.dumps(value, ensure_ascii=False, default=str)
+    return json.dumps(plain, ensure_ascii=False, default=str)
 
 
 def is_json_type(content_type: str | None) -> bool:
@@ -389,7 +455,7 @@ def body_view(body: bytes, content_type: str | None) -> tuple[str, str]:
     if body[:1] in (b"{", b"[", b'"') or is_json_type(content_type):
         try:
             return "json", json.dumps(json.loads(body), indent=2, ensure_ascii=False)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deep to pretty-print
             pass
     try:
         text = body.decode("utf-8")

@@ -47,6 +47,13 @@ LIST_COLUMNS = (
     Letter.origin_problem,
 )
 MAX_LIMIT = 500
+MAX_ID = 2**63 - 1
+"""Letter ids are 64-bit integers; a larger one names no letter (and would overflow a query)."""
+
+
+def valid_ids(ids: Sequence[int]) -> list[int]:
+    """The ids that can name a letter (1 … 2**63-1)."""
+    return [i for i in ids if 0 < i <= MAX_ID]
 
 
 class BadCursor(ValueError):
@@ -185,10 +192,13 @@ class Queries:
             return list((await session.scalars(query.order_by(Letter.id))).all())
 
     async def get(self, letter_id: int) -> Letter | None:
+        if not valid_ids([letter_id]):
+            return None
         async with self.sessions() as session:
             return await session.get(Letter, letter_id)
 
     async def get_many(self, ids: Sequence[int]) -> list[Letter]:
+        ids = valid_ids(ids)
         async with self.sessions() as session:
             found = await session.scalars(select(Letter).where(Letter.id.in_(list(ids))))
             by_id = {letter.id: letter for letter in found}
@@ -196,6 +206,8 @@ class Queries:
 
     async def detail(self, letter_id: int, *, history: int = 100) -> Detail | None:
         """A letter with its latest occurrences, its actions and its conversation."""
+        if not valid_ids([letter_id]):
+            return None
         async with self.sessions() as session:
             letter = await session.get(Letter, letter_id)
             if letter is None:

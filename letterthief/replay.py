@@ -9,6 +9,11 @@ the headers that describe the failure and adds ``x-pigeon-replay-of`` /
 broker confirmed the publish and did not return it (``mandatory``); a
 missing queue is an error the user sees and the letter stays open.
 Bulk retries publish at most ``LETTERTHIEF_REPLAY_BATCH_SIZE`` at once.
+
+Each replay first claims its letter (open → retrying) so parallel clicks
+send one copy; its target is checked (:func:`target`: the origin queue, never
+``amq.*``, LetterThief's own queues or a retry tier) and the whole message is
+built and encoded before anything is sent (:mod:`letterthief.message`).
 """
 
 from __future__ import annotations
@@ -140,17 +145,26 @@ class Jobs:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-def check_body(letter: Letter, body: str) -> bytes:
-    """The edited body as bytes; JSON content must parse (raises :class:`InvalidBody`)."""
+def check_body(letter: Letter, body: str, limit: int = 1024 * 1024) -> bytes:
+    """The edited body as bytes, at most ``limit`` of them; JSON content must parse.
+
+    Raises :class:`InvalidBody` (422).
+    """
+    data = body.encode("utf-8", "surrogatepass")
+    if len(data) > limit:
+        raise InvalidBody(
+            f"the edited body is {len(data)} bytes; LETTERTHIEF_MAX_EDIT_BYTES allows {limit}"
+        )
     if parse.is_json_type(letter.content_type):
         try:
             json.loads(body)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
             raise InvalidBody(
-                f"the edited body is not valid JSON ({exc}); the letter's content type is "
+                f"the edited body is not valid JSON ({reason}); the letter's content type is "
                 f"{letter.content_type or 'application/json'}, so listeners would reject it"
             ) from exc
-    return body.encode("utf-8")
+    return data
 
 
 def outcome(error: ReplayError) -> str:
@@ -209,7 +223,9 @@ class Replayer:
         batch_size: int = 100,
         timeout: float = 10.0,
         metrics: Metrics | None = None,
+        max_edit_bytes: int = 1024 * 1024,
     ) -> None:
+        self.max_edit_bytes = max_edit_bytes
         self.store = store
         self.pigeon = pigeon
         self.batch_size = batch_size
@@ -283,9 +299,9 @@ class Replayer:
         """
         letter = await self.store.get(letter_id)
         if letter is not None and body is not None:
-            check_body(letter, body)
+            check_body(letter, body, self.max_edit_bytes)
         letter = await self._claim_one(letter_id)
-        edited = check_body(letter, body) if body is not None else None
+        edited = check_body(letter, body, self.max_edit_bytes) if body is not None else None
         action = "edit-retry" if edited is not None else "retry"
         error = await self.publish(letter, actor, edited)
         if error is not None:

@@ -49,6 +49,7 @@ class LetterThief:
             batch_size=self.settings.replay_batch_size,
             timeout=self.settings.replay_timeout,
             metrics=self.metrics,
+            max_edit_bytes=self.settings.max_edit_bytes,
         )
         self.jobs = Jobs()
         secret = self.settings.secret_key
@@ -103,6 +104,10 @@ class LetterThief:
                 log.error("store.purge_failed", error=repr(exc))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), PURGE_EVERY)
+
+    def status(self) -> dict[str, Any]:
+        """What ``/healthz`` shows anyone: states only, no addresses, paths or users."""
+        return {"collector": "consuming" if self.collector.ready.is_set() else "not consuming"}
 
     def health(self) -> dict[str, Any]:
         return {

@@ -32,6 +32,8 @@ class LetterThiefSettings(BaseSettings):
     public_url: str = "http://127.0.0.1:8025"
     slack_webhook_url: SecretStr | None = None
     alert_interval: float = Field(default=60.0, gt=0)
+    alert_max_queues: int = Field(default=10, ge=1)
+    """More queues than this failing in one interval make one summary post, not one each."""
     retention_days: float = Field(default=30.0, gt=0)
     batch_size: int = Field(default=500, ge=1)
     """Dead letters committed (and acked) together by the collector."""
@@ -41,6 +43,10 @@ class LetterThiefSettings(BaseSettings):
     """Replays in flight at once during a bulk retry; bounds the load on the broker."""
     replay_timeout: float = Field(default=10.0, gt=0)
     session_max_age: int = Field(default=12 * 3600, ge=60)
+    max_edit_bytes: int = Field(default=1024 * 1024, ge=1)
+    """The largest body "Edit and try again" accepts."""
+    login_attempts: int = Field(default=10, ge=1)
+    """Wrong logins (UI or API Basic) per client address and per username per minute."""
 
     def __init__(self, **values: Any) -> None:
         try:

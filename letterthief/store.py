@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 
 from letterthief.models import Action, Letter, Occurrence, Status, utcnow
 from letterthief.parse import Received
-from letterthief.queries import Queries
+from letterthief.queries import Queries, valid_ids
 from letterthief.settings import async_database_url
 from pigeon.logs import get_logger
 from pigeon.settings import mask_url
@@ -202,7 +202,9 @@ class Store(Queries):
                 r
                 for r in batch
                 if not (
-                    r.redelivered and (existing.get((r.message_id, r.queue)), r.fingerprint) in seen
+                    r.redelivered
+                    and r.fingerprint
+                    and (existing.get((r.message_id, r.queue)), r.fingerprint) in seen
                 )
             ]
             by_key: dict[tuple[str, str], list[Received]] = {}
@@ -336,7 +338,7 @@ class Store(Queries):
         now = utcnow()
         won: list[int] = []
         async with self.engine.begin() as conn:
-            for chunk in _chunks(sorted(set(ids))):
+            for chunk in _chunks(sorted(set(valid_ids(ids)))):
                 result = await conn.execute(
                     update(letters)
                     .where(letters.c.id.in_(chunk))
@@ -437,7 +439,7 @@ class Store(Queries):
         now = utcnow()
         changed: list[int] = []
         async with self.engine.begin() as conn:
-            for chunk in _chunks(list(ids)):
+            for chunk in _chunks(valid_ids(ids)):
                 result = await conn.execute(
                     update(letters)
                     .where(letters.c.id.in_(chunk), letters.c.status.in_(allowed))

@@ -186,5 +186,6 @@ class Settler:
             delivery.listener.queue,
             _encodable(outcome.headers, delivery),
         )
-        copy.user_id = login(await self.runtime.connector.get())
+        connector = self.runtime.connector  # never connect here: the publisher retries that
+        copy.user_id = login(await connector.get()) if connector.is_open else None
         await self.runtime.publisher.publish(copy, timeout=SETTLE_TIMEOUT)
