@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 REDIS_URL = "redis://127.0.0.1:6379/0"
 POSTGRES = "postgresql://postgres@127.0.0.1:5432"
 DEADLINE = 300.0
+LISTEN = "pigeon listen"
 SIZES = {"order (5 items, 355 B)": 300, "1 KiB": 1024, "16 KiB": 16384}
 
 
@@ -213,7 +214,8 @@ def rows_for(label: str, mine: Run, peers: dict[str, Run]) -> list[tuple[str, st
     return rows
 
 
-async def main(count: int = 20_000) -> list[tuple[str, str, str, str]]:
+async def run(count: int = 20_000) -> tuple[list[tuple[str, str, str, str]], float]:
+    """The rows, and the broker's unconfirmed publish rate (the ceiling for dispatch)."""
     rows: list[tuple[str, str, str, str]] = []
     published = await peer("pika-publish", count, 300)
     rows.append(("broker ceiling: pika publish, no confirms", f"{published.rate:,.0f}/s", "", ""))
@@ -236,13 +238,18 @@ async def main(count: int = 20_000) -> list[tuple[str, str, str, str]]:
             "aio-pika prefetch 100": raw,
             "broker ceiling": ceiling,
         }
-        rows += rows_for(f"pigeon listen (sqlite), {size_label}", mine, peers)
+        rows += rows_for(f"{LISTEN} (sqlite), {size_label}", mine, peers)
         if size == 300:
             redis_run = await pigeon(n, size, REDIS_URL)
-            rows += rows_for(f"pigeon listen (redis), {size_label}", redis_run, peers)
+            rows += rows_for(f"{LISTEN} (redis), {size_label}", redis_run, peers)
             async with postgres_database() as pg_url:
                 pg_run = await pigeon(n, size, pg_url)
-            rows += rows_for(f"pigeon listen (postgres), {size_label}", pg_run, peers)
+            rows += rows_for(f"{LISTEN} (postgres), {size_label}", pg_run, peers)
+    return rows, published.rate
+
+
+async def main(count: int = 20_000) -> list[tuple[str, str, str, str]]:
+    rows, _ = await run(count)
     return rows
 
 
