@@ -40,8 +40,10 @@ or whether the target was met.
   logger, pydantic validation), raw aio-pika at prefetch 100 (`json.loads`,
   an ack per message). The body is an order of 5 items (355 bytes), then
   1 KiB and 16 KiB orders (more items); Pigeon also with the Redis and
-  PostgreSQL stores. One run each. Besides the rate, each process's CPU time
-  per message (all its threads).
+  PostgreSQL stores. Two rounds, each contender once per round in turn; the
+  fastest rate and the lowest CPU per message of each contender's two runs
+  (the least disturbed by the neighbours). Besides the rate, each process's
+  CPU time per message (all its threads), the steadier figure.
 - **broker ceiling**: what the broker does on this machine with no client
   work at all: pika consuming with auto-ack (nothing decoded, nothing acked)
   and pika publishing without confirms. Every Pigeon rate is also given as a
