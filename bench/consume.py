@@ -97,6 +97,7 @@ async def pigeon_rate(settings: Settings, count: int, *, idempotent: bool, store
         app,
         handle_signals=False,
         concurrency=PREFETCH,
+        prefetch=PREFETCH,
         idempotency_url=store_url,
     )
     task = asyncio.create_task(worker.run())

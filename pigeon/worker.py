@@ -48,7 +48,7 @@ log = get_logger("pigeon")
 
 PURGE_INTERVAL = 3600.0
 CONSUMER_CHECK_INTERVAL = 1.0
-PREFETCH_PER_HANDLER = 4
+PREFETCH_PER_HANDLER = 10
 """Default prefetch per unit of concurrency: a batch for the store's group commit and the
 acks to fill while the handlers run (see ``docs/performance.md``)."""
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

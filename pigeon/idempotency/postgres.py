@@ -6,8 +6,11 @@ with the server's ``now()``, so the hosts' clocks never need to agree.
 Claims and done marks are batched: those asked for during one turn of the
 event loop go to PostgreSQL as one statement over arrays (``unnest``), one
 round trip and one commit, and each caller gets its own answer after that
-commit. Under load one statement serves dozens of messages; alone, a call
-costs one statement as before.
+commit. While :data:`MAX_SENDING` statements are in flight, what is asked
+meanwhile waits and goes with the next one (a group commit, as in the SQLite
+store): under load one statement serves dozens of messages instead of many
+small statements queueing for the pool and a commit each; alone, a call costs
+one statement as before.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from pigeon.idempotency.base import (
     new_token,
 )
 from pigeon.settings import mask_url
+
+MAX_SENDING = 2
+"""Batch statements in flight at once per store; the next batch collects meanwhile."""
 
 _SCHEMA = """
 SELECT pg_advisory_xact_lock(hashtext('pigeon_idempotency'));
@@ -130,9 +136,10 @@ class PostgresStore(IdempotencyStore):
     async def close(self) -> None:
         if self._pool is None:
             return
-        self._flush()
-        if self._sending:
-            await asyncio.wait(set(self._sending))
+        while self._sending or self._claims or self._dones:
+            self._flush()
+            if self._sending:
+                await asyncio.wait(set(self._sending))
         pool, self._pool = self._pool, None
         await pool.close()
 
@@ -190,6 +197,8 @@ class PostgresStore(IdempotencyStore):
 
     def _flush(self) -> None:
         self._scheduled = False
+        if len(self._sending) >= MAX_SENDING:
+            return  # _sent flushes again when a statement is answered
         claims, self._claims = self._claims, {}
         dones, self._dones = self._dones, []
         for lease, waiters in claims.items():
@@ -202,7 +211,13 @@ class PostgresStore(IdempotencyStore):
         futures = [future for _, _, future in waiters]
         task = asyncio.ensure_future(answer_each(futures, work))
         self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
+        task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sending.discard(task)
+        if (self._claims or self._dones) and not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     async def _claim_many(self, lease: float, waiters: list[_Waiter]) -> list[Any]:
         """One claim per distinct key; a repeated key in the batch loses to its first."""
