@@ -7,7 +7,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import consume, dispatch, latency, letterthief, memory
+from bench import cluster, consume, dispatch, latency, letterthief, memory
 from bench.common import quiet_logs, table
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
@@ -60,6 +60,7 @@ make bench                      # every benchmark; rewrites this file
 .venv/bin/python -m bench.latency
 .venv/bin/python -m bench.memory
 .venv/bin/python -m bench.letterthief
+.venv/bin/python -m bench.cluster  # on `make cluster`; rewrites only its own section
 ```
 
 Each module prints its rows without touching this file. The broker is
@@ -186,7 +187,9 @@ async def run_all() -> None:
     rows += await letterthief.main()
     print(table(rows))
     minutes = (time.monotonic() - started) / 60
-    DOC.write_text(document(rows, datetime.now(UTC), minutes), encoding="utf-8")
+    kept = cluster.kept_section(DOC.read_text(encoding="utf-8")) if DOC.exists() else ""
+    text = document(rows, datetime.now(UTC), minutes)
+    DOC.write_text(cluster.with_section(text, kept) if kept else text, encoding="utf-8")
     print(f"wrote {DOC}")
 
 
