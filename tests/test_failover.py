@@ -189,3 +189,29 @@ async def test_pigeon_topology_declare_skips_a_node_that_is_down(
     assert done.returncode == 0, done.stderr
     assert f"queue {app.service}.record" in done.stdout
     assert await broker.count(f"{app.service}.record") == 0, "declared on the live node"
+
+
+async def test_a_consumer_the_broker_cancelled_is_resubscribed_on_its_channel_at_once(
+    make_app: AppFactory, run_worker: RunWorker
+) -> None:
+    """What RabbitMQ does when a queue's leader moves away under a consumer (classic
+    mirrored queues, ``x-cancel-on-ha-failover``) or the queue is re-created: a
+    ``basic.cancel`` that aiormq answers by forgetting the consumer. Its own cancel
+    leaves the channel in exactly that state."""
+    app = make_app("resubscribe")
+    seen: list[str] = []
+
+    @app.listener(OrderPlaced)
+    async def record(event: OrderPlaced, ctx: Context) -> None:
+        seen.append(event.order_id)
+
+    worker = await run_worker(app)
+    (consumer,) = worker._consumers
+    await consumer.underlay.basic_cancel(consumer.tag)
+    with capture_logs() as logs:
+        await eventually(lambda: worker._consumers[0].tag != consumer.tag, 5, "a new subscription")
+    assert worker.connections == 1, "re-subscribed without reconnecting"
+    assert worker._consumers[0].channel is consumer.channel
+    assert "worker.resubscribed" in {entry["event"] for entry in logs}
+    await app.dispatch_async(OrderPlaced(order_id="after"))
+    await eventually(lambda: seen == ["after"], 15, "the event after the cancel handled")
