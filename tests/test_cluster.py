@@ -189,3 +189,27 @@ async def chaos(producer: Producer, log: Path, queue: str, producer_url: str) ->
     steps.append(f"{leader.name} back at {len(producer.confirmed)}")
     await producer.more(200)
     return steps
+
+
+async def members_of(queue: str) -> list[str]:
+    out = await CLUSTER_NODES[0].actl("list_queues", "-q", "--no-table-headers", "name", "members")
+    for line in out.splitlines():
+        name, _, members = line.partition("\t")
+        if name == queue:
+            return re.findall(r"pigeon\d@localhost", members)
+    raise AssertionError(f"no queue {queue}")
+
+
+@pytest.mark.parametrize(("size", "members"), [(None, 3), (2, 2)])
+async def test_quorum_queues_get_pigeon_quorum_size_members_all_three_by_default(
+    make_app: AppFactory, broker: Broker, size: int | None, members: int
+) -> None:
+    app = make_app("sized")
+    app.settings.quorum_size = size
+
+    @app.listener("test.order.placed")
+    async def record(payload: dict[str, Any]) -> None: ...
+
+    await app.declare()
+    assert len(await members_of(record.queue)) == members
+    assert len(await members_of(app.settings.dead_letter_queue)) == members
