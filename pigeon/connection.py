@@ -37,6 +37,9 @@ CONNECT_TIMEOUT = 10.0
 CONNECT_ERRORS = (AMQPError, ConnectionError, OSError, TimeoutError)
 """What a node that is down, starting, stopping or unreachable raises on connect."""
 
+NEXT_NODE_AFTER = 1.0
+"""Seconds a silent node is waited for alone before the next node is tried alongside it."""
+
 
 async def _release(connection: AbstractConnection) -> None:
     """Free the sockets of a connection the broker dropped (aiormq leaves them open)."""
@@ -44,6 +47,18 @@ async def _release(connection: AbstractConnection) -> None:
         await connection.close()
     except Exception as exc:
         log.debug("broker.release_failed", error=repr(exc))
+
+
+_closing_late: set[asyncio.Future[None]] = set()
+
+
+def _close_late(attempt: asyncio.Future[AbstractConnection]) -> None:
+    """Close a connection that was made after another node's had already won."""
+    if attempt.cancelled() or attempt.exception() is not None:
+        return
+    closing = asyncio.ensure_future(_release(attempt.result()))
+    _closing_late.add(closing)
+    closing.add_done_callback(_closing_late.discard)
 
 
 class Connector:
@@ -118,29 +133,55 @@ class Connector:
             log.info("broker.connected", url=self.masked_url, generation=self.generation)
             return connection
 
+    async def _open(self, url: str, timeout: float | None) -> AbstractConnection:
+        return await aio_pika.connect(
+            url,
+            timeout=timeout or CONNECT_TIMEOUT,
+            client_properties={
+                "connection_name": f"{self.name}@{socket.gethostname()}:{os.getpid()}"
+            },
+        )
+
     async def _connect_any(self, timeout: float | None) -> AbstractConnection:
-        """Connect to the first node that answers, starting with ``self._next``."""
+        """Connect to the first node that answers, starting with ``self._next``.
+
+        A node that refuses is skipped at once. One that neither answers nor
+        refuses (a partition, an overloaded host) gets :data:`NEXT_NODE_AFTER`
+        seconds before the next node is tried alongside it, so a client never
+        waits out a dead node's connect timeout while another node answers.
+        The first connection made wins; any later one is closed.
+        """
+        if len(self.urls) == 1:
+            return await self._open(self.urls[0], timeout)
+        order = [(self._next + offset) % len(self.urls) for offset in range(len(self.urls))]
+        attempts: dict[asyncio.Future[AbstractConnection], int] = {}
         failures: list[str] = []
-        for offset in range(len(self.urls)):
-            index = (self._next + offset) % len(self.urls)
-            url = self.urls[index]
-            try:
-                connection = await aio_pika.connect(
-                    url,
-                    timeout=timeout or CONNECT_TIMEOUT,
-                    client_properties={
-                        "connection_name": f"{self.name}@{socket.gethostname()}:{os.getpid()}"
-                    },
+        try:
+            while order or attempts:
+                if order:
+                    index = order.pop(0)
+                    attempts[asyncio.ensure_future(self._open(self.urls[index], timeout))] = index
+                done, _ = await asyncio.wait(
+                    attempts,
+                    timeout=NEXT_NODE_AFTER if order else None,
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
-            except CONNECT_ERRORS as exc:
-                if len(self.urls) == 1:
-                    raise
-                log.warning("broker.node_unreachable", url=mask_url(url), error=repr(exc))
-                failures.append(f"{mask_url(url)}: {exc!r}")
-                continue
-            self._next = self._current = index
-            self.url, self.masked_url = url, mask_url(url)
-            return connection
+                for attempt in done:
+                    index = attempts.pop(attempt)
+                    url = self.urls[index]
+                    error = attempt.exception()
+                    if error is None:
+                        self._next = self._current = index
+                        self.url, self.masked_url = url, mask_url(url)
+                        return attempt.result()
+                    if not isinstance(error, CONNECT_ERRORS):
+                        raise error
+                    log.warning("broker.node_unreachable", url=mask_url(url), error=repr(error))
+                    failures.append(f"{mask_url(url)}: {error!r}")
+        finally:
+            for attempt in attempts:
+                attempt.cancel()
+                attempt.add_done_callback(_close_late)
         raise ConnectionError(f"no broker node answered ({'; '.join(failures)})")
 
     def _on_close(self, sender: object, exc: BaseException | None = None) -> None:
