@@ -18,7 +18,7 @@ import pytest
 
 from letterthief.service import LetterThief
 from pigeon.settings import Settings
-from tests.conftest import Broker, unique_settings
+from tests.conftest import Broker, eventually, unique_settings
 from tests.letterthief.conftest import PG_ADMIN_URL, letters_when, lt_settings
 from tests.rabbit import CLUSTER_NODES
 
@@ -95,9 +95,8 @@ async def fail(broker: Broker, settings: Settings, queue: str, message_ids: list
     await channel.close()
 
 
-async def test_two_letterthiefs_on_one_postgresql_collect_once_and_replay_from_either(
-    settings: Settings, broker: Broker, pg_url: str
-) -> None:
+async def original_queue(broker: Broker, settings: Settings) -> str:
+    """The queue the letters failed in (a replay goes back to it); deleted after the test."""
     queue = f"{broker.prefix}-billing.charge"
     broker.queues.add(queue)
     broker.track(settings)
@@ -105,20 +104,35 @@ async def test_two_letterthiefs_on_one_postgresql_collect_once_and_replay_from_e
     channel = await broker.connection.channel()
     await channel.declare_queue(queue, durable=True, arguments={"x-queue-type": "quorum"})
     await channel.close()
+    return queue
+
+
+async def start_two(
+    settings: Settings, pg_url: str, first_nodes: tuple[int, int]
+) -> list[LetterThief]:
+    """Two collecting instances on one database, starting at the given nodes."""
     thieves = [
         LetterThief(
             lt_settings(pg_url, batch_wait=0.005),
             settings.model_copy(update={"url": starting_at(i), "url_shuffle": False}),
         )
-        for i in (0, 1)
+        for i in first_nodes
     ]
     await thieves[0].open()  # migrations once, before both race for them
     await thieves[0].store.close()
     for thief in thieves:
         await thief.start()
+    for thief in thieves:
+        await asyncio.wait_for(thief.collector.ready.wait(), 30)
+    return thieves
+
+
+async def test_two_letterthiefs_on_one_postgresql_collect_once_and_replay_from_either(
+    settings: Settings, broker: Broker, pg_url: str
+) -> None:
+    queue = await original_queue(broker, settings)
+    thieves = await start_two(settings, pg_url, (0, 1))
     try:
-        for thief in thieves:
-            await asyncio.wait_for(thief.collector.ready.wait(), 30)
         nodes = {thief.collector.connector.url for thief in thieves}
         assert len(nodes) == 2, "each instance collects through its own node"
         ids = [str(uuid.uuid4()) for _ in range(LETTERS)]
@@ -141,3 +155,29 @@ async def test_two_letterthiefs_on_one_postgresql_collect_once_and_replay_from_e
     finally:
         for thief in thieves:
             await thief.stop()
+
+
+async def test_a_letterthief_whose_node_stops_collects_and_replays_through_another(
+    settings: Settings, broker: Broker, pg_url: str
+) -> None:
+    queue = await original_queue(broker, settings)
+    thieves = await start_two(settings, pg_url, (1, 2))
+    lost = CLUSTER_NODES[1]
+    try:
+        assert thieves[0].collector.connector.url == lost.url
+        await asyncio.to_thread(lost.stop)
+        ids = [str(uuid.uuid4()) for _ in range(50)]
+        await fail(broker, settings, queue, ids)
+        letters = await letters_when(thieves[1].store, 50, timeout=60, occurrences=2)
+        assert {letter.message_id for letter in letters} == set(ids)
+        connector = thieves[0].collector.connector
+        await eventually(
+            lambda: connector.is_open and connector.url != lost.url, 30, "moved to another node"
+        )
+        retried = await thieves[0].replayer.retry(letters[0].id, "ops")
+        assert retried.status == "retried"
+        assert (await broker.get(queue, timeout=15)).message_id == letters[0].message_id
+    finally:
+        for thief in thieves:
+            await thief.stop()
+        await asyncio.to_thread(lost.start)
