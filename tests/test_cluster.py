@@ -185,6 +185,7 @@ async def chaos(producer: Producer, log: Path, queue: str, producer_url: str) ->
     await asyncio.to_thread(leader.stop)
     steps.append(f"stop leader {leader.name} at {len(producer.confirmed)}")
     await producer.more(200)
+    assert await leader_of(queue) != leader, "the queue elected a new leader"
     await asyncio.to_thread(leader.start)
     steps.append(f"{leader.name} back at {len(producer.confirmed)}")
     await producer.more(200)
