@@ -214,3 +214,28 @@ async def test_quorum_queues_get_pigeon_quorum_size_members_all_three_by_default
     await app.declare()
     assert len(await members_of(record.queue)) == members
     assert len(await members_of(app.settings.dead_letter_queue)) == members
+
+
+async def test_a_frozen_node_costs_a_dispatch_seconds_not_its_whole_timeout(
+    make_app: AppFactory, broker: Broker
+) -> None:
+    """A node that stops answering without closing its sockets (a partition, a hung VM):
+    the dispatch waiting on it gives the node up and is confirmed through the next one
+    long before its 90 s dispatch timeout. (A queue led by the frozen node accepts again
+    once the others wrote it off: ``net_ticktime``, 10 s on this cluster.)"""
+    app = make_app("frozen")
+    await app.declare([])
+    await app.dispatch_async("test.order.placed", {"n": 0})
+    node = node_on_port(int(re.findall(r":(\d+)/", app.runtime().connector.url)[0]))
+    pid = await asyncio.to_thread(node.freeze)
+    try:
+        message_id = await asyncio.wait_for(app.dispatch_async("test.order.placed", {"n": 1}), 45)
+        assert message_id
+        assert app.runtime().connector.url != node.url
+    finally:
+        node.thaw(pid)
+        await app.close()
+        # The others wrote the frozen node off (net_ticktime): a partition that a
+        # restart of that node heals.
+        await asyncio.to_thread(node.stop)
+        await asyncio.to_thread(node.start)
