@@ -19,6 +19,7 @@ import os
 import random
 import socket
 from collections.abc import Awaitable, Callable
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import aio_pika
 import structlog
@@ -37,6 +38,11 @@ CONNECT_TIMEOUT = 10.0
 CONNECT_ERRORS = (AMQPError, ConnectionError, OSError, TimeoutError)
 """What a node that is down, starting, stopping or unreachable raises on connect."""
 
+CLUSTER_HEARTBEAT = 5
+"""AMQP heartbeat (seconds) asked for when ``PIGEON_URL`` lists several nodes and a URL names
+none: aiormq gives a silent node three heartbeats and a second, so a client on a hung or
+partitioned node moves to the next one after about 18 s (with RabbitMQ's 60 s, three minutes)."""
+
 NEXT_NODE_AFTER = 1.0
 """Seconds a silent node is waited for alone before the next node is tried alongside it."""
 
@@ -47,6 +53,15 @@ async def _release(connection: AbstractConnection) -> None:
         await connection.close()
     except Exception as exc:
         log.debug("broker.release_failed", error=repr(exc))
+
+
+def _with_heartbeat(url: str, seconds: int) -> str:
+    """``url`` asking for a ``seconds`` heartbeat, unless it names one itself."""
+    parts = urlsplit(url)
+    if any(key == "heartbeat" for key, _ in parse_qsl(parts.query, keep_blank_values=True)):
+        return url
+    query = f"{parts.query}&heartbeat={seconds}" if parts.query else f"heartbeat={seconds}"
+    return urlunsplit(parts._replace(query=query))
 
 
 _closing_late: set[asyncio.Future[None]] = set()
@@ -134,6 +149,8 @@ class Connector:
             return connection
 
     async def _open(self, url: str, timeout: float | None) -> AbstractConnection:
+        if len(self.urls) > 1:
+            url = _with_heartbeat(url, CLUSTER_HEARTBEAT)
         return await aio_pika.connect(
             url,
             timeout=timeout or CONNECT_TIMEOUT,

@@ -239,3 +239,31 @@ async def test_a_frozen_node_costs_a_dispatch_seconds_not_its_whole_timeout(
         # restart of that node heals.
         await asyncio.to_thread(node.stop)
         await asyncio.to_thread(node.start)
+
+
+async def test_a_listener_on_a_frozen_node_moves_to_another_and_keeps_handling(
+    make_app: AppFactory, broker: Broker, tmp_path: Path
+) -> None:
+    """The listener's node hangs: the short cluster heartbeat notices, the listener
+    reconnects to another node and handles what is dispatched meanwhile, same process."""
+    setup = recorder(make_app, broker, tmp_path)
+    app, rec, env, log = setup.app, setup.rec, setup.env, setup.log
+    await app.declare([])
+    proc = start_listener(env, log=log)
+    wait_for_log(log, "worker.consuming", 60)
+    node = connected_node(log)
+    others = [n for n in CLUSTER_NODES if n != node]
+    app.settings.url = ",".join(n.url for n in others)  # the producer avoids the frozen node
+    pid = await asyncio.to_thread(node.freeze)
+    try:
+        sent = [await app.dispatch_async("test.order.placed", {"n": i}) for i in range(20)]
+        await asyncio.to_thread(wait_recorded, rec, 20, "done", 90)
+        assert set(recorded(rec)) == set(sent)
+        assert connected_node(log) != node
+        assert proc.poll() is None
+    finally:
+        node.thaw(pid)
+        assert stop(proc) == 0
+        await app.close()
+        await asyncio.to_thread(node.stop)  # heal the partition
+        await asyncio.to_thread(node.start)

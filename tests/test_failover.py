@@ -16,7 +16,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from pigeon import Context, Pigeon
-from pigeon.connection import Connector
+from pigeon.connection import Connector, _with_heartbeat
 from pigeon.settings import Settings, broker_urls, mask_url
 from tests.conftest import AMQP_URL, AppFactory, Broker, RunWorker, eventually
 from tests.events import OrderPlaced
@@ -52,6 +52,14 @@ def test_pigeon_url_takes_several_full_urls_separated_by_commas() -> None:
     ]
     with pytest.raises(ValueError, match="PIGEON_URL is empty"):
         broker_urls(" , ")
+
+
+def test_a_cluster_connection_asks_for_a_short_heartbeat_unless_the_url_names_one() -> None:
+    assert _with_heartbeat("amqp://g:g@h:5701/vh", 5) == "amqp://g:g@h:5701/vh?heartbeat=5"
+    assert _with_heartbeat("amqps://h/vh?cafile=/ca.pem", 5) == (
+        "amqps://h/vh?cafile=/ca.pem&heartbeat=5"
+    )
+    assert _with_heartbeat("amqp://h/?heartbeat=30", 5) == "amqp://h/?heartbeat=30"
 
 
 def test_a_list_of_urls_is_masked_node_by_node() -> None:
