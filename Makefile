@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 .NOTPARALLEL:
 
 .PHONY: install services chromium node lint test format bench \
-	demo demo-stop demo-status clean cluster cluster-stop cluster-status
+	demo demo-stop demo-status clean cluster cluster-stop cluster-status bench-cluster
 
 install: $(STAMP)
 
@@ -84,6 +84,11 @@ cluster-status:
 
 cluster-stop:
 	@scripts/cluster.sh stop
+
+# Dispatch and consume on the cluster against raw aio-pika there; rewrites only the
+# cluster section of docs/performance.md. Starts (and then stops) the cluster if needed.
+bench-cluster: install
+	$(VENV)/bin/python -m bench.cluster
 
 clean:
 	rm -rf $(VENV) var .pigeon .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

@@ -8,7 +8,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import consume, dispatch, latency, letterthief, listen, memory
+from bench import cluster, consume, dispatch, latency, letterthief, listen, memory
 from bench.common import quiet_logs, table
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
@@ -86,6 +86,7 @@ make bench                      # every benchmark; rewrites this file
 .venv/bin/python -m bench.latency
 .venv/bin/python -m bench.memory
 .venv/bin/python -m bench.letterthief
+.venv/bin/python -m bench.cluster  # on `make cluster`; rewrites only its own section
 ```
 
 Each module prints its rows without touching this file. The broker is
@@ -319,7 +320,9 @@ async def run_all() -> None:
     print(table(rows))
     minutes = (time.monotonic() - started) / 60
     load = (load_start, os.getloadavg()[0])
-    DOC.write_text(document(rows, when, minutes, load), encoding="utf-8")
+    text = document(rows, when, minutes, load)
+    kept = cluster.kept_section(DOC.read_text(encoding="utf-8")) if DOC.exists() else ""
+    DOC.write_text(cluster.with_section(text, kept) if kept else text, encoding="utf-8")
     print(f"wrote {DOC}")
 
 

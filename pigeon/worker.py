@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import gc
 import os
@@ -47,7 +48,7 @@ from pigeon.unmarshal import problems_of
 log = get_logger("pigeon")
 
 PURGE_INTERVAL = 3600.0
-CONSUMER_CHECK_INTERVAL = 1.0
+CONSUMER_CHECK_INTERVAL = 0.2
 PREFETCH_PER_HANDLER = 10
 """Default prefetch per unit of concurrency: a batch for the store's group commit and the
 acks to fill while the handlers run (see ``docs/performance.md``)."""
@@ -70,6 +71,7 @@ class _Consumer:
     underlay: AmqpChannel
     tag: str
     acker: Acker
+    on_message: Any
 
 
 class _Slots:
@@ -343,7 +345,7 @@ class Worker:
             assert ok.consumer_tag is not None
             await hint_competitors(channel, listener.queue)
             self._consumers.append(
-                _Consumer(listener.queue, channel, underlay, ok.consumer_tag, acker)
+                _Consumer(listener.queue, channel, underlay, ok.consumer_tag, acker, on_message)
             )
 
     async def _wait_for_stop_or_disconnect(self) -> None:
@@ -351,7 +353,9 @@ class Worker:
 
         RabbitMQ can cancel a consumer on its own (a queue deleted or moved, a
         node reset) and aiormq forgets such a consumer without a word; the
-        watchdog notices and the worker subscribes again instead of idling.
+        watchdog notices within :data:`CONSUMER_CHECK_INTERVAL` and subscribes
+        again on the same channel, the others untouched; only if that fails
+        does the worker reconnect.
         """
         assert self._runtime is not None
         closed = asyncio.ensure_future(self._runtime.connector.closed.wait())
@@ -367,13 +371,26 @@ class Worker:
     async def _watch_consumers(self) -> None:
         while True:
             await asyncio.sleep(CONSUMER_CHECK_INTERVAL)
-            for consumer in self._consumers:
+            for index, consumer in enumerate(self._consumers):
                 if consumer.channel.is_closed:
                     log.warning("worker.channel_closed", queue=consumer.queue)
                     return
                 if consumer.tag not in getattr(consumer.underlay, "consumers", (consumer.tag,)):
                     log.warning("worker.consumer_cancelled_by_broker", queue=consumer.queue)
-                    return
+                    if not await self._resubscribe(index, consumer):
+                        return
+
+    async def _resubscribe(self, index: int, consumer: _Consumer) -> bool:
+        """Consume ``consumer``'s queue again on its channel; False if that failed."""
+        try:
+            ok = await consumer.underlay.basic_consume(consumer.queue, consumer.on_message)
+        except Exception as exc:
+            log.warning("worker.resubscribe_failed", queue=consumer.queue, error=repr(exc))
+            return False
+        assert ok.consumer_tag is not None
+        self._consumers[index] = dataclasses.replace(consumer, tag=ok.consumer_tag)
+        log.info("worker.resubscribed", queue=consumer.queue)
+        return True
 
     async def _drain(self) -> None:
         if self._purging is not None:
