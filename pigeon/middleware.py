@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 
 from pigeon import pipeline
-from pigeon.errors import HandlerTimeout
+from pigeon.errors import ConfigurationError, HandlerTimeout
 from pigeon.idempotency import open_store
 from pigeon.idempotency.base import ClaimState
 from pigeon.idempotency.lease import Renewal
@@ -84,7 +84,7 @@ class Timeout:
 
     def __init__(self, seconds: float) -> None:
         if seconds <= 0:
-            raise ValueError("Timeout(seconds) must be positive")
+            raise ConfigurationError(f"Timeout(seconds) must be positive, got {seconds!r}")
         self.seconds = seconds
 
     async def __call__(self, delivery: Delivery, call_next: CallNext) -> None:
@@ -113,7 +113,9 @@ class RateLimit:
 
     def __init__(self, n: int, per: float = 1.0, key: KeyFunc | None = None) -> None:
         if n < 1 or per <= 0:
-            raise ValueError("RateLimit needs n >= 1 and per > 0")
+            raise ConfigurationError(
+                f"RateLimit needs n >= 1 and per > 0 (seconds), got n={n!r}, per={per!r}"
+            )
         self.n, self.per, self.key = n, per, key
         self._calls: dict[Hashable, deque[float]] = {}
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
+from pigeon.errors import ConfigurationError
+
 
 class ClaimState(enum.Enum):
     """What :meth:`IdempotencyStore.claim` found."""
@@ -97,7 +99,9 @@ class IdempotencyStore(abc.ABC):
 
     def __init__(self, *, retention: float) -> None:
         if not retention > 0:
-            raise ValueError(f"retention must be a positive number of seconds, got {retention!r}")
+            raise ConfigurationError(
+                f"retention must be a positive number of seconds, got {retention!r}"
+            )
         self.retention = float(retention)
 
     @abc.abstractmethod
