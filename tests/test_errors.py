@@ -22,7 +22,7 @@ from pigeon.retry import Reject, RetryLater
 
 ROOT = Path(__file__).resolve().parent.parent
 
-WIRE_NAMES = {
+WIRE_NAMES: dict[Exception, str] = {
     RetryLater(1.0): "pigeon.retry.RetryLater",
     Reject("no"): "pigeon.retry.Reject",
     HandlerTimeout("slow"): "pigeon.delivery.HandlerTimeout",
