@@ -118,10 +118,13 @@ class RateLimit:
             )
         self.n, self.per, self.key = n, per, key
         self._calls: dict[Hashable, deque[float]] = {}
+        self._sweep_at = 0.0
 
     async def __call__(self, delivery: Delivery, call_next: CallNext) -> None:
         bucket = self.key(delivery.payload) if self.key is not None else None
         now = time.monotonic()
+        if now >= self._sweep_at:
+            self._sweep(now)
         calls = self._calls.setdefault(bucket, deque())
         while calls and calls[0] <= now - self.per:
             calls.popleft()
@@ -131,9 +134,15 @@ class RateLimit:
                 max(wait, 0.001), f"rate limit of {self.n}/{self.per:g}s", counts=False
             )
         calls.append(now)
-        if not calls:
-            del self._calls[bucket]
         await call_next(delivery)
+
+    def _sweep(self, now: float) -> None:
+        """Forget the keys whose window is over: at most once per window, so the buckets
+        are bounded by the keys seen in the last two windows, not by every key ever seen."""
+        quiet = now - self.per
+        for bucket in [b for b, calls in self._calls.items() if not calls or calls[-1] <= quiet]:
+            del self._calls[bucket]
+        self._sweep_at = now + self.per
 
 
 class WithoutOverlapping:
