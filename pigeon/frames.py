@@ -142,6 +142,56 @@ async def room(channel: aiormq.abc.AbstractChannel) -> None:
         await asyncio.sleep(ROOM_POLL)
 
 
+class TurnWriter:
+    """Writes a channel's pending frames once per event-loop turn, in order.
+
+    :class:`~pigeon.acks.Acker` and :class:`~pigeon.publishes.Publishes` both
+    collect frames during a turn and hand them to aiormq's write queue as one
+    payload. ``put()`` builds and queues that payload; it is called only when
+    the queue has room (at the end of the turn, or once :func:`room` found
+    some), so the channel state it checks is still true when the payload is
+    queued. While a write waits for room, later turns add to what it writes.
+    """
+
+    __slots__ = ("_channel", "_loop", "_put", "_scheduled", "waiting")
+
+    def __init__(self, channel: aiormq.abc.AbstractChannel, put: Callable[[], None]) -> None:
+        self._channel = channel
+        self._put = put
+        self._loop = asyncio.get_running_loop()
+        self._scheduled = False
+        self.waiting: asyncio.Task[None] | None = None
+        """The write waiting for room in the write queue, if any."""
+
+    @property
+    def idle(self) -> bool:
+        """Nothing scheduled and nothing waiting for room."""
+        return not self._scheduled and self.waiting is None
+
+    def schedule(self) -> None:
+        """Write at the end of this loop turn (once, however often it is called)."""
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if self.waiting is not None:
+            return  # waiting for room in the write queue; it writes this too
+        channel = self._channel
+        if channel.connection.write_queue.full() and not channel.is_closed:
+            self.waiting = asyncio.ensure_future(self._write_when_room())
+            return
+        self._put()
+
+    async def _write_when_room(self) -> None:
+        try:
+            await room(self._channel)
+            self._put()
+        finally:
+            self.waiting = None
+
+
 class Intercepted:
     """Takes over an aiormq channel's frame queue (the connection's reader puts every
     frame of the channel there).

@@ -25,6 +25,14 @@ class Clock:
         return self.now
 
 
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """RateLimit's clock, moved by the test."""
+    fake = Clock()
+    monkeypatch.setattr(middleware, "time", fake)
+    return fake
+
+
 async def _handled(_: Delivery) -> None:
     return None
 
@@ -33,11 +41,7 @@ def _delivery(key: int) -> Delivery:
     return cast(Delivery, types.SimpleNamespace(payload={"customer": key}))
 
 
-async def test_rate_limit_forgets_a_key_once_its_window_has_passed(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    clock = Clock()
-    monkeypatch.setattr(middleware, "time", clock)
+async def test_rate_limit_forgets_a_key_once_its_window_has_passed(clock: Clock) -> None:
     limit = RateLimit(1, per=1.0, key=lambda event: event["customer"])
     for customer in range(1000):
         await limit(_delivery(customer), _handled)
@@ -47,11 +51,7 @@ async def test_rate_limit_forgets_a_key_once_its_window_has_passed(
     assert list(limit._calls) == [5000], "one bucket per key ever seen would grow forever"
 
 
-async def test_rate_limit_still_limits_a_key_within_its_window(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    clock = Clock()
-    monkeypatch.setattr(middleware, "time", clock)
+async def test_rate_limit_still_limits_a_key_within_its_window(clock: Clock) -> None:
     limit = RateLimit(2, per=1.0, key=lambda event: event["customer"])
     await limit(_delivery(1), _handled)
     clock.now += 0.6
