@@ -19,7 +19,8 @@ import asyncio
 import struct
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from importlib import metadata
+from typing import TYPE_CHECKING, Any, cast
 
 import aiormq
 import structlog
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     from pigeon.messages import Outgoing
 
 log = structlog.get_logger("pigeon")
+
+_AIORMQ_VERSION = metadata.version("aiormq")
 
 ROOM_POLL = 0.001
 """Seconds between looks at a full write queue."""
@@ -323,3 +326,34 @@ class Deliveries(Intercepted):
             )
             return
         self._on_message(DeliveredMessage(deliver, header, body, channel))
+
+
+def attach_deliveries(
+    channel: aiormq.abc.AbstractChannel,
+    on_message: Callable[[DeliveredMessage], None],
+    *,
+    queue: str,
+) -> bool:
+    """Take ``channel``'s deliveries off its frame queue: the one place the fast path attaches.
+
+    aio-pika's per-message ``IncomingMessage`` is the costliest step of
+    consuming, and aiormq adds a queue hop per frame and a task per message;
+    :class:`Deliveries` skips all three. It relies on aiormq internals (the
+    channel's ``frames`` queue, which the pin in pyproject.toml and
+    ``tests/test_aiormq_contract.py`` guard). When it does not fit this
+    aiormq, the consumer's own callback takes the deliveries instead: same
+    guarantees, slower. That is logged (``worker.fast_path_unavailable``),
+    never silent. Returns whether the fast path is attached.
+    """
+    try:
+        Deliveries(cast(aiormq.Channel, channel), on_message)
+    except (TypeError, AttributeError) as exc:
+        log.warning(
+            "worker.fast_path_unavailable",
+            queue=queue,
+            aiormq=_AIORMQ_VERSION,
+            error=str(exc),
+            note="consuming through aiormq's callback: the same guarantees, slower",
+        )
+        return False
+    return True

@@ -22,9 +22,8 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
-import aiormq
 import structlog
 from aio_pika.abc import AbstractChannel
 from aiormq.abc import AbstractChannel as AmqpChannel
@@ -36,7 +35,7 @@ from pigeon.acks import Acker
 from pigeon.app import Pigeon, Runtime
 from pigeon.delivery import Delivery, Outcome, OutcomeKind, Processor
 from pigeon.dispatch import RETRYABLE
-from pigeon.frames import Deliveries
+from pigeon.frames import attach_deliveries
 from pigeon.idempotency import IdempotencyStore, open_store
 from pigeon.listener import Listener
 from pigeon.metrics import MESSAGES
@@ -291,14 +290,12 @@ class Worker:
             ) -> None:
                 self._spawn(processor, semaphore, acker, message)
 
-            # aiormq directly: aio-pika's per-message IncomingMessage is the costliest
-            # step of the hot path and nothing here needs it; Deliveries skips aiormq's
-            # queue hops and task per message too.
-            with contextlib.suppress(TypeError):  # an aiormq without it: on_message does
-                Deliveries(
-                    cast(aiormq.Channel, underlay),
-                    functools.partial(self._spawn, processor, semaphore, acker),
-                )
+            # the fast path; where it cannot attach (logged), on_message takes them
+            attach_deliveries(
+                underlay,
+                functools.partial(self._spawn, processor, semaphore, acker),
+                queue=listener.queue,
+            )
             ok = await underlay.basic_consume(listener.queue, on_message)
             assert ok.consumer_tag is not None
             self._consumers.append(
