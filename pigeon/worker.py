@@ -30,7 +30,7 @@ from aiormq.abc import AbstractChannel as AmqpChannel
 from aiormq.abc import DeliveredMessage
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
-from pigeon import topology
+from pigeon import idle, topology
 from pigeon.acks import Acker
 from pigeon.app import Pigeon, Runtime
 from pigeon.delivery import Delivery, Outcome, OutcomeKind, Processor
@@ -143,6 +143,36 @@ class Worker:
             self._stopping.set()  # before logging: a broken stderr must not keep us running
             with contextlib.suppress(Exception):
                 log.info("worker.stopping", reason=reason, in_flight=len(self._tasks))
+
+    async def join(self, timeout: float | None = None) -> None:
+        """Wait until the worker is idle, like dramatiq's ``join()``; for tests and scripts.
+
+        Idle: consuming, no handler running, every ack written, and nothing
+        ready for it on the broker, in its queues or their retry tiers (a
+        message waiting out a retry delay is waited for). After ``join()``
+        nothing more happens until something new is dispatched, so a test can
+        assert that a message was handled exactly so often. Raises
+        ``TimeoutError`` after ``timeout`` seconds.
+        """
+        async with asyncio.timeout(timeout):
+            while True:
+                await self.ready.wait()
+                if self._tasks:
+                    await asyncio.wait(set(self._tasks))
+                    continue
+                started, settler, runtime = self.started, self._settler, self._runtime
+                if any(c.acker.unsettled for c in self._consumers) or not (settler and runtime):
+                    await asyncio.sleep(idle.POLL)  # the acks leave at the end of the turn
+                    continue
+                with contextlib.suppress(*RETRYABLE):  # a lost connection: ask again
+                    waiting = await idle.ready_messages(
+                        [(c.channel, c.queue) for c in self._consumers],
+                        settler.tiers,
+                        await runtime.connector.get(),
+                    )
+                    if not waiting and self.started == started and not self._tasks:
+                        return
+                await asyncio.sleep(idle.POLL)
 
     async def run(self) -> int:
         """Consume until stopped; returns the process exit code."""
