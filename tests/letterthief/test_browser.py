@@ -1,12 +1,15 @@
 """The UI in Debian's chromium: log in, read a hostile letter safely, press Try again.
 
-Also saves the screenshots in ``docs/img`` that ``docs/letterthief.md`` shows.
+Also takes the screenshots ``docs/letterthief.md`` shows: into a temporary
+folder, or into ``$LETTERTHIEF_SCREENSHOTS`` (``make screenshots`` refreshes
+``docs/img`` that way, on purpose; no test run changes tracked files).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -31,7 +34,6 @@ ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-IMG = Path(__file__).resolve().parents[2] / "docs" / "img"
 HOSTILE = {
     "order_id": "o-1042",
     "note": '<script>window.__xss=1</script><img src=x onerror="window.__xss=2">',
@@ -66,8 +68,9 @@ async def served(
 
 
 async def test_an_operator_reads_a_hostile_letter_safely_and_tries_it_again(
-    served: tuple[LetterThief, str], make_app: AppFactory, run_worker: RunWorker
+    served: tuple[LetterThief, str], make_app: AppFactory, run_worker: RunWorker, tmp_path: Path
 ) -> None:
+    IMG = Path(os.environ.get("LETTERTHIEF_SCREENSHOTS") or tmp_path)
     thief, base = served
     broken = {"yes": True}
     handled: list[Context] = []
