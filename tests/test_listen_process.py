@@ -17,6 +17,7 @@ from tests.conftest import AppFactory, Broker, RunWorker
 from tests.procs import (
     PIGEON,
     ROOT,
+    drain_and_stop,
     env_for,
     recorded,
     recorder,
@@ -52,8 +53,8 @@ async def test_two_thousand_events_from_another_process_arrive_exactly_once(
             [sys.executable, "-c", producer], env=env, capture_output=True, timeout=120, check=True
         )
         assert out.stdout.decode().strip().splitlines()[-1] == "2000"
-        handled = wait_recorded(tmp_path / "rec.txt", 2000, timeout=90)
-        time.sleep(0.5)
+        wait_recorded(tmp_path / "rec.txt", 2000, timeout=90)
+        assert await drain_and_stop(broker, f"{setup.app.service}.record", [proc]) == [0]
         handled = recorded(tmp_path / "rec.txt")
         assert len(handled) == 2000
         assert len(set(handled)) == 2000
@@ -169,7 +170,7 @@ async def test_a_killed_listener_leaves_only_its_unfinished_message_to_be_redeli
     proc = start_listener(env, "--shutdown-timeout", "1", log=log)
     try:
         wait_recorded(rec, before + 1, kind="start")
-        time.sleep(1.5)  # a wrongly redelivered fast message would show up by now
+        await drain_and_stop(broker, f"{app.service}.record", [proc])  # all it got, and no more
         assert recorded(rec, "start")[before:] == [hung]
     finally:
         stop(proc)
