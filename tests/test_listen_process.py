@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pigeon import TopologyError, topology
-from tests.conftest import AppFactory, Broker, RunWorker
+from tests.conftest import AppFactory, Broker, RunWorker, eventually
 from tests.procs import (
     PIGEON,
     ROOT,
@@ -263,16 +263,17 @@ async def test_metrics_port_serves_prometheus_metrics_and_health(
         wait_for_log(log, "worker.consuming")
         await app.dispatch_async("test.order.placed", {"n": 1})
         wait_recorded(rec, 1)
-        time.sleep(0.3)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as health:
             assert health.status == 200
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
-            text = page.read().decode()
         queue = f"{app.service}.record"
-        assert (
-            f'pigeon_messages_total{{event="test.order.placed",outcome="acked",queue="{queue}"}} 1.0'
-            in text
-        )
+        counted = f'pigeon_messages_total{{event="test.order.placed",outcome="acked",queue="{queue}"}} 1.0'
+
+        def metrics() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+                return str(page.read().decode())
+
+        await eventually(lambda: counted in metrics(), message="the outcome counted")
+        text = metrics()
         assert f'pigeon_handler_duration_seconds_count{{queue="{queue}"}} 1.0' in text
         assert f'pigeon_in_flight{{queue="{queue}"}} 0.0' in text
     finally:
