@@ -154,10 +154,14 @@ class Worker:
         assert that a message was handled exactly so often. Raises
         ``TimeoutError`` after ``timeout`` seconds.
         """
+        loop = asyncio.get_running_loop()
+        quiet_since: float | None = None
+        quiet_started = self.started
         async with asyncio.timeout(timeout):
             while True:
                 await self.ready.wait()
                 if self._tasks:
+                    quiet_since = None
                     await asyncio.wait(set(self._tasks))
                     continue
                 started, settler, runtime = self.started, self._settler, self._runtime
@@ -170,7 +174,11 @@ class Worker:
                         settler.tiers,
                         await runtime.connector.get(),
                     )
-                    if not waiting and self.started == started and not self._tasks:
+                    if waiting or self.started != started or self._tasks:
+                        quiet_since = None
+                    elif quiet_since is None or started != quiet_started:
+                        quiet_since, quiet_started = loop.time(), started
+                    elif loop.time() - quiet_since >= idle.QUIET:
                         return
                 await asyncio.sleep(idle.POLL)
 
