@@ -58,6 +58,12 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# Refresh the screenshots docs/letterthief.md and the README show (the browser test
+# takes them; a plain test run writes them to a temporary folder instead).
+.PHONY: screenshots
+screenshots: install services chromium
+	LETTERTHIEF_SCREENSHOTS=$(CURDIR)/docs/img $(VENV)/bin/pytest tests/letterthief/test_browser.py
+
 bench: install
 	scripts/ensure-services.sh
 	$(VENV)/bin/python -m bench

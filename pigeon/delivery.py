@@ -165,7 +165,6 @@ class Processor:
         if middleware is None:
             middleware = listener.app.middleware
         self._call = chain(middleware, self._invoke)
-        self.abandoned_threads = 0
 
     async def process(
         self, delivery: Delivery, limit: AbstractAsyncContextManager[Any] | None = None
@@ -414,8 +413,6 @@ class Processor:
         except TimeoutError as exc:
             if not scope.expired():
                 raise
-            if not listener.is_async:
-                self.abandoned_threads += 1
             raise HandlerTimeout(
                 f"{listener.name} ran longer than its timeout of {timeout:g}s and was cancelled"
             ) from exc

@@ -143,7 +143,7 @@ class Publisher:
         self.timeout = timeout
         self._channel: AbstractChannel | None = None
         self._lock = asyncio.Lock()
-        self._closing: asyncio.Future[Any] | None = None
+        self._closing: set[asyncio.Future[None]] = set()  # channels a reset is closing
         self._writer: Publishes | None = None
 
     async def _publish_once(self, outgoing: Outgoing, timeout: float) -> None:
@@ -302,7 +302,9 @@ class Publisher:
         self._forget_writer()
         channel, self._channel = self._channel, None
         if channel is not None and not channel.is_closed:
-            self._closing = asyncio.ensure_future(channel.close())
+            closing = asyncio.ensure_future(channel.close())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
         if not self.connector.is_open or isinstance(exc, ConnectionError | OSError):
             self.connector.invalidate()
 
@@ -333,10 +335,13 @@ class Publisher:
         return before_sleep
 
     async def close(self) -> None:
+        """Close the channel, and wait (up to 5 s) for the ones earlier resets are closing."""
         self._forget_writer()
         channel, self._channel = self._channel, None
         if channel is not None and not channel.is_closed:
             await channel.close()
+        if self._closing:
+            await asyncio.wait(set(self._closing), timeout=5.0)
 
 
 MIN_TRY = 0.05

@@ -22,20 +22,19 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
-import aiormq
 from aio_pika.abc import AbstractChannel
 from aiormq.abc import AbstractChannel as AmqpChannel
 from aiormq.abc import DeliveredMessage
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
-from pigeon import topology
+from pigeon import idle, topology
 from pigeon.acks import Acker
 from pigeon.app import Pigeon, Runtime
 from pigeon.delivery import Delivery, NotStarted, Outcome, OutcomeKind, Processor
 from pigeon.dispatch import RETRYABLE
-from pigeon.frames import Deliveries
+from pigeon.frames import attach_deliveries
 from pigeon.hints import hint_competitors
 from pigeon.idempotency import IdempotencyStore, open_store
 from pigeon.listener import Listener
@@ -183,6 +182,44 @@ class Worker:
             self._stopping.set()  # before logging: a broken stderr must not keep us running
             with contextlib.suppress(Exception):
                 log.info("worker.stopping", reason=reason, in_flight=len(self._tasks))
+
+    async def join(self, timeout: float | None = None) -> None:
+        """Wait until the worker is idle, like dramatiq's ``join()``; for tests and scripts.
+
+        Idle: consuming, no handler running, every ack written, and nothing
+        ready for it on the broker, in its queues or their retry tiers (a
+        message waiting out a retry delay is waited for). After ``join()``
+        nothing more happens until something new is dispatched, so a test can
+        assert that a message was handled exactly so often. Raises
+        ``TimeoutError`` after ``timeout`` seconds.
+        """
+        loop = asyncio.get_running_loop()
+        quiet_since: float | None = None
+        quiet_started = self.started
+        async with asyncio.timeout(timeout):
+            while True:
+                await self.ready.wait()
+                if self._tasks:
+                    quiet_since = None
+                    await asyncio.wait(set(self._tasks))
+                    continue
+                started, settler, runtime = self.started, self._settler, self._runtime
+                if any(c.acker.unsettled for c in self._consumers) or not (settler and runtime):
+                    await asyncio.sleep(idle.POLL)  # the acks leave at the end of the turn
+                    continue
+                with contextlib.suppress(*RETRYABLE):  # a lost connection: ask again
+                    waiting = await idle.ready_messages(
+                        [(c.channel, c.queue) for c in self._consumers],
+                        settler.tiers,
+                        await runtime.connector.get(),
+                    )
+                    if waiting or self.started != started or self._tasks:
+                        quiet_since = None
+                    elif quiet_since is None or started != quiet_started:
+                        quiet_since, quiet_started = loop.time(), started
+                    elif loop.time() - quiet_since >= idle.QUIET:
+                        return
+                await asyncio.sleep(idle.POLL)
 
     async def run(self) -> int:
         """Consume until stopped; returns the process exit code."""
@@ -333,14 +370,12 @@ class Worker:
             ) -> None:
                 self._spawn(processor, semaphore, acker, message)
 
-            # aiormq directly: aio-pika's per-message IncomingMessage is the costliest
-            # step of the hot path and nothing here needs it; Deliveries skips aiormq's
-            # queue hops and task per message too.
-            with contextlib.suppress(TypeError):  # an aiormq without it: on_message does
-                Deliveries(
-                    cast(aiormq.Channel, underlay),
-                    functools.partial(self._spawn, processor, semaphore, acker),
-                )
+            # the fast path; where it cannot attach (logged), on_message takes them
+            attach_deliveries(
+                underlay,
+                functools.partial(self._spawn, processor, semaphore, acker),
+                queue=listener.queue,
+            )
             ok = await underlay.basic_consume(listener.queue, on_message)
             assert ok.consumer_tag is not None
             await hint_competitors(channel, listener.queue)
