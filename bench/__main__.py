@@ -7,7 +7,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import consume, dispatch, latency, letterthief, memory
+from bench import consume, dispatch, latency, letterthief, memory, outbox
 from bench.common import quiet_logs, table
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
@@ -48,6 +48,12 @@ or whether the target was met.
 - **letterthief list**: p95 of the server's time (the ASGI call, no network)
   over 200 requests with 100,000 letters stored (SQLite, login configured);
   target ≤ 200 ms.
+- **outbox** (PostgreSQL): events per second through `outbox.dispatch_async`
+  (one event per transaction, 256 transactions in flight) and an in-process
+  relay, to the last confirm, against plain `dispatch_async` with 256 in flight
+  (target ≥ 0.5x); the relay alone draining a pre-filled table; and the outbox
+  against the same 256 transactions in flight without it (PostgreSQL's commit
+  rate, which bounds any one-event-per-transaction outbox).
 """
 
 REPRODUCE = """\
@@ -60,6 +66,7 @@ make bench                      # every benchmark; rewrites this file
 .venv/bin/python -m bench.latency
 .venv/bin/python -m bench.memory
 .venv/bin/python -m bench.letterthief
+.venv/bin/python -m bench.outbox
 ```
 
 Each module prints its rows without touching this file. The broker is
@@ -184,6 +191,7 @@ async def run_all() -> None:
     rows += await latency.main()
     rows += await memory.main()
     rows += await letterthief.main()
+    rows += await outbox.main()
     print(table(rows))
     minutes = (time.monotonic() - started) / 60
     DOC.write_text(document(rows, datetime.now(UTC), minutes), encoding="utf-8")

@@ -36,6 +36,11 @@ _WAKE_INFO = "pigeon_outbox_wake"
 
 DEFAULT_RETENTION = 3600.0
 """Seconds a published row is kept (for ``pigeon outbox status`` and forensics)."""
+NOTIFY_EVERY = 0.05
+"""Seconds between two NOTIFYs of one process: NOTIFY serializes the commits of the
+transactions that send it (PostgreSQL takes a database-wide lock until the commit is
+flushed), so a busy producer sends one per 50 ms and the relay, woken by it, keeps
+looking for a moment (``LINGER``) to pick up the transactions that did not notify."""
 DEFAULT_LEASE = 60.0
 """Seconds a relay's claim protects its rows from other relays."""
 
@@ -80,6 +85,7 @@ class Outbox:
             )
         self._relay_engine: AsyncEngine | None = engine if isinstance(engine, AsyncEngine) else None
         self._wakers: list[Callable[[], None]] = []
+        self._notified_at = -NOTIFY_EVERY
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -227,8 +233,12 @@ class Outbox:
         info = session.info.get(_TX_INFO)
         if info is None or info[0] is not tx:
             info = session.info[_TX_INFO] = (tx, uuid.uuid4().hex, [False])
-        notify = self.dialect == "postgresql" and not info[2][0]
-        info[2][0] = True
+        notify = False
+        if self.dialect == "postgresql" and not info[2][0]:
+            info[2][0] = True
+            now = time.monotonic()
+            if now - self._notified_at >= NOTIFY_EVERY:
+                self._notified_at, notify = now, True
         if self._wakers:
             session.info[_WAKE_INFO] = self
         stamp = out.timestamp.timestamp() if out.timestamp is not None else time.time()
