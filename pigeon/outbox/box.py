@@ -75,6 +75,7 @@ class Outbox:
         self.engine = engine
         self.app = app
         self.metadata, self.table, self.inbox = make_tables(table, inbox_table)
+        self._insert = insert(self.table)
         self.retention = retention
         self.lease = lease
         self.inbox_retention = inbox_retention
@@ -173,7 +174,7 @@ class Outbox:
             app, event, payload, message_id, correlation_id, causation_id, headers
         )
         row, notify = self._row(session, outgoing, key)
-        session.execute(insert(self.table).values(**row))
+        session.execute(self._insert, row)
         if notify:
             session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": self.channel})
         return outgoing.message_id
@@ -198,7 +199,7 @@ class Outbox:
             app, event, payload, message_id, correlation_id, causation_id, headers
         )
         row, notify = self._row(session.sync_session, outgoing, key)
-        await session.execute(insert(self.table).values(**row))
+        await session.execute(self._insert, row)
         if notify:
             await session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": self.channel})
         return outgoing.message_id
