@@ -187,6 +187,7 @@ class Relay:
     async def _back_off(self, exc: BaseException) -> None:
         """Wait 0.5 s, 1 s, 2 s ... up to ``max_backoff`` (with jitter) after a failure."""
         self._failures += 1
+        self.ready.clear()  # /healthz answers 503 until a round succeeds again
         delay = min(0.5 * 2 ** (self._failures - 1), self.max_backoff)
         delay *= random.uniform(0.8, 1.2)
         log.warning(
