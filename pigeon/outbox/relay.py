@@ -150,12 +150,13 @@ class Relay:
             while not self._stopping.is_set():
                 await self._ensure_listening()
                 self._wake.clear()
+                batch = self._batch = asyncio.ensure_future(self._pump())
                 try:
-                    self._batch = asyncio.ensure_future(self._pump())
-                    count = await self._batch
+                    count = await batch
                     await self._maintain()
                 except asyncio.CancelledError:
-                    if not self._stopping.is_set() or (self._batch and not self._batch.done()):
+                    if not self._stopping.is_set() or not batch.done():
+                        batch.cancel()  # run() itself was cancelled: no orphan batch
                         raise
                     break
                 except Exception as exc:
@@ -247,7 +248,9 @@ class Relay:
         batch = [self._outgoing(row) for row in rows]
         ids = [row.id for row in rows]
         try:
-            await self._publish(batch)
+            # an outage must not outlive the lease: past half of it, the rows go back
+            async with asyncio.timeout(self.lease / 2):
+                await self._publish(batch)
         except BaseException:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._release(ids))
