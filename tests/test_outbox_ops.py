@@ -17,7 +17,10 @@ from pigeon import Pigeon
 from pigeon.cli import main
 from pigeon.outbox import Outbox, Relay, purge
 from tests.conftest import unique_settings
+from tests.outbox_support import pg_name, pg_url
 from tests.test_outbox import Shipped
+
+__all__ = ["pg_name"]
 
 
 @pytest.fixture
@@ -129,3 +132,20 @@ async def test_a_dead_broker_makes_the_relay_back_off_and_keep_the_row(
     with engine.connect() as conn:
         row = conn.execute(select(box.table.c.published_at, box.table.c.claimed_by)).one()
     assert row == (None, None)  # given back, still pending
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+def test_status_takes_either_postgres_url_form(pg_name: str, prefix: str, driver: str) -> None:
+    engine = create_engine(pg_url(pg_name))
+    box = Outbox(engine, table=f"ob_{prefix}", inbox_table=f"ib_{prefix}")
+    box.create_tables()
+    try:
+        with Session(engine) as s, s.begin():
+            box.dispatch(s, "outbox.test.untyped", {"n": 1}, app=Pigeon("shop"))
+        url = pg_url(pg_name, driver)
+        result = CliRunner().invoke(main, ["outbox", "status", url, "--table", f"ob_{prefix}"])
+    finally:
+        box.metadata.drop_all(engine)
+        engine.dispose()
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == "pending 1"
