@@ -149,3 +149,20 @@ def test_status_takes_either_postgres_url_form(pg_name: str, prefix: str, driver
         engine.dispose()
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[0] == "pending 1"
+
+
+async def test_a_relay_under_the_testing_fake_hands_its_events_to_the_fake(
+    engine: Engine, box: Outbox
+) -> None:
+    import pigeon.testing
+
+    with Session(engine) as s, s.begin():
+        message_id = box.dispatch(s, Shipped(order_id="o-7", seq=3), correlation_id="c-7")
+    with pigeon.testing.fake() as bus:
+        assert await Relay(box).relay_once() == 1
+    await box.close()
+
+    (sent,) = bus.dispatched(Shipped)
+    assert sent.message_id == message_id
+    assert sent.correlation_id == "c-7"
+    assert sent.payload == {"order_id": "o-7", "seq": 3}
