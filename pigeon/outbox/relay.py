@@ -276,6 +276,9 @@ class Relay:
         """Lease the next rows this relay may publish without breaking any key's order."""
         table = self.outbox.table
         now = time.time()
+        claimable = or_(table.c.claimed_until.is_(None), table.c.claimed_until < now)
+        if self.outbox.dialect == "sqlite" and not await self._any_pending(claimable):
+            return []
         async with self.outbox.relay_engine().begin() as conn:
             if self.outbox.dialect == "sqlite":  # take the write lock first: claims queue up
                 await conn.execute(
@@ -283,10 +286,7 @@ class Relay:
                 )
             query = (
                 select(*self._columns)
-                .where(
-                    table.c.published_at.is_(None),
-                    or_(table.c.claimed_until.is_(None), table.c.claimed_until < now),
-                )
+                .where(table.c.published_at.is_(None), claimable)
                 .order_by(table.c.id)
                 .limit(self.batch_size)
             )
@@ -306,6 +306,15 @@ class Relay:
                     .values(claimed_by=self.name, claimed_until=now + self.lease)
                 )
             return rows
+
+    async def _any_pending(self, claimable: Any) -> bool:
+        """SQLite: a read-only look first, so an idle relay never takes the write lock."""
+        table = self.outbox.table
+        async with self.outbox.relay_engine().connect() as conn:
+            found = await conn.execute(
+                select(table.c.id).where(table.c.published_at.is_(None), claimable).limit(1)
+            )
+            return found.first() is not None
 
     async def _in_key_order(self, conn: AsyncConnection, rows: list[Row[Any]]) -> list[Row[Any]]:
         """Of ``rows``, those whose every earlier pending row of the same key is in ``rows``."""
