@@ -208,10 +208,7 @@ class Processor:
             return self._dead(delivery, exc.reason, exc, delivery.attempt)
         store = self.store if delivery.has_message_id else None
         if store is None:
-            outcome = await self._attempts(delivery)
-            if delivery.duplicate and outcome.kind is OutcomeKind.ACKED:
-                return Outcome(OutcomeKind.DUPLICATE, outcome.attempt)
-            return outcome
+            return await self._attempts(delivery)
         key = f"{self.listener.queue}:{delivery.message_id}"
         lease = self.listener.claim_lease
         try:
@@ -347,6 +344,8 @@ class Processor:
                 continue
             if not delivery.handled:
                 delivery.context.log.info("middleware.decided", note="call_next was not called")
+            if delivery.duplicate:  # the inbox knew this message: the handler did not run
+                return Outcome(OutcomeKind.DUPLICATE, attempt)
             return Outcome(OutcomeKind.ACKED, attempt)
 
     async def _failed(self, delivery: Delivery, attempt: int, exc: BaseException) -> Outcome:
