@@ -4,6 +4,7 @@ effect exactly once, and no rolled-back one ever does (PostgreSQL and SQLite, re
 from __future__ import annotations
 
 import random
+import socket
 import subprocess
 import threading
 import time
@@ -50,6 +51,12 @@ class Proc:
         self.proc.kill()
         self.proc.wait()
         self.kills += 1
+
+    def wait_started(self, marker: str, timeout: float = 30.0) -> None:
+        """Until this incarnation logged ``marker`` (with ``{pid}``): past its start-up, where
+        a SIGTERM would still find Python's default handler."""
+        assert self.proc is not None
+        wait_for_log(self.log, marker.format(pid=self.proc.pid), timeout)
 
     def stop(self) -> int:
         assert self.proc is not None
@@ -161,6 +168,8 @@ def test_kill_9_of_relay_and_consumer_loses_and_repeats_nothing(
             time.sleep(0.2)
         with engine.connect() as conn:
             rows = conn.execute(select(effects.c.message_id)).scalars().all()
+        relay.wait_started(f'"relay": "{socket.gethostname()}:{{pid}}:')  # host:pid:random
+        consumer.wait_started('"pid": {pid}')
         assert relay.stop() == 0
         assert consumer.stop() == 0
     finally:
