@@ -8,7 +8,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import cluster, consume, dispatch, latency, letterthief, listen, memory
+from bench import cluster, consume, dispatch, latency, letterthief, listen, memory, outbox
 from bench.common import quiet_logs, table
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
@@ -73,6 +73,12 @@ or whether the target was met.
 - **letterthief list**: p95 of the server's time (the ASGI call, no network)
   over 200 requests with 100,000 letters stored (SQLite, login configured);
   target ≤ 200 ms.
+- **outbox** (PostgreSQL): events per second through `outbox.dispatch_async`
+  (one event per transaction, 256 transactions in flight) and an in-process
+  relay, to the last confirm, against plain `dispatch_async` with 256 in flight
+  (target ≥ 0.5x); the relay alone draining a pre-filled table; and the outbox
+  against the same 256 transactions in flight without it (PostgreSQL's commit
+  rate, which bounds any one-event-per-transaction outbox).
 """
 
 REPRODUCE = """\
@@ -86,6 +92,7 @@ make bench                      # every benchmark; rewrites this file
 .venv/bin/python -m bench.latency
 .venv/bin/python -m bench.memory
 .venv/bin/python -m bench.letterthief
+.venv/bin/python -m bench.outbox
 .venv/bin/python -m bench.cluster  # on `make cluster`; rewrites only its own section
 ```
 
@@ -316,6 +323,7 @@ async def run_all() -> None:
     rows += await latency.main()
     rows += await memory.main()
     rows += await letterthief.main()
+    rows += await outbox.main()
     rows += targets(rows)
     print(table(rows))
     minutes = (time.monotonic() - started) / 60

@@ -189,10 +189,7 @@ class Processor:
         except Exception as exc:  # a body no decoder expected: never leave it unsettled
             return self._dead(delivery, Reason.INVALID_PAYLOAD, exc, delivery.attempt)
         if store is None:
-            outcome = await self._limited(delivery, limit)
-            if delivery.duplicate and outcome.kind is OutcomeKind.ACKED:
-                return Outcome(OutcomeKind.DUPLICATE, outcome.attempt)
-            return outcome
+            return await self._limited(delivery, limit)
         key = delivery.key
         lease = self.listener.claim_lease
         try:
@@ -348,6 +345,8 @@ class Processor:
                 continue
             if not delivery.handled:
                 delivery.context.log.info("middleware.decided", note="call_next was not called")
+            if delivery.duplicate:  # the inbox knew this message: the handler did not run
+                return Outcome(OutcomeKind.DUPLICATE, attempt)
             return Outcome(OutcomeKind.ACKED, attempt)
 
     async def _failed(self, delivery: Delivery, attempt: int, exc: BaseException) -> Outcome:

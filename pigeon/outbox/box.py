@@ -37,6 +37,11 @@ _WAKE_INFO = "pigeon_outbox_wake"
 
 DEFAULT_RETENTION = 3600.0
 """Seconds a published row is kept (for ``pigeon outbox status`` and forensics)."""
+NOTIFY_EVERY = 0.05
+"""Seconds between two NOTIFYs of one process: NOTIFY serializes the commits of the
+transactions that send it (PostgreSQL takes a database-wide lock until the commit is
+flushed), so a busy producer sends one per 50 ms and the relay, woken by it, keeps
+looking for a moment (``LINGER``) to pick up the transactions that did not notify."""
 DEFAULT_LEASE = 60.0
 """Seconds a relay's claim protects its rows from other relays."""
 
@@ -71,6 +76,7 @@ class Outbox:
         self.engine = engine
         self.app = app
         self.metadata, self.table, self.inbox = make_tables(table, inbox_table)
+        self._insert = insert(self.table)
         self.retention = retention
         self.lease = lease
         self.inbox_retention = inbox_retention
@@ -81,6 +87,7 @@ class Outbox:
             )
         self._relay_engine: AsyncEngine | None = engine if isinstance(engine, AsyncEngine) else None
         self._wakers: list[Callable[[], None]] = []
+        self._notified_at = -NOTIFY_EVERY
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -168,7 +175,7 @@ class Outbox:
             app, event, payload, message_id, correlation_id, causation_id, headers
         )
         row, notify = self._row(session, outgoing, key)
-        session.execute(insert(self.table).values(**row))
+        session.execute(self._insert, row)
         if notify:
             session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": self.channel})
         return outgoing.message_id
@@ -193,7 +200,7 @@ class Outbox:
             app, event, payload, message_id, correlation_id, causation_id, headers
         )
         row, notify = self._row(session.sync_session, outgoing, key)
-        await session.execute(insert(self.table).values(**row))
+        await session.execute(self._insert, row)
         if notify:
             await session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": self.channel})
         return outgoing.message_id
@@ -229,8 +236,12 @@ class Outbox:
         info = session.info.get(_TX_INFO)
         if info is None or info[0] is not tx:
             info = session.info[_TX_INFO] = (tx, uuid.uuid4().hex, [False])
-        notify = self.dialect == "postgresql" and not info[2][0]
-        info[2][0] = True
+        notify = False
+        if self.dialect == "postgresql" and not info[2][0]:
+            info[2][0] = True
+            now = time.monotonic()
+            if now - self._notified_at >= NOTIFY_EVERY:
+                self._notified_at, notify = now, True
         if self._wakers:
             session.info[_WAKE_INFO] = self
         stamp = out.timestamp.timestamp() if out.timestamp is not None else time.time()
