@@ -418,21 +418,14 @@ class Processor:
 
     async def _invoke_in_transaction(self, delivery: Delivery, args: tuple[Any, ...]) -> None:
         """The handler inside the inbox transaction of its listener's outbox."""
-        from pigeon.outbox import inbox
-
-        listener, ctx = self.listener, delivery.context
-        assert listener.outbox is not None
+        listener, ctx, outbox = self.listener, delivery.context, self.listener.outbox
+        assert outbox is not None
         assert ctx is not None
         if listener.is_async:
-            ran = await inbox.run_async(listener.outbox, ctx, listener.handler, *args)
+            ran = await outbox.run_async(ctx, listener.handler, *args)
         else:
             call = functools.partial(
-                contextvars.copy_context().run,
-                inbox.run_sync,
-                listener.outbox,
-                ctx,
-                listener.handler,
-                *args,
+                contextvars.copy_context().run, outbox.run_sync, ctx, listener.handler, *args
             )
             ran = await asyncio.get_running_loop().run_in_executor(self.executor, call)
         delivery.duplicate = not ran

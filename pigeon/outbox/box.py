@@ -30,7 +30,7 @@ from pigeon.outbox.tables import INBOX_TABLE, OUTBOX_TABLE, async_url, make_tabl
 
 if TYPE_CHECKING:
     from pigeon.app import Pigeon
-    from pigeon.listener import ListenerApp
+    from pigeon.listener import Context, Handler, ListenerApp
 
 _TX_INFO = "pigeon_outbox_tx"
 _WAKE_INFO = "pigeon_outbox_wake"
@@ -146,6 +146,41 @@ class Outbox:
         if self.dialect == "sqlite" and isinstance(self.engine, Engine):
             with self.engine.connect() as conn:
                 conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+
+    # -- the inbox ---------------------------------------------------------------------
+
+    # For a listener registered with ``outbox=``, the processor runs the handler
+    # through run_sync (sync handler, sync Engine, in the handler's thread) or
+    # run_async (async handler, AsyncEngine). Each opens a transaction, inserts
+    # (queue, message_id) into pigeon_inbox and, unless that row already existed (a
+    # duplicate: the handler does not run), runs the handler with ctx.session bound
+    # to the transaction; ctx.dispatch stores into the outbox in it. The transaction
+    # commits before the message is acked; an exception rolls back the effect, the
+    # inbox row and the outgoing events alike, and the retry policy takes over.
+
+    def run_sync(self, ctx: Context, handler: Handler, *args: Any) -> bool:
+        """Run a sync handler in the inbox transaction; False if it was handled before."""
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():  # type: ignore[arg-type]
+            if not self.record(session, ctx.queue, ctx.message_id):
+                return False
+            ctx.bind_session(self, session)
+            try:
+                handler(*args)
+            finally:
+                ctx.bind_session(None, None)
+        return True
+
+    async def run_async(self, ctx: Context, handler: Handler, *args: Any) -> bool:
+        """Run an async handler in the inbox transaction; False if it was handled before."""
+        async with AsyncSession(self.engine, expire_on_commit=False) as session, session.begin():  # type: ignore[arg-type]
+            if not await self.record_async(session, ctx.queue, ctx.message_id):
+                return False
+            ctx.bind_session(self, session)
+            try:
+                await handler(*args)
+            finally:
+                ctx.bind_session(None, None)
+        return True
 
     # -- dispatch --------------------------------------------------------------------
 

@@ -35,20 +35,22 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import structlog
 from prometheus_client import Gauge
 from sqlalchemy import Row, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from pigeon.dispatch import Outgoing
+from pigeon.errors import ConfigurationError
+from pigeon.logs import get_logger
 from pigeon.metrics import DISPATCHED
 from pigeon.outbox.box import Outbox
 from pigeon.outbox.tables import listen_dsn
 
 if TYPE_CHECKING:
     from pigeon.app import Pigeon
+    from pigeon.listener import TransactionalOutbox
 
-log = structlog.get_logger("pigeon")
+log = get_logger("pigeon")
 
 PENDING = Gauge("pigeon_outbox_pending", "Outbox rows not yet published.", ["table"])
 LAG = Gauge(
@@ -476,9 +478,17 @@ class RelayGroup:
         self.tasks = [asyncio.ensure_future(relay.run()) for relay in relays]
 
     @classmethod
-    def start(cls, app: Pigeon, outboxes: Sequence[Outbox]) -> RelayGroup:
-        unique = list({id(box): box for box in outboxes}.values())
-        return cls([Relay(box, app=app) for box in unique])
+    def start(cls, app: Pigeon, outboxes: Sequence[TransactionalOutbox]) -> RelayGroup:
+        """Relays for the distinct ``outboxes``; each must be a :class:`Outbox`."""
+        unique: dict[int, Outbox] = {}
+        for box in outboxes:
+            if not isinstance(box, Outbox):
+                raise ConfigurationError(
+                    f"pigeon listen can relay only a pigeon.outbox.Outbox, not {box!r}: "
+                    "pass outbox=Outbox(engine) to the listener"
+                )
+            unique[id(box)] = box
+        return cls([Relay(box, app=app) for box in unique.values()])
 
     async def stop(self) -> None:
         """Let each relay finish its batch in hand, then wait for it."""
