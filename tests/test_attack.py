@@ -6,10 +6,15 @@ field tables can use each type RabbitMQ accepts, not only those pika writes.
 
 from __future__ import annotations
 
+import os
+import subprocess
 from typing import Any
+
+import pytest
 
 from pigeon import Context, Retry, headers
 from tests.conftest import AppFactory, Broker, RunWorker
+from tests.procs import PIGEON, ROOT
 from tests.rawamqp import (
     DELIVERY_MODE,
     HEADERS,
@@ -44,3 +49,35 @@ async def test_trimming_a_header_table_near_frame_max_keeps_the_attempt_count(
     dropped = str(letter.headers[headers.DROPPED_HEADERS]).split(",")
     assert "k00000" in dropped, "what the retry copy dropped is still named"
     assert not [key for key in dropped if key.startswith("x-pigeon-")], dropped
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "accepts"),
+    [
+        ("PIGEON_EXCHANGE", "", "a name"),
+        ("PIGEON_EXCHANGE", "amq.events", "amq."),
+        ("PIGEON_DEAD_LETTER_EXCHANGE", "amq.direct", "amq."),
+        ("PIGEON_UNROUTED_QUEUE", "amq.gen-x", "amq."),
+        ("PIGEON_DEAD_LETTER_QUEUE", "q" * 256, "255"),
+        ("PIGEON_DISPATCH_TIMEOUT", "inf", "finite"),
+    ],
+)
+def test_a_broker_name_the_broker_refuses_is_a_setting_error_not_an_outage(
+    variable: str, value: str, accepts: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIGEON_")}
+    env.update({variable: value, "PIGEON_DISPATCH_TIMEOUT": "5", "PYTHONPATH": str(ROOT)})
+    env[variable] = value
+    result = subprocess.run(
+        [*PIGEON, "dispatch", "attack.name", "{}"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 78, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"pigeon: {variable}=")
+    assert accepts in lines[0]
