@@ -79,6 +79,20 @@ class Settings(BaseSettings):
             raise ValueError("use a name of at most 255 bytes")
         return value
 
+    @field_validator("idempotency_url")
+    @classmethod
+    def _store_url(cls, value: str) -> str:
+        """An unknown store is refused here, in one line, not as a traceback at listen."""
+        from pigeon.idempotency import _SCHEMES  # pigeon.idempotency imports this module
+
+        scheme, sep, rest = value.partition("://")
+        known = ("memory", "sqlite", "redis", "rediss", "postgresql", "postgres")
+        if not sep or scheme.lower() not in (*known, "postgresql+asyncpg"):
+            raise ValueError(f"use one of {_SCHEMES}")
+        if scheme.lower() == "sqlite" and (not rest.startswith("/") or rest == "/"):
+            raise ValueError("use sqlite:///relative/path.db or sqlite:////absolute/path.db")
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, value: str) -> str:

@@ -81,3 +81,22 @@ def test_a_broker_name_the_broker_refuses_is_a_setting_error_not_an_outage(
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"pigeon: {variable}=")
     assert accepts in lines[0]
+
+
+@pytest.mark.parametrize("value", ["bogus://x", "sqlite:/x.db", "no-scheme"])
+def test_an_idempotency_url_of_no_store_is_one_line_at_listen(value: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIGEON_")}
+    env.update({"PIGEON_IDEMPOTENCY_URL": value, "PIGEON_SERVICE": "fc", "PYTHONPATH": str(ROOT)})
+    result = subprocess.run(
+        [*PIGEON, "listen", "tests.apps.recorder:app"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 78, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("pigeon: PIGEON_IDEMPOTENCY_URL=")
+    assert "sqlite:///" in lines[0]
