@@ -14,6 +14,7 @@ import pytest
 
 from pigeon import Context, Retry, headers
 from tests.conftest import AppFactory, Broker, RunWorker
+from tests.hostile import publish
 from tests.procs import PIGEON, ROOT
 from tests.rawamqp import (
     DELIVERY_MODE,
@@ -100,3 +101,34 @@ def test_an_idempotency_url_of_no_store_is_one_line_at_listen(value: str) -> Non
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("pigeon: PIGEON_IDEMPOTENCY_URL=")
     assert "sqlite:///" in lines[0]
+
+
+async def test_a_second_copy_of_a_finished_try_runs_nothing(
+    make_app: AppFactory, run_worker: RunWorker, broker: Broker
+) -> None:
+    """A crash between a retry copy's confirm and its outcome record leaves two copies of
+    the next attempt; once the first is settled, the second must not run the handler, the
+    fallback or write a second dead letter (seen under kill -9: 13 of 1000 ran twice)."""
+    app = make_app("ledger")
+    runs: list[int] = []
+    fallbacks: list[str] = []
+
+    @app.listener("test.order.placed", retry=Retry(attempts=2, delays=[0.1]))
+    async def book(payload: dict[str, Any], ctx: Context) -> None:
+        runs.append(ctx.attempt)
+        raise RuntimeError("ledger down")
+
+    @book.fallback
+    async def gave_up(payload: dict[str, Any], ctx: Context, error: BaseException) -> None:
+        fallbacks.append(ctx.message_id)
+
+    await run_worker(app)
+    copy: dict[str, Any] = {"message_id": "m-copy", "headers": {headers.ATTEMPT: 2}}
+    await publish(app.settings.exchange, "test.order.placed", **copy)
+    await broker.get(app.settings.dead_letter_queue)
+    await publish(app.settings.exchange, "test.order.placed", **copy)
+    await publish(app.settings.exchange, "test.order.placed", message_id="m-sentinel")
+    sentinel = await broker.get(app.settings.dead_letter_queue)
+    assert sentinel.message_id == "m-sentinel", "no second dead letter of m-copy"
+    assert fallbacks == ["m-copy", "m-sentinel"]
+    assert runs == [2, 1, 2], "the second copy of attempt 2 did not run the handler"
