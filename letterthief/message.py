@@ -21,6 +21,7 @@ from letterthief.models import Letter
 from pigeon import frames
 from pigeon import headers as h
 from pigeon.dispatch import Outgoing
+from pigeon.tables import repair_decoded
 
 MAX_CONTENT = 128 * 1024
 """Frame size used for the check encode; the real one is the channel's."""
@@ -44,6 +45,8 @@ def wire_value(value: Any) -> Any:
 def replay_headers(letter: Letter, actor: str) -> dict[str, Any]:
     """The letter's headers without those describing the failure, plus the replay marks."""
     stored = parse.from_json(letter.headers)
+    if isinstance(stored, dict):
+        stored = repair_decoded(stored)  # letters stored before the collector repaired them
     out = {
         k: wire_value(v)
         for k, v in (stored.items() if isinstance(stored, dict) else ())

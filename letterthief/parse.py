@@ -26,6 +26,7 @@ from typing import Any
 from aio_pika.abc import AbstractIncomingMessage
 
 from pigeon import headers as h
+from pigeon.tables import repair_decoded
 
 UNROUTED = "unrouted"
 UNKNOWN = "unknown"
@@ -151,7 +152,7 @@ def read(
     """
     return describe(
         body=message.body,
-        headers=dict(message.headers or {}),
+        headers=repair_decoded(dict(message.headers or {})),  # pamqp misreads -1.5
         properties=message_properties(message),
         exchange=message.exchange or "",
         routing_key=message.routing_key or "",

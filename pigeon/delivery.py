@@ -123,8 +123,12 @@ class Delivery:
 
 
 async def _settled(store: IdempotencyStore, delivery: Delivery) -> bool:
-    """Whether the outcome of this very try was published already (the process that
-    published it died before its ack), so the redelivery must not run again."""
+    """Whether the outcome of this very try was published already, so it must not run again.
+
+    Either the process that published it died before its ack (a redelivery), or
+    it died between confirming a retry copy and recording that outcome, and the
+    redelivered original published a second copy of the same attempt.
+    """
     try:
         settled = await store.recorded_outcome(delivery.key)
     except Exception as exc:  # unknown: run it, as before outcomes were recorded
@@ -180,7 +184,8 @@ class Processor:
         """
         delivery.store = self.lock_store
         store = self.store if delivery.has_message_id else None
-        if store is not None and delivery.redelivered and await _settled(store, delivery):
+        again = delivery.redelivered or delivery.attempt > 1  # a copy may be a duplicate one
+        if store is not None and again and await _settled(store, delivery):
             return Outcome(OutcomeKind.DUPLICATE, delivery.attempt)
         try:
             delivery.payload = self.decode(delivery)

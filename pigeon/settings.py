@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     unrouted_max_length: int = Field(default=100_000, ge=1)
     idempotency_url: str = "sqlite:///.pigeon/idempotency.db"
     idempotency_retention: float = Field(default=7 * 24 * 3600, gt=0)
-    dispatch_timeout: float = Field(default=30.0, gt=0)
+    dispatch_timeout: float = Field(default=30.0, gt=0, allow_inf_nan=False)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1)
     log_format: Literal["console", "json"] = Field(default_factory=_default_log_format)
     log_level: str = "INFO"
@@ -59,6 +59,38 @@ class Settings(BaseSettings):
                     "amqp://user:password@host:5672/vhost (or amqps:// for TLS), "
                     "several separated by commas"
                 )
+        return value
+
+    @field_validator(
+        "exchange",
+        "dead_letter_exchange",
+        "dead_letter_queue",
+        "unrouted_exchange",
+        "unrouted_queue",
+    )
+    @classmethod
+    def _broker_name(cls, value: str) -> str:
+        """A name RabbitMQ refuses is a setting error, not an outage retried until a timeout."""
+        if not value:
+            raise ValueError("use a name (the default exchange cannot be declared or bound)")
+        if value.startswith("amq."):
+            raise ValueError("names starting with 'amq.' are reserved by RabbitMQ")
+        if len(value.encode()) > 255:
+            raise ValueError("use a name of at most 255 bytes")
+        return value
+
+    @field_validator("idempotency_url")
+    @classmethod
+    def _store_url(cls, value: str) -> str:
+        """An unknown store is refused here, in one line, not as a traceback at listen."""
+        from pigeon.idempotency import _SCHEMES  # pigeon.idempotency imports this module
+
+        scheme, sep, rest = value.partition("://")
+        known = ("memory", "sqlite", "redis", "rediss", "postgresql", "postgres")
+        if not sep or scheme.lower() not in (*known, "postgresql+asyncpg"):
+            raise ValueError(f"use one of {_SCHEMES}")
+        if scheme.lower() == "sqlite" and (not rest.startswith("/") or rest == "/"):
+            raise ValueError("use sqlite:///relative/path.db or sqlite:////absolute/path.db")
         return value
 
     @field_validator("log_level")

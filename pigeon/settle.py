@@ -52,7 +52,10 @@ def _encodable(headers: dict[str, Any], delivery: Delivery) -> dict[str, Any]:
             message_id=delivery.message_id,
             dropped=dropped,
         )
-        out[h.DROPPED_HEADERS] = ",".join(dropped)[:4096]
+        earlier = out.get(h.DROPPED_HEADERS)
+        names = earlier.split(",") if isinstance(earlier, str) and earlier else []
+        names += [key for key in dropped if key not in names]  # a retry copy's drops stay named
+        out[h.DROPPED_HEADERS] = ",".join(names)[:4096]
     return out
 
 

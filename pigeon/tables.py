@@ -96,7 +96,9 @@ def normalise_headers(
     with no encoding (an integer beyond 64 bits, a decimal beyond 32 bits, a
     date before 1970, an object) is dropped. With ``max_bytes``, the largest
     headers are dropped too until the table fits (a content header must fit
-    in one frame). Never raises.
+    in one frame); Pigeon's own ``x-pigeon-*`` headers go last, since the
+    attempt count and reason are what keep a retry copy from looping forever.
+    Never raises.
     """
     out: dict[str, Any] = {}
     dropped: list[str] = []
@@ -112,7 +114,7 @@ def normalise_headers(
         out[key] = value
     if max_bytes is not None and sum(sizes.values()) > max_bytes:
         total = sum(sizes.values())
-        for key in sorted(out, key=lambda k: sizes[k], reverse=True):
+        for key in sorted(out, key=lambda k: (k.startswith("x-pigeon-"), -sizes[k])):
             if total <= max_bytes:
                 break
             del out[key]

@@ -1,0 +1,134 @@
+"""An outside tester's attack: messages built from raw AMQP frames.
+
+Every message here is built byte by byte (``tests/rawamqp.py``), so its
+field tables can use each type RabbitMQ accepts, not only those pika writes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from typing import Any
+
+import pytest
+
+from pigeon import Context, Retry, headers
+from tests.conftest import AppFactory, Broker, RunWorker
+from tests.hostile import publish
+from tests.procs import PIGEON, ROOT
+from tests.rawamqp import (
+    DELIVERY_MODE,
+    HEADERS,
+    MESSAGE_ID,
+    Raw,
+    longstr,
+    publish_raw,
+    shortstr,
+    table,
+)
+
+
+async def test_trimming_a_header_table_near_frame_max_keeps_the_attempt_count(
+    make_app: AppFactory, run_worker: RunWorker, broker: Broker
+) -> None:
+    app = make_app("ledger")
+    runs: list[int] = []
+
+    @app.listener("test.order.placed", retry=Retry(attempts=2, delays=[0.1]))
+    async def book(payload: dict[str, Any], ctx: Context) -> None:
+        runs.append(ctx.attempt)
+        raise RuntimeError("ledger down")
+
+    await run_worker(app)
+    many = table(*((f"k{i:05}".encode(), b"S" + longstr(b"vvvv")) for i in range(7800)))
+    props = [(DELIVERY_MODE, b"\x02"), (MESSAGE_ID, shortstr(b"m-many")), (HEADERS, many)]
+    await publish_raw(app.settings.exchange, [Raw(b"test.order.placed", b"{}", props)])
+    letter = await broker.get(app.settings.dead_letter_queue, 15)
+    assert letter.headers[headers.REASON] == "handler-error"
+    assert letter.headers[headers.ATTEMPTS] == 2
+    assert runs == [1, 2], "the retry copy kept its attempt: no endless retry loop"
+    dropped = str(letter.headers[headers.DROPPED_HEADERS]).split(",")
+    assert "k00000" in dropped, "what the retry copy dropped is still named"
+    assert not [key for key in dropped if key.startswith("x-pigeon-")], dropped
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "accepts"),
+    [
+        ("PIGEON_EXCHANGE", "", "a name"),
+        ("PIGEON_EXCHANGE", "amq.events", "amq."),
+        ("PIGEON_DEAD_LETTER_EXCHANGE", "amq.direct", "amq."),
+        ("PIGEON_UNROUTED_QUEUE", "amq.gen-x", "amq."),
+        ("PIGEON_DEAD_LETTER_QUEUE", "q" * 256, "255"),
+        ("PIGEON_DISPATCH_TIMEOUT", "inf", "finite"),
+    ],
+)
+def test_a_broker_name_the_broker_refuses_is_a_setting_error_not_an_outage(
+    variable: str, value: str, accepts: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIGEON_")}
+    env.update({variable: value, "PIGEON_DISPATCH_TIMEOUT": "5", "PYTHONPATH": str(ROOT)})
+    env[variable] = value
+    result = subprocess.run(
+        [*PIGEON, "dispatch", "attack.name", "{}"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 78, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"pigeon: {variable}=")
+    assert accepts in lines[0]
+
+
+@pytest.mark.parametrize("value", ["bogus://x", "sqlite:/x.db", "no-scheme"])
+def test_an_idempotency_url_of_no_store_is_one_line_at_listen(value: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIGEON_")}
+    env.update({"PIGEON_IDEMPOTENCY_URL": value, "PIGEON_SERVICE": "fc", "PYTHONPATH": str(ROOT)})
+    result = subprocess.run(
+        [*PIGEON, "listen", "tests.apps.recorder:app"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 78, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("pigeon: PIGEON_IDEMPOTENCY_URL=")
+    assert "sqlite:///" in lines[0]
+
+
+async def test_a_second_copy_of_a_finished_try_runs_nothing(
+    make_app: AppFactory, run_worker: RunWorker, broker: Broker
+) -> None:
+    """A crash between a retry copy's confirm and its outcome record leaves two copies of
+    the next attempt; once the first is settled, the second must not run the handler, the
+    fallback or write a second dead letter (seen under kill -9: 13 of 1000 ran twice)."""
+    app = make_app("ledger")
+    runs: list[int] = []
+    fallbacks: list[str] = []
+
+    @app.listener("test.order.placed", retry=Retry(attempts=2, delays=[0.1]))
+    async def book(payload: dict[str, Any], ctx: Context) -> None:
+        runs.append(ctx.attempt)
+        raise RuntimeError("ledger down")
+
+    @book.fallback
+    async def gave_up(payload: dict[str, Any], ctx: Context, error: BaseException) -> None:
+        fallbacks.append(ctx.message_id)
+
+    await run_worker(app)
+    copy: dict[str, Any] = {"message_id": "m-copy", "headers": {headers.ATTEMPT: 2}}
+    await publish(app.settings.exchange, "test.order.placed", **copy)
+    await broker.get(app.settings.dead_letter_queue)
+    await publish(app.settings.exchange, "test.order.placed", **copy)
+    await publish(app.settings.exchange, "test.order.placed", message_id="m-sentinel")
+    sentinel = await broker.get(app.settings.dead_letter_queue)
+    assert sentinel.message_id == "m-sentinel", "no second dead letter of m-copy"
+    assert fallbacks == ["m-copy", "m-sentinel"]
+    assert runs == [2, 1, 2], "the second copy of attempt 2 did not run the handler"
