@@ -20,7 +20,7 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +95,37 @@ class _Slots:
         self._semaphore.release()
 
 
+class _SlowStart:
+    """Prefetch one message at a time until a delivery is not a redelivery.
+
+    After a crash the broker hands the dead worker's unacked messages back and
+    counts one more delivery against each. If one of them kills the process
+    again, every message prefetched beside it is counted again too, so a crash
+    loop would carry up to ``prefetch`` innocent messages to the queue's
+    ``x-delivery-limit`` with it. A consumer therefore subscribes with a
+    prefetch of one; the first delivery that is not a redelivery (the returned
+    backlog is worked through, or there was none) calls ``raise_prefetch``,
+    which subscribes again with the full prefetch. A poison message at the
+    head of the queue then crashes alone.
+    """
+
+    __slots__ = ("_raising", "prefetch", "raise_prefetch")
+
+    def __init__(self, prefetch: int) -> None:
+        self.prefetch = prefetch
+        self.raise_prefetch: Callable[[], Awaitable[None]] | None = None
+        self._raising: asyncio.Future[None] | None = None
+
+    @property
+    def initial(self) -> int:
+        """The prefetch to subscribe with."""
+        return min(self.prefetch, 1)
+
+    def seen(self, message: DeliveredMessage) -> None:
+        if self._raising is None and not message.redelivered and self.raise_prefetch is not None:
+            self._raising = asyncio.ensure_future(self.raise_prefetch())
+
+
 def _quiet_connection_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
     """aiormq leaves a failed future behind on every lost connection; that loss is already
     logged (``broker.connection_lost``), so its echo is demoted to debug."""
@@ -158,6 +189,7 @@ class Worker:
         self.ready = asyncio.Event()
         self.stop_reason: str | None = None
         self._stopping = asyncio.Event()
+        self._refusing = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._consumers: list[_Consumer] = []
         self._counters: dict[tuple[str, str, str], Any] = {}
@@ -176,7 +208,13 @@ class Worker:
     # -- lifecycle -----------------------------------------------------------------
 
     def stop(self, reason: str = "requested") -> None:
-        """Ask the worker to stop consuming and drain; safe to call more than once."""
+        """Ask the worker to stop consuming and drain; safe to call more than once.
+
+        Prefetched messages whose handler has not started go back to the queue,
+        except when the stop is ``max-messages``: the N messages it counted run.
+        """
+        if reason != "max-messages":
+            self._refusing.set()
         if not self._stopping.is_set():
             self.stop_reason = reason
             self._stopping.set()  # before logging: a broken stderr must not keep us running
@@ -356,10 +394,11 @@ class Worker:
             if self.max_messages is not None:
                 prefetch = min(prefetch, self.max_messages)
             channel = await connection.channel(publisher_confirms=False)
-            await channel.set_qos(prefetch_count=prefetch)
+            slow = _SlowStart(prefetch)
+            await channel.set_qos(prefetch_count=slow.initial)
             underlay = await channel.get_underlay_channel()
             processor = self._processors[listener.queue]
-            semaphore = _Slots(concurrency, self._stopping)
+            semaphore = _Slots(concurrency, self._refusing)
             acker = Acker(underlay, listener.queue)
 
             async def on_message(
@@ -367,13 +406,14 @@ class Worker:
                 processor: Processor = processor,
                 semaphore: _Slots = semaphore,
                 acker: Acker = acker,
+                slow: _SlowStart = slow,
             ) -> None:
-                self._spawn(processor, semaphore, acker, message)
+                self._spawn(processor, semaphore, acker, slow, message)
 
             # the fast path; where it cannot attach (logged), on_message takes them
             attach_deliveries(
                 underlay,
-                functools.partial(self._spawn, processor, semaphore, acker),
+                functools.partial(self._spawn, processor, semaphore, acker, slow),
                 queue=listener.queue,
             )
             ok = await underlay.basic_consume(listener.queue, on_message)
@@ -382,6 +422,10 @@ class Worker:
             self._consumers.append(
                 _Consumer(listener.queue, channel, underlay, ok.consumer_tag, acker, on_message)
             )
+            if prefetch > slow.initial:
+                slow.raise_prefetch = functools.partial(
+                    self._raise_prefetch, self._consumers[-1], prefetch
+                )
 
     async def _wait_for_stop_or_disconnect(self) -> None:
         """Return when asked to stop, when the connection is lost, or when a consumer is gone.
@@ -414,6 +458,23 @@ class Worker:
                     log.warning("worker.consumer_cancelled_by_broker", queue=consumer.queue)
                     if not await self._resubscribe(index, consumer):
                         return
+
+    async def _raise_prefetch(self, consumer: _Consumer, prefetch: int) -> None:
+        """Subscribe ``consumer``'s queue again with ``prefetch``, then end the old
+        subscription (RabbitMQ applies a quorum queue's prefetch per consumer, when it
+        subscribes). Deliveries of the old one still in flight are handled as usual."""
+        if consumer not in self._consumers or consumer.channel.is_closed:
+            return  # reconnected meanwhile: the new subscription starts slow again
+        try:
+            await consumer.underlay.basic_qos(prefetch_count=prefetch)
+            ok = await consumer.underlay.basic_consume(consumer.queue, consumer.on_message)
+            assert ok.consumer_tag is not None
+            self._consumers[self._consumers.index(consumer)] = dataclasses.replace(
+                consumer, tag=ok.consumer_tag
+            )
+            await consumer.underlay.basic_cancel(consumer.tag)
+        except Exception as exc:  # the channel closed: the worker reconnects anyway
+            log.debug("worker.prefetch_not_raised", queue=consumer.queue, error=repr(exc))
 
     async def _resubscribe(self, index: int, consumer: _Consumer) -> bool:
         """Consume ``consumer``'s queue again on its channel; False if that failed."""
@@ -462,11 +523,13 @@ class Worker:
         processor: Processor,
         semaphore: _Slots,
         acker: Acker,
+        slow: _SlowStart,
         message: DeliveredMessage,
     ) -> None:
         tag = message.delivery_tag
         assert tag is not None, "a consumed message always has a delivery tag"
         acker.delivered(tag)
+        slow.seen(message)
         if self._stopping.is_set() or (
             self.max_messages is not None and self.started >= self.max_messages
         ):

@@ -9,9 +9,10 @@ machine's node. They are marked slow; CI runs them like every other test.
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import aio_pika
@@ -69,6 +70,33 @@ async def restart_broker(reset: bool = False, down_for: float = 2.0) -> None:
     await CHAOS_NODE.actl("await_startup")
 
 
+async def supervise_until(
+    proc: subprocess.Popen[bytes],
+    env: dict[str, str],
+    log: Path,
+    handled: Callable[[], bool],
+    broker: Broker,
+    dead_letters: str,
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start the listener again whenever the poison kills it (as supervisor does) until
+    ``handled()`` and a dead letter is waiting; returns the last process and the restarts."""
+    restarts = 0
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            assert proc.returncode == 3
+            restarts += 1
+            proc = start_listener(env, "--concurrency", "1", log=log)
+        elif handled() and await broker.count(dead_letters) > 0:
+            break
+        await asyncio.sleep(0.1)
+    # a SIGTERM during start-up (before the handler is installed) is a death by signal:
+    # stop the last process only once it is consuming
+    while log.read_text().count("worker.consuming") <= restarts and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    return proc, restarts
+
+
 async def test_a_handler_that_kills_its_process_is_dead_lettered_by_the_delivery_limit(
     make_app: AppFactory, broker: Broker, tmp_path: Path
 ) -> None:
@@ -86,14 +114,9 @@ async def test_a_handler_that_kills_its_process_is_dead_lettered_by_the_delivery
     wait_for_log(log, "worker.consuming")
     poison = await app.dispatch_async("test.order.placed", {"mode": "exit"})
     good = [await app.dispatch_async("test.order.placed", {"n": i}) for i in range(3)]
-    restarts = 0
-    deadline = time.monotonic() + 90
-    while len(recorded(rec)) < 3 and time.monotonic() < deadline:
-        if proc.poll() is not None:  # what supervisor does: start it again
-            assert proc.returncode == 3
-            restarts += 1
-            proc = start_listener(env, "--concurrency", "1", log=log)
-        await asyncio.sleep(0.1)
+    proc, restarts = await supervise_until(
+        proc, env, log, lambda: len(recorded(rec)) >= 3, broker, app.settings.dead_letter_queue
+    )
     try:
         assert sorted(recorded(rec)) == sorted(good), "the other messages were served"
         letter = await broker.get(app.settings.dead_letter_queue, timeout=30)
@@ -229,6 +252,38 @@ def _wait_for_second_consuming(log: Path, timeout: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("the listener did not consume again after the reset")
         time.sleep(0.1)
+
+
+async def test_a_crashing_poison_message_does_not_drag_its_prefetched_neighbours_to_the_limit(
+    make_app: AppFactory, broker: Broker, tmp_path: Path
+) -> None:
+    """Each crash counts a delivery against every unacked message; with a prefetch of ten,
+    the poison's neighbours would reach the limit with it. The slow start after a crash
+    takes the redelivered messages one at a time, so only the poison is dead-lettered."""
+    setup = recorder(
+        make_app,
+        broker,
+        tmp_path,
+        RECORDER_DELIVERY_LIMIT="2",
+        PIGEON_IDEMPOTENCY_URL=f"sqlite:///{tmp_path}/idem.db",
+    )
+    app, rec, env = setup.app, setup.rec, setup.env
+    log = tmp_path / "listen.log"
+    await app.declare([])
+    proc = start_listener(env, "--concurrency", "1", log=log)  # prefetch 10
+    wait_for_log(log, "worker.consuming")
+    poison = await app.dispatch_async("test.order.placed", {"mode": "exit"})
+    good = [await app.dispatch_async("test.order.placed", {"n": i}) for i in range(8)]
+    proc, _ = await supervise_until(
+        proc, env, log, lambda: len(recorded(rec)) >= 8, broker, app.settings.dead_letter_queue
+    )
+    try:
+        assert sorted(recorded(rec)) == sorted(good), "every neighbour was handled"
+        letter = await broker.get(app.settings.dead_letter_queue, timeout=30)
+        assert letter.message_id == poison
+        assert await broker.count(app.settings.dead_letter_queue) == 0, "only the poison"
+    finally:
+        assert stop(proc) == 0
 
 
 async def test_max_messages_exits_zero_after_exactly_n(
