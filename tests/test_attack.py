@@ -6,6 +6,7 @@ field tables can use each type RabbitMQ accepts, not only those pika writes.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from pigeon import Context, Retry, headers
+from pigeon.errors import InvalidHeaderError
 from tests.conftest import AppFactory, Broker, RunWorker
 from tests.hostile import publish
 from tests.procs import PIGEON, ROOT
@@ -132,3 +134,18 @@ async def test_a_second_copy_of_a_finished_try_runs_nothing(
     assert sentinel.message_id == "m-sentinel", "no second dead letter of m-copy"
     assert fallbacks == ["m-copy", "m-sentinel"]
     assert runs == [2, 1, 2], "the second copy of attempt 2 did not run the handler"
+
+
+async def test_dispatch_refuses_headers_too_large_for_a_frame_without_dropping_the_connection(
+    make_app: AppFactory,
+) -> None:
+    app = make_app("shop")
+    await app.dispatch_async("test.order.placed", {}, message_id="before")
+    huge = {f"k{i:05}": "vvvv" for i in range(8300)}  # 132 KB: over RabbitMQ's 128 KiB frame
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(InvalidHeaderError, match="frame") as caught:
+        await app.dispatch_async("test.order.placed", {}, headers=huge)
+    assert loop.time() - started < 2, "refused before publishing, not retried until the timeout"
+    assert "Nothing was published" in str(caught.value)
+    await app.dispatch_async("test.order.placed", {}, message_id="after")

@@ -133,3 +133,23 @@ async def test_letters_of_every_field_type_are_shown_and_replayed_or_refused(
         ]
         assert (await client.post(f"/api/dead-letters/{good.id}/retry")).status_code == 200
     assert await broker.wait_count(queue, sent + 1) == sent + 1
+
+
+async def test_a_letter_whose_headers_fill_a_frame_is_refused_at_once_not_after_a_timeout(
+    thief: LetterThief, settings: Settings, broker: Broker
+) -> None:
+    queue = await declare(broker, f"{broker.prefix}.charge")
+    fields = [(f"k{i:05}".encode(), b"S" + longstr(b"vvvv")) for i in range(8186)]
+    big = _letter(queue, b"big", *fields)  # fits the broker's frame, not with replay marks
+    await publish_raw(settings.dead_letter_exchange, [big, _letter(queue, b"good")])
+    letters = {x.message_id: x for x in await letters_when(thief.store, 2)}
+    async with api(thief) as client:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        response = await client.post(f"/api/dead-letters/{letters['big'].id}/retry")
+        assert response.status_code == 422, response.text
+        assert "frame" in response.json()["detail"]
+        assert loop.time() - started < 3
+        good = await client.post(f"/api/dead-letters/{letters['good'].id}/retry")
+        assert good.status_code == 200, good.text
+    assert await broker.wait_count(queue, 1) == 1
