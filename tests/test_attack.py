@@ -7,15 +7,17 @@ field tables can use each type RabbitMQ accepts, not only those pika writes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import subprocess
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 
 from pigeon import Context, Retry, headers
-from pigeon.errors import InvalidHeaderError
-from tests.conftest import AppFactory, Broker, RunWorker
+from pigeon.errors import ConfigurationError, InvalidHeaderError
+from tests.conftest import AppFactory, Broker, RunWorker, eventually
 from tests.hostile import publish
 from tests.procs import PIGEON, ROOT
 from tests.rawamqp import (
@@ -149,3 +151,44 @@ async def test_dispatch_refuses_headers_too_large_for_a_frame_without_dropping_t
     assert loop.time() - started < 2, "refused before publishing, not retried until the timeout"
     assert "Nothing was published" in str(caught.value)
     await app.dispatch_async("test.order.placed", {}, message_id="after")
+
+
+class _Booker:
+    """A handler object: an instance whose ``__call__`` is a coroutine function."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    async def __call__(self, payload: dict[str, Any], ctx: Context) -> None:
+        self.seen.append(ctx.message_id)
+
+
+async def test_a_callable_object_or_partial_handler_runs_for_each_message(
+    make_app: AppFactory, run_worker: RunWorker, broker: Broker
+) -> None:
+    app = make_app("ledger")
+    booker = _Booker()
+    partial_seen: list[str] = []
+
+    async def book(payload: dict[str, Any], ctx: Context, into: list[str]) -> None:
+        into.append(ctx.message_id)
+
+    app.listener("test.order.placed", name="booker")(booker)
+    app.listener("test.order.placed", name="partial")(functools.partial(book, into=partial_seen))
+    await run_worker(app)
+    await publish(app.settings.exchange, "test.order.placed", message_id="m-obj")
+    await eventually(lambda: booker.seen == ["m-obj"] and partial_seen == ["m-obj"])
+
+
+def test_a_generator_handler_is_refused_at_registration(make_app: AppFactory) -> None:
+    app = make_app("ledger")
+
+    async def streams(payload: dict[str, Any]) -> AsyncIterator[int]:
+        yield 1
+
+    def yields(payload: dict[str, Any]) -> Iterator[int]:
+        yield 1
+
+    for handler in (streams, yields):
+        with pytest.raises(ConfigurationError, match="generator"):
+            app.listener("test.order.placed")(handler)
