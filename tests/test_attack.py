@@ -192,3 +192,23 @@ def test_a_generator_handler_is_refused_at_registration(make_app: AppFactory) ->
     for handler in (streams, yields):
         with pytest.raises(ConfigurationError, match="generator"):
             app.listener("test.order.placed")(handler)
+
+
+async def test_a_plain_def_returning_a_coroutine_fails_loudly_not_acked_as_handled(
+    make_app: AppFactory, run_worker: RunWorker, broker: Broker
+) -> None:
+    app = make_app("ledger")
+    ran: list[str] = []
+
+    async def book(payload: dict[str, Any]) -> None:
+        ran.append("booked")
+
+    app.listener("test.order.placed", name="wrapped", retry=Retry(attempts=1))(
+        lambda payload: book(payload)
+    )
+    await run_worker(app)
+    await publish(app.settings.exchange, "test.order.placed", message_id="m-lambda")
+    letter = await broker.get(app.settings.dead_letter_queue)
+    assert letter.headers[headers.REASON] == "handler-error"
+    assert "async def" in str(letter.headers[headers.EXCEPTION_MESSAGE])
+    assert ran == []
