@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from pathlib import Path
 
 import httpx
 import pytest
@@ -153,3 +157,24 @@ async def test_a_letter_whose_headers_fill_a_frame_is_refused_at_once_not_after_
         good = await client.post(f"/api/dead-letters/{letters['good'].id}/retry")
         assert good.status_code == 200, good.text
     assert await broker.wait_count(queue, 1) == 1
+
+
+@pytest.mark.parametrize("command", [["list"], ["serve", "--port", "5741"]])
+def test_a_database_that_does_not_exist_is_one_line_not_a_traceback(
+    command: list[str], tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIGEON_", "LETTERTHIEF_"))}
+    env["LETTERTHIEF_DATABASE_URL"] = "postgresql://postgres@127.0.0.1:5432/attack_no_such_db"
+    env["PIGEON_LOG_FORMAT"] = "json"
+    result = subprocess.run(
+        [sys.executable, "-m", "letterthief", *command],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if "attack_no_such_db" in line]
+    assert any("does not exist" in line and "LETTERTHIEF_DATABASE_URL" in line for line in errors)
