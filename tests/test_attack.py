@@ -11,6 +11,7 @@ import functools
 import os
 import subprocess
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from pigeon import Context, Retry, headers
 from pigeon.errors import ConfigurationError, InvalidHeaderError
 from tests.conftest import AppFactory, Broker, RunWorker, eventually
 from tests.hostile import publish
-from tests.procs import PIGEON, ROOT
+from tests.procs import PIGEON, ROOT, env_for
 from tests.rawamqp import (
     DELIVERY_MODE,
     HEADERS,
@@ -212,3 +213,26 @@ async def test_a_plain_def_returning_a_coroutine_fails_loudly_not_acked_as_handl
     assert letter.headers[headers.REASON] == "handler-error"
     assert "async def" in str(letter.headers[headers.EXCEPTION_MESSAGE])
     assert ran == []
+
+
+def test_an_idempotency_database_that_does_not_exist_stops_listen_with_one_line(
+    make_app: AppFactory, broker: Broker, tmp_path: Path
+) -> None:
+    app = make_app("ledger")
+    broker.track(app.settings)
+    url = "postgresql://postgres@127.0.0.1:5432/attack_no_such_db"
+    env = env_for(app.settings, "ledger", PIGEON_IDEMPOTENCY_URL=url)
+    result = subprocess.run(
+        [*PIGEON, "listen", "tests.apps.recorder:app"],
+        env={**env, "RECORDER_FILE": str(tmp_path / "rec.txt")},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 78, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "attack_no_such_db" in last
+    assert "does not exist" in last
+    assert "PIGEON_IDEMPOTENCY_URL" in last
