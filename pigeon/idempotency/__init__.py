@@ -8,11 +8,10 @@ default install (memory, SQLite) needs no extra.
 from __future__ import annotations
 
 from pigeon.idempotency.base import Claim, ClaimState, IdempotencyStore
+from pigeon.settings import IDEMPOTENCY_SCHEMES as _SCHEMES
 from pigeon.settings import mask_url
 
 __all__ = ["Claim", "ClaimState", "IdempotencyStore", "open_store"]
-
-_SCHEMES = "memory://, sqlite:///path, redis://, rediss://, postgresql://, postgres://"
 
 
 def open_store(url: str, *, retention: float = 7 * 24 * 3600) -> IdempotencyStore:
