@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 .NOTPARALLEL:
 
 .PHONY: install services chromium node lint test format bench \
-	demo demo-stop demo-status clean cluster cluster-stop cluster-status
+	demo demo-stop demo-status clean cluster cluster-stop cluster-status bench-cluster
 
 install: $(STAMP)
 
@@ -58,6 +58,12 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# Refresh the screenshots docs/letterthief.md and the README show (the browser test
+# takes them; a plain test run writes them to a temporary folder instead).
+.PHONY: screenshots
+screenshots: install services chromium
+	LETTERTHIEF_SCREENSHOTS=$(CURDIR)/docs/img $(VENV)/bin/pytest tests/letterthief/test_browser.py
+
 bench: install
 	scripts/ensure-services.sh
 	$(VENV)/bin/python -m bench
@@ -84,6 +90,11 @@ cluster-status:
 
 cluster-stop:
 	@scripts/cluster.sh stop
+
+# Dispatch and consume on the cluster against raw aio-pika there; rewrites only the
+# cluster section of docs/performance.md. Starts (and then stops) the cluster if needed.
+bench-cluster: install
+	$(VENV)/bin/python -m bench.cluster
 
 clean:
 	rm -rf $(VENV) var .pigeon .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

@@ -97,6 +97,7 @@ async def pigeon_rate(settings: Settings, count: int, *, idempotent: bool, store
         app,
         handle_signals=False,
         concurrency=PREFETCH,
+        prefetch=PREFETCH,
         idempotency_url=store_url,
     )
     task = asyncio.create_task(worker.run())
@@ -109,6 +110,10 @@ async def pigeon_rate(settings: Settings, count: int, *, idempotent: bool, store
     tiers = [f"{handle.queue}.retry.{tier_label(d)}" for d in handle.retry.tier_delays()]
     await delete(connection, [handle.queue, *tiers], [])
     await connection.close()
+    if store_url.startswith("redis"):
+        from bench.listen import forget_redis_keys
+
+        await forget_redis_keys(handle.queue)
     return run
 
 

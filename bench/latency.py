@@ -9,8 +9,9 @@ a fixed schedule and do not wait for the previous confirm, so a slow message
 never slows the pace, it only shows in the tail.
 
 Publisher and consumer are separate connections in this process (one clock).
-Both contenders use prefetch 10 (``pigeon listen``'s default concurrency), and
-rounds alternate between them so drift on a shared machine hits both. The
+Pigeon's worker runs with its defaults (concurrency 10, prefetch 100), raw
+aio-pika with prefetch 10 (at 500/s neither has more than a few messages
+unacked, so prefetch does not move the figure), and rounds alternate between them so drift on a shared machine hits both. The
 start-up heap is frozen out of the garbage collector's full passes first, as
 ``pigeon listen`` does (``Worker(freeze_heap=True)``); in this one process
 that spares every contender the same pauses.

@@ -20,7 +20,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Table, bindparam, delete, event, func, insert, select, update
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 from letterthief.models import Action, Letter, Occurrence, Status, utcnow
@@ -35,6 +35,8 @@ log = get_logger("letterthief")
 MIGRATIONS = Path(__file__).parent / "migrations"
 SEARCHED_BODY = 4096
 _CHUNK = 400
+CONFLICT_RETRIES = 3
+"""Tries of a batch that raced another instance for the same new letter."""
 
 letters = cast(Table, Letter.__table__)
 occurrences = cast(Table, Occurrence.__table__)
@@ -204,10 +206,26 @@ class Store(Queries):
     async def ingest(self, batch: Sequence[Received]) -> list[Stored]:
         """Store ``batch`` in one transaction; returns the occurrences that were new.
 
-        A letter keeps the message of its first occurrence (body, headers,
-        properties: what a replay sends); later occurrences update how it
-        failed and keep their own body when it differs.
+                A letter keeps the message of its first occurrence (body, headers,
+                properties: what a replay sends); later occurrences update how it
+                failed and keep their own body when it differs.
+
+        Several LetterThief instances may share one PostgreSQL database: two of
+                them can read a letter as new and both insert it. The second insert
+                fails on the unique (message_id, queue) and rolls its batch back; the
+                batch is then stored again at once, now finding the letter and counting
+                its occurrences onto it. Only a conflict that persists raises.
         """
+        for attempt in range(1, CONFLICT_RETRIES + 1):
+            try:
+                return await self._ingest(batch)
+            except IntegrityError as exc:
+                if attempt == CONFLICT_RETRIES:
+                    raise
+                log.info("store.concurrent_insert", letters=len(batch), error=str(exc.orig))
+        raise AssertionError("unreachable")
+
+    async def _ingest(self, batch: Sequence[Received]) -> list[Stored]:
         if not batch:
             return []
         now = utcnow()

@@ -27,7 +27,7 @@ from typing import Any
 from aiormq.abc import AbstractChannel, ChannelFrame
 from pamqp.commands import Basic
 
-from pigeon.frames import room
+from pigeon.frames import TurnWriter, room
 from pigeon.logs import get_logger
 
 log = get_logger("pigeon")
@@ -41,7 +41,6 @@ class Acker:
 
     __slots__ = (
         "_loop",
-        "_scheduled",
         "_settled",
         "_unsettled",
         "_writer",
@@ -55,8 +54,7 @@ class Acker:
         self._loop = asyncio.get_running_loop()
         self._unsettled: dict[int, None] = {}  # delivered, not yet sent; in tag order
         self._settled: dict[int, bool] = {}  # tag -> give back (True) or ack (False)
-        self._scheduled = False
-        self._writer: asyncio.Task[None] | None = None
+        self._writer = TurnWriter(channel, self._put)
 
     @property
     def unsettled(self) -> int:
@@ -79,9 +77,7 @@ class Acker:
         if tag not in self._unsettled or tag in self._settled:
             return  # settled already, or delivered on an earlier channel
         self._settled[tag] = give_back
-        if not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon(self._flush)
+        self._writer.schedule()
 
     def frames(self) -> tuple[list[Any], int]:
         """The frames for everything settled so far, and how many messages they settle.
@@ -125,25 +121,10 @@ class Acker:
             return None, 0
         return ChannelFrame.marshall(self.channel.number, frames, drain_future=drain), count
 
-    def _flush(self) -> None:
-        self._scheduled = False
-        if self._writer is not None:
-            return  # waiting for room in the write queue; it writes this too
-        if self.channel.connection.write_queue.full() and not self.channel.is_closed:
-            self._writer = asyncio.ensure_future(self._write_when_room())
-            return
+    def _put(self) -> None:
         payload, _ = self._payload()
         if payload is not None:
             self.channel.connection.write_queue.put_nowait(payload)
-
-    async def _write_when_room(self) -> None:
-        try:
-            await room(self.channel)
-            payload, _ = self._payload()
-            if payload is not None:
-                self.channel.connection.write_queue.put_nowait(payload)
-        finally:
-            self._writer = None
 
     def _lost(self, count: int, error: str) -> None:
         log.warning(
@@ -156,9 +137,10 @@ class Acker:
 
     async def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Write what is settled and wait, up to ``timeout``, until it has left the process."""
-        if self._writer is not None:
-            self._writer.cancel()  # the frames it would write stay planned: written here
-            await asyncio.wait({self._writer})
+        waiting = self._writer.waiting
+        if waiting is not None:
+            waiting.cancel()  # the frames it would write stay planned: written here
+            await asyncio.wait({waiting})
         taken = 0  # settled by the last payload, not known to have left the process
         try:
             async with asyncio.timeout(timeout):

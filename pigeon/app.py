@@ -11,7 +11,7 @@ import asyncio
 import os
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Unpack
+from typing import Any, Unpack
 
 from aio_pika.abc import AbstractConnection
 
@@ -25,6 +25,7 @@ from pigeon.listener import (
     DEFAULT_TIMEOUT,
     Handler,
     Listener,
+    TransactionalOutbox,
     default_listener_name,
     inspect_handler,
     pattern_of,
@@ -34,9 +35,6 @@ from pigeon.metrics import DISPATCHED
 from pigeon.middleware import Metrics, Middleware, PublishMiddleware, PublishNext, publish_chain
 from pigeon.retry import Retry
 from pigeon.settings import Settings
-
-if TYPE_CHECKING:
-    from pigeon.outbox import Outbox
 
 _UNSET: Any = object()
 
@@ -125,7 +123,7 @@ class Pigeon:
         delivery_limit: int = topo.DEFAULT_DELIVERY_LIMIT,
         max_body_bytes: int | None = None,
         middleware: Sequence[Middleware] | None = None,
-        outbox: Outbox | None = None,
+        outbox: TransactionalOutbox | None = None,
     ) -> Callable[[Handler], Listener]:
         """Register a handler for events (classes), names or patterns (``order.*``, ``#``).
 

@@ -70,10 +70,15 @@ def main() -> None:
 @click.argument("target")
 @click.option("--listener", "listeners", multiple=True, help="Run only this listener (repeatable).")
 @click.option(
-    "--concurrency", default=10, show_default=True, help="Handlers in flight per listener."
+    "--concurrency", default=10, show_default=True, help="Handlers running at once per listener."
 )
 @click.option(
-    "--prefetch", type=int, default=None, help="Unacked messages per listener [concurrency]."
+    "--prefetch",
+    type=int,
+    default=None,
+    help="Unacked messages per listener [10 x concurrency]. Deeper than concurrency so the "
+    "idempotency store and the acks work in batches; after a crash that many come back "
+    "(idempotency absorbs the duplicates). Lower it for slow handlers shared by replicas.",
 )
 @click.option("--max-messages", type=int, default=None, help="Exit 0 after handling N messages.")
 @click.option("--max-memory", type=float, default=None, help="Exit 0 once RSS exceeds MB.")

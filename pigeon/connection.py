@@ -20,7 +20,7 @@ import random
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import aio_pika
 import aiormq
@@ -45,6 +45,14 @@ CONNECT_TIMEOUT = 10.0
 
 CONNECT_ERRORS = (AMQPError, ConnectionError, OSError, TimeoutError)
 """What a node that is down, starting, stopping or unreachable raises on connect."""
+
+CLUSTER_HEARTBEAT = 5
+"""AMQP heartbeat (seconds) asked for when ``PIGEON_URL`` lists several nodes and a URL names
+none: aiormq gives a silent node three heartbeats and a second, so a client on a hung or
+partitioned node moves to the next one after about 18 s (with RabbitMQ's 60 s, three minutes)."""
+
+NEXT_NODE_AFTER = 1.0
+"""Seconds a silent node is waited for alone before the next node is tried alongside it."""
 
 
 def _who(url: str) -> tuple[str, str]:
@@ -90,6 +98,27 @@ async def _release(connection: AbstractConnection) -> None:
         await connection.close()
     except Exception as exc:
         log.debug("broker.release_failed", error=repr(exc))
+
+
+def _with_heartbeat(url: str, seconds: int) -> str:
+    """``url`` asking for a ``seconds`` heartbeat, unless it names one itself."""
+    parts = urlsplit(url)
+    if any(key == "heartbeat" for key, _ in parse_qsl(parts.query, keep_blank_values=True)):
+        return url
+    query = f"{parts.query}&heartbeat={seconds}" if parts.query else f"heartbeat={seconds}"
+    return urlunsplit(parts._replace(query=query))
+
+
+_closing_late: set[asyncio.Future[None]] = set()
+
+
+def _close_late(attempt: asyncio.Future[AbstractConnection]) -> None:
+    """Close a connection that was made after another node's had already won."""
+    if attempt.cancelled() or attempt.exception() is not None:
+        return
+    closing = asyncio.ensure_future(_release(attempt.result()))
+    _closing_late.add(closing)
+    closing.add_done_callback(_closing_late.discard)
 
 
 class Connector:
@@ -164,32 +193,66 @@ class Connector:
             log.info("broker.connected", url=self.masked_url, generation=self.generation)
             return connection
 
+    async def _open(self, url: str, timeout: float | None) -> AbstractConnection:
+        if len(self.urls) > 1:
+            url = _with_heartbeat(url, CLUSTER_HEARTBEAT)
+        return await aio_pika.connect(
+            url,
+            timeout=timeout or CONNECT_TIMEOUT,
+            client_properties={
+                "connection_name": f"{self.name}@{socket.gethostname()}:{os.getpid()}"
+            },
+        )
+
     async def _connect_any(self, timeout: float | None) -> AbstractConnection:
-        """Connect to the first node that answers, starting with ``self._next``."""
-        failures: list[str] = []
-        for offset in range(len(self.urls)):
-            index = (self._next + offset) % len(self.urls)
-            url = self.urls[index]
+        """Connect to the first node that answers, starting with ``self._next``.
+
+        A node that refuses is skipped at once. One that neither answers nor
+        refuses (a partition, an overloaded host) gets :data:`NEXT_NODE_AFTER`
+        seconds before the next node is tried alongside it, so a client never
+        waits out a dead node's connect timeout while another node answers.
+        The first connection made wins; any later one is closed.
+        """
+        if len(self.urls) == 1:
             try:
-                connection = await aio_pika.connect(
-                    url,
-                    timeout=timeout or CONNECT_TIMEOUT,
-                    client_properties={
-                        "connection_name": f"{self.name}@{socket.gethostname()}:{os.getpid()}"
-                    },
-                )
+                return await self._open(self.urls[0], timeout)
             except Exception as exc:
-                refused = refusal(url, exc)
-                if refused is not None:  # users and vhosts are cluster-wide: no node will do
+                refused = refusal(self.urls[0], exc)
+                if refused is not None:
                     raise refused from None
-                if not isinstance(exc, CONNECT_ERRORS) or len(self.urls) == 1:
-                    raise
-                log.warning("broker.node_unreachable", url=mask_url(url), error=repr(exc))
-                failures.append(f"{mask_url(url)}: {exc!r}")
-                continue
-            self._next = self._current = index
-            self.url, self.masked_url = url, mask_url(url)
-            return connection
+                raise
+        order = [(self._next + offset) % len(self.urls) for offset in range(len(self.urls))]
+        attempts: dict[asyncio.Future[AbstractConnection], int] = {}
+        failures: list[str] = []
+        try:
+            while order or attempts:
+                if order:
+                    index = order.pop(0)
+                    attempts[asyncio.ensure_future(self._open(self.urls[index], timeout))] = index
+                done, _ = await asyncio.wait(
+                    attempts,
+                    timeout=NEXT_NODE_AFTER if order else None,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                for attempt in done:
+                    index = attempts.pop(attempt)
+                    url = self.urls[index]
+                    error = attempt.exception()
+                    if error is None:
+                        self._next = self._current = index
+                        self.url, self.masked_url = url, mask_url(url)
+                        return attempt.result()
+                    refused = refusal(url, error)
+                    if refused is not None:  # users and vhosts are cluster-wide
+                        raise refused from None
+                    if not isinstance(error, CONNECT_ERRORS):
+                        raise error
+                    log.warning("broker.node_unreachable", url=mask_url(url), error=repr(error))
+                    failures.append(f"{mask_url(url)}: {error!r}")
+        finally:
+            for attempt in attempts:
+                attempt.cancel()
+                attempt.add_done_callback(_close_late)
         raise ConnectionError(f"no broker node answered ({'; '.join(failures)})")
 
     def _on_close(self, sender: object, exc: BaseException | None = None) -> None:

@@ -181,7 +181,6 @@ class Processor:
         if middleware is None:
             middleware = listener.app.middleware
         self._call = chain(middleware, self._invoke)
-        self.abandoned_threads = 0
 
     async def process(
         self, delivery: Delivery, limit: AbstractAsyncContextManager[Any] | None = None
@@ -207,10 +206,7 @@ class Processor:
         except Exception as exc:  # a body no decoder expected: never leave it unsettled
             return self._dead(delivery, Reason.INVALID_PAYLOAD, exc, delivery.attempt)
         if store is None:
-            outcome = await self._limited(delivery, limit)
-            if delivery.duplicate and outcome.kind is OutcomeKind.ACKED:
-                return Outcome(OutcomeKind.DUPLICATE, outcome.attempt)
-            return outcome
+            return await self._limited(delivery, limit)
         key = delivery.key
         lease = self.listener.claim_lease
         try:
@@ -366,6 +362,8 @@ class Processor:
                 continue
             if not delivery.handled:
                 delivery.context.log.info("middleware.decided", note="call_next was not called")
+            if delivery.duplicate:  # the inbox knew this message: the handler did not run
+                return Outcome(OutcomeKind.DUPLICATE, attempt)
             return Outcome(OutcomeKind.ACKED, attempt)
 
     async def _failed(self, delivery: Delivery, attempt: int, exc: BaseException) -> Outcome:
@@ -431,29 +429,20 @@ class Processor:
         except TimeoutError as exc:
             if not scope.expired():
                 raise
-            if not listener.is_async:
-                self.abandoned_threads += 1
             raise HandlerTimeout(
                 f"{listener.name} ran longer than its timeout of {timeout:g}s and was cancelled"
             ) from exc
 
     async def _invoke_in_transaction(self, delivery: Delivery, args: tuple[Any, ...]) -> None:
         """The handler inside the inbox transaction of its listener's outbox."""
-        from pigeon.outbox import inbox
-
-        listener, ctx = self.listener, delivery.context
-        assert listener.outbox is not None
+        listener, ctx, outbox = self.listener, delivery.context, self.listener.outbox
+        assert outbox is not None
         assert ctx is not None
         if listener.is_async:
-            ran = await inbox.run_async(listener.outbox, ctx, listener.handler, *args)
+            ran = await outbox.run_async(ctx, listener.handler, *args)
         else:
             call = functools.partial(
-                contextvars.copy_context().run,
-                inbox.run_sync,
-                listener.outbox,
-                ctx,
-                listener.handler,
-                *args,
+                contextvars.copy_context().run, outbox.run_sync, ctx, listener.handler, *args
             )
             ran = await asyncio.get_running_loop().run_in_executor(self.executor, call)
         delivery.duplicate = not ran

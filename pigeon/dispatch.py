@@ -61,6 +61,12 @@ RETRYABLE = (AMQPError, ConnectionError, OSError, TimeoutError, ChannelInvalidSt
 them: :class:`aio_pika.exceptions.PublishError` is raised at once, wrapped in DispatchError."""
 
 
+NODE_ATTEMPT_TIMEOUT = 5.0
+"""With several nodes in ``PIGEON_URL``: seconds one publish may wait for its confirm before
+its node is given up (a hung or partitioned node answers nothing, and the connection's
+heartbeat would notice only after a minute) and the publish is tried again on the next node."""
+
+
 def build_outgoing(
     exchange: str,
     service: str | None,
@@ -137,7 +143,7 @@ class Publisher:
         self.timeout = timeout
         self._channel: AbstractChannel | None = None
         self._lock = asyncio.Lock()
-        self._closing: asyncio.Future[Any] | None = None
+        self._closing: set[asyncio.Future[None]] = set()  # channels a reset is closing
         self._writer: Publishes | None = None
 
     async def _publish_once(self, outgoing: Outgoing, timeout: float) -> None:
@@ -201,7 +207,7 @@ class Publisher:
     async def _publish_until(self, outgoing: Outgoing, limit: float) -> str:
         deadline = time.monotonic() + limit
         try:
-            await self._publish_once(outgoing, limit)
+            await self._publish_once(outgoing, self._attempt_limit(limit))
             return outgoing.message_id
         except PublishError as exc:
             raise DispatchError(
@@ -224,7 +230,7 @@ class Publisher:
                 with attempt:
                     remaining = max(deadline - time.monotonic(), MIN_TRY)
                     try:
-                        await self._publish_once(outgoing, remaining)
+                        await self._publish_once(outgoing, self._attempt_limit(remaining))
                     except RETRYABLE as exc:
                         if not isinstance(exc, TimeoutError):
                             telling = exc
@@ -236,6 +242,12 @@ class Publisher:
                 f"been stored; retry with the same message id ({outgoing.message_id})"
             ) from exc
         return outgoing.message_id
+
+    def _attempt_limit(self, remaining: float) -> float:
+        """How long one try may wait: capped when another node could answer instead."""
+        if len(self.connector.urls) > 1:
+            return min(remaining, NODE_ATTEMPT_TIMEOUT)
+        return remaining
 
     async def publish_many(self, batch: list[Outgoing], *, chunk: int = 1000) -> list[str]:
         """Publish ``batch`` with its confirms pipelined; returns the message ids.
@@ -290,7 +302,9 @@ class Publisher:
         self._forget_writer()
         channel, self._channel = self._channel, None
         if channel is not None and not channel.is_closed:
-            self._closing = asyncio.ensure_future(channel.close())
+            closing = asyncio.ensure_future(channel.close())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
         if not self.connector.is_open or isinstance(exc, ConnectionError | OSError):
             self.connector.invalidate()
 
@@ -321,10 +335,13 @@ class Publisher:
         return before_sleep
 
     async def close(self) -> None:
+        """Close the channel, and wait (up to 5 s) for the ones earlier resets are closing."""
         self._forget_writer()
         channel, self._channel = self._channel, None
         if channel is not None and not channel.is_closed:
             await channel.close()
+        if self._closing:
+            await asyncio.wait(set(self._closing), timeout=5.0)
 
 
 MIN_TRY = 0.05

@@ -19,7 +19,8 @@ import asyncio
 import struct
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from importlib import metadata
+from typing import TYPE_CHECKING, Any, cast
 
 import aiormq
 from aiormq.abc import DeliveredMessage
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
     from pigeon.messages import Outgoing
 
 log = get_logger("pigeon")
+
+_AIORMQ_VERSION = metadata.version("aiormq")
 
 ROOM_POLL = 0.001
 """Seconds between looks at a full write queue."""
@@ -145,6 +148,56 @@ async def room(channel: aiormq.abc.AbstractChannel) -> None:
     """
     while channel.connection.write_queue.full() and not channel.is_closed:  # noqa: ASYNC110
         await asyncio.sleep(ROOM_POLL)
+
+
+class TurnWriter:
+    """Writes a channel's pending frames once per event-loop turn, in order.
+
+    :class:`~pigeon.acks.Acker` and :class:`~pigeon.publishes.Publishes` both
+    collect frames during a turn and hand them to aiormq's write queue as one
+    payload. ``put()`` builds and queues that payload; it is called only when
+    the queue has room (at the end of the turn, or once :func:`room` found
+    some), so the channel state it checks is still true when the payload is
+    queued. While a write waits for room, later turns add to what it writes.
+    """
+
+    __slots__ = ("_channel", "_loop", "_put", "_scheduled", "waiting")
+
+    def __init__(self, channel: aiormq.abc.AbstractChannel, put: Callable[[], None]) -> None:
+        self._channel = channel
+        self._put = put
+        self._loop = asyncio.get_running_loop()
+        self._scheduled = False
+        self.waiting: asyncio.Task[None] | None = None
+        """The write waiting for room in the write queue, if any."""
+
+    @property
+    def idle(self) -> bool:
+        """Nothing scheduled and nothing waiting for room."""
+        return not self._scheduled and self.waiting is None
+
+    def schedule(self) -> None:
+        """Write at the end of this loop turn (once, however often it is called)."""
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if self.waiting is not None:
+            return  # waiting for room in the write queue; it writes this too
+        channel = self._channel
+        if channel.connection.write_queue.full() and not channel.is_closed:
+            self.waiting = asyncio.ensure_future(self._write_when_room())
+            return
+        self._put()
+
+    async def _write_when_room(self) -> None:
+        try:
+            await room(self._channel)
+            self._put()
+        finally:
+            self.waiting = None
 
 
 class Intercepted:
@@ -278,3 +331,34 @@ class Deliveries(Intercepted):
             )
             return
         self._on_message(DeliveredMessage(deliver, header, body, channel))
+
+
+def attach_deliveries(
+    channel: aiormq.abc.AbstractChannel,
+    on_message: Callable[[DeliveredMessage], None],
+    *,
+    queue: str,
+) -> bool:
+    """Take ``channel``'s deliveries off its frame queue: the one place the fast path attaches.
+
+    aio-pika's per-message ``IncomingMessage`` is the costliest step of
+    consuming, and aiormq adds a queue hop per frame and a task per message;
+    :class:`Deliveries` skips all three. It relies on aiormq internals (the
+    channel's ``frames`` queue, which the pin in pyproject.toml and
+    ``tests/test_aiormq_contract.py`` guard). When it does not fit this
+    aiormq, the consumer's own callback takes the deliveries instead: same
+    guarantees, slower. That is logged (``worker.fast_path_unavailable``),
+    never silent. Returns whether the fast path is attached.
+    """
+    try:
+        Deliveries(cast(aiormq.Channel, channel), on_message)
+    except (TypeError, AttributeError) as exc:
+        log.warning(
+            "worker.fast_path_unavailable",
+            queue=queue,
+            aiormq=_AIORMQ_VERSION,
+            error=str(exc),
+            note="consuming through aiormq's callback: the same guarantees, slower",
+        )
+        return False
+    return True

@@ -25,7 +25,6 @@ from pigeon.retry import Retry
 
 if TYPE_CHECKING:
     from pigeon.messages import DispatchOptions
-    from pigeon.outbox import Outbox
     from pigeon.settings import Settings
 
 Handler = Callable[..., Any]
@@ -83,6 +82,49 @@ def pattern_of(target: type[Event] | str) -> str:
     raise ConfigurationError(f"listen to an Event subclass or an event name, not {target!r}")
 
 
+class TransactionalOutbox(Protocol):
+    """What a listener registered with ``outbox=`` needs of it.
+
+    :class:`pigeon.outbox.Outbox` is one. The outbox layer sits above the
+    app (its relay publishes through one), so the core reaches it through
+    this protocol and never imports it.
+    """
+
+    def check_handler(self, listener: str, *, is_async: bool) -> None: ...
+
+    def run_sync(self, ctx: Context, handler: Handler, *args: Any) -> bool: ...
+
+    async def run_async(self, ctx: Context, handler: Handler, *args: Any) -> bool: ...
+
+    def dispatch(
+        self,
+        session: Any,
+        event: Event | str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+        key: str | None = None,
+        app: ListenerApp | None = None,
+    ) -> str: ...
+
+    async def dispatch_async(
+        self,
+        session: Any,
+        event: Event | str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+        key: str | None = None,
+        app: ListenerApp | None = None,
+    ) -> str: ...
+
+
 class Context:
     """What a handler knows about the message it is handling.
 
@@ -138,12 +180,12 @@ class Context:
         self.queue = queue
         self.listener = listener
         self._log: structlog.typing.FilteringBoundLogger | None = None
-        self._outbox: Outbox | None = None
+        self._outbox: TransactionalOutbox | None = None
         self.session: Any = None
         """For a listener with ``outbox=``: the SQLAlchemy session of this message's
         transaction (``Session`` or ``AsyncSession``); None otherwise."""
 
-    def bind_session(self, outbox: Outbox | None, session: Any) -> None:
+    def bind_session(self, outbox: TransactionalOutbox | None, session: Any) -> None:
         """Route ``dispatch`` into ``outbox`` within ``session`` (the inbox does this)."""
         self._outbox, self.session = outbox, session
 
@@ -228,7 +270,7 @@ class Listener:
     takes_context: bool = True
     is_async: bool = True
     context_first: bool = False
-    outbox: Outbox | None = None
+    outbox: TransactionalOutbox | None = None
     fallback_handler: Fallback | None = field(default=None, repr=False)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

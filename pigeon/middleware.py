@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pigeon import pipeline
-from pigeon.errors import HandlerTimeout
+from pigeon.errors import ConfigurationError, HandlerTimeout
 from pigeon.idempotency import open_store
 from pigeon.idempotency.base import ClaimState
 from pigeon.idempotency.lease import Renewal
@@ -83,7 +83,7 @@ class Timeout:
 
     def __init__(self, seconds: float) -> None:
         if seconds <= 0:
-            raise ValueError("Timeout(seconds) must be positive")
+            raise ConfigurationError(f"Timeout(seconds) must be positive, got {seconds!r}")
         self.seconds = seconds
 
     async def __call__(self, delivery: Delivery, call_next: CallNext) -> None:
@@ -112,13 +112,18 @@ class RateLimit:
 
     def __init__(self, n: int, per: float = 1.0, key: KeyFunc | None = None) -> None:
         if n < 1 or per <= 0:
-            raise ValueError("RateLimit needs n >= 1 and per > 0")
+            raise ConfigurationError(
+                f"RateLimit needs n >= 1 and per > 0 (seconds), got n={n!r}, per={per!r}"
+            )
         self.n, self.per, self.key = n, per, key
         self._calls: dict[Hashable, deque[float]] = {}
+        self._sweep_at = 0.0
 
     async def __call__(self, delivery: Delivery, call_next: CallNext) -> None:
         bucket = self.key(delivery.payload) if self.key is not None else None
         now = time.monotonic()
+        if now >= self._sweep_at:
+            self._sweep(now)
         calls = self._calls.setdefault(bucket, deque())
         while calls and calls[0] <= now - self.per:
             calls.popleft()
@@ -128,9 +133,15 @@ class RateLimit:
                 max(wait, 0.001), f"rate limit of {self.n}/{self.per:g}s", counts=False
             )
         calls.append(now)
-        if not calls:
-            del self._calls[bucket]
         await call_next(delivery)
+
+    def _sweep(self, now: float) -> None:
+        """Forget the keys whose window is over: at most once per window, so the buckets
+        are bounded by the keys seen in the last two windows, not by every key ever seen."""
+        quiet = now - self.per
+        for bucket in [b for b, calls in self._calls.items() if not calls or calls[-1] <= quiet]:
+            del self._calls[bucket]
+        self._sweep_at = now + self.per
 
 
 class WithoutOverlapping:

@@ -39,7 +39,7 @@ from aiormq.channel import Returning
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
-from pigeon.frames import Intercepted, content, publish_method, room
+from pigeon.frames import Intercepted, TurnWriter, content, publish_method
 from pigeon.logs import get_logger
 
 if TYPE_CHECKING:
@@ -61,7 +61,6 @@ class Publishes:
         "_methods",
         "_pending",
         "_returnable",
-        "_scheduled",
         "_waiting",
         "_writer",
         "channel",
@@ -75,8 +74,7 @@ class Publishes:
         self._methods: dict[tuple[str, str, bool], bytes] = {}
         self._pending: list[bytes] = []
         self._waiting: list[asyncio.Future[Any]] = []  # their confirmations
-        self._scheduled = False
-        self._writer: asyncio.Task[None] | None = None
+        self._writer = TurnWriter(channel, self._put)
         self._closed = False
         # the tag of the mandatory publish in flight, by what a return shows of it
         self._returnable: dict[tuple[str, str, str], int] = {}
@@ -103,7 +101,7 @@ class Publishes:
     def close(self) -> None:
         """Send nothing more: what is not written yet fails (to be retried elsewhere)."""
         self._closed = True
-        if not self._scheduled and self._writer is None:
+        if self._writer.idle:
             self._put()
 
     def send(self, out: Outgoing) -> asyncio.Future[Any]:
@@ -140,9 +138,7 @@ class Publishes:
         self._pending.append(method)
         self._pending.append(data)
         self._waiting.append(confirmation)
-        if not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon(self._flush)
+        self._writer.schedule()
         if not out.mandatory:
             return confirmation
         # The caller gets a future of its own: cancelling it (a timeout) must not end
@@ -211,23 +207,6 @@ class Publishes:
         confirmation.set_exception(
             PublishError(DeliveredMessage(frame, header, body, channel), frame)
         )
-
-    def _flush(self) -> None:
-        self._scheduled = False
-        if self._writer is not None:
-            return  # waiting for room in the write queue; it writes this too
-        channel = self.channel
-        if channel.connection.write_queue.full() and not channel.is_closed:
-            self._writer = asyncio.ensure_future(self._write_when_room())
-            return
-        self._put()
-
-    async def _write_when_room(self) -> None:
-        try:
-            await room(self.channel)
-            self._put()
-        finally:
-            self._writer = None
 
     def _put(self) -> None:
         """Queue what is pending as one payload; call it only when the write queue has room."""

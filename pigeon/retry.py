@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pigeon.errors import ConfigurationError
+from pigeon.errors import ConfigurationError, PigeonError
 
 
-class RetryLater(Exception):
+class RetryLater(PigeonError):
     """Raise from a handler to try the message again after ``delay`` seconds.
 
     By default it counts as an attempt, so a message cannot be postponed
@@ -35,7 +35,7 @@ class RetryLater(Exception):
         self.counts = counts
 
 
-class Reject(Exception):
+class Reject(PigeonError):
     """Raise from a handler to send the message straight to the dead letters.
 
     Use it for messages that no retry can fix; ``reason`` is stored in

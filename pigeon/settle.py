@@ -95,6 +95,11 @@ class Settler:
             for d in listener.retry.tier_delays()
         }
 
+    @property
+    def tiers(self) -> frozenset[str]:
+        """The retry tier queues declared on this connection."""
+        return frozenset(self._tiers)
+
     async def settle(self, acker: Acker, tag: int, delivery: Delivery, outcome: Outcome) -> bool:
         """Settle delivery ``tag``; a retry or dead-letter copy is confirmed before the ack.
 

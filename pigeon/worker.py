@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import gc
 import os
@@ -21,9 +22,8 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
-import aiormq
 from aio_pika.abc import AbstractChannel
 from aiormq.abc import AbstractChannel as AmqpChannel
 from aiormq.abc import DeliveredMessage
@@ -35,13 +35,13 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from pigeon import topology
+from pigeon import idle, topology
 from pigeon.acks import Acker
 from pigeon.app import Pigeon, Runtime
 from pigeon.delivery import Delivery, NotStarted, Outcome, OutcomeKind, Processor
 from pigeon.dispatch import RETRYABLE
 from pigeon.errors import ConfigurationError
-from pigeon.frames import Deliveries
+from pigeon.frames import attach_deliveries
 from pigeon.hints import hint_competitors
 from pigeon.idempotency import IdempotencyStore, open_store
 from pigeon.listener import Listener
@@ -54,8 +54,8 @@ from pigeon.unmarshal import problems_of
 log = get_logger("pigeon")
 
 PURGE_INTERVAL = 3600.0
-CONSUMER_CHECK_INTERVAL = 1.0
-PREFETCH_PER_HANDLER = 4
+CONSUMER_CHECK_INTERVAL = 0.2
+PREFETCH_PER_HANDLER = 10
 """Default prefetch per unit of concurrency: a batch for the store's group commit and the
 acks to fill while the handlers run (see ``docs/performance.md``)."""
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -77,6 +77,7 @@ class _Consumer:
     underlay: AmqpChannel
     tag: str
     acker: Acker
+    on_message: Any
 
 
 class _Slots:
@@ -188,6 +189,44 @@ class Worker:
             self._stopping.set()  # before logging: a broken stderr must not keep us running
             with contextlib.suppress(Exception):
                 log.info("worker.stopping", reason=reason, in_flight=len(self._tasks))
+
+    async def join(self, timeout: float | None = None) -> None:
+        """Wait until the worker is idle, like dramatiq's ``join()``; for tests and scripts.
+
+        Idle: consuming, no handler running, every ack written, and nothing
+        ready for it on the broker, in its queues or their retry tiers (a
+        message waiting out a retry delay is waited for). After ``join()``
+        nothing more happens until something new is dispatched, so a test can
+        assert that a message was handled exactly so often. Raises
+        ``TimeoutError`` after ``timeout`` seconds.
+        """
+        loop = asyncio.get_running_loop()
+        quiet_since: float | None = None
+        quiet_started = self.started
+        async with asyncio.timeout(timeout):
+            while True:
+                await self.ready.wait()
+                if self._tasks:
+                    quiet_since = None
+                    await asyncio.wait(set(self._tasks))
+                    continue
+                started, settler, runtime = self.started, self._settler, self._runtime
+                if any(c.acker.unsettled for c in self._consumers) or not (settler and runtime):
+                    await asyncio.sleep(idle.POLL)  # the acks leave at the end of the turn
+                    continue
+                with contextlib.suppress(*RETRYABLE):  # a lost connection: ask again
+                    waiting = await idle.ready_messages(
+                        [(c.channel, c.queue) for c in self._consumers],
+                        settler.tiers,
+                        await runtime.connector.get(),
+                    )
+                    if waiting or self.started != started or self._tasks:
+                        quiet_since = None
+                    elif quiet_since is None or started != quiet_started:
+                        quiet_since, quiet_started = loop.time(), started
+                    elif loop.time() - quiet_since >= idle.QUIET:
+                        return
+                await asyncio.sleep(idle.POLL)
 
     async def run(self) -> int:
         """Consume until stopped; returns the process exit code."""
@@ -339,19 +378,17 @@ class Worker:
             ) -> None:
                 self._spawn(processor, semaphore, acker, message)
 
-            # aiormq directly: aio-pika's per-message IncomingMessage is the costliest
-            # step of the hot path and nothing here needs it; Deliveries skips aiormq's
-            # queue hops and task per message too.
-            with contextlib.suppress(TypeError):  # an aiormq without it: on_message does
-                Deliveries(
-                    cast(aiormq.Channel, underlay),
-                    functools.partial(self._spawn, processor, semaphore, acker),
-                )
+            # the fast path; where it cannot attach (logged), on_message takes them
+            attach_deliveries(
+                underlay,
+                functools.partial(self._spawn, processor, semaphore, acker),
+                queue=listener.queue,
+            )
             ok = await underlay.basic_consume(listener.queue, on_message)
             assert ok.consumer_tag is not None
             await hint_competitors(channel, listener.queue)
             self._consumers.append(
-                _Consumer(listener.queue, channel, underlay, ok.consumer_tag, acker)
+                _Consumer(listener.queue, channel, underlay, ok.consumer_tag, acker, on_message)
             )
 
     async def _wait_for_stop_or_disconnect(self) -> None:
@@ -359,7 +396,9 @@ class Worker:
 
         RabbitMQ can cancel a consumer on its own (a queue deleted or moved, a
         node reset) and aiormq forgets such a consumer without a word; the
-        watchdog notices and the worker subscribes again instead of idling.
+        watchdog notices within :data:`CONSUMER_CHECK_INTERVAL` and subscribes
+        again on the same channel, the others untouched; only if that fails
+        does the worker reconnect.
         """
         assert self._runtime is not None
         closed = asyncio.ensure_future(self._runtime.connector.closed.wait())
@@ -375,13 +414,26 @@ class Worker:
     async def _watch_consumers(self) -> None:
         while True:
             await asyncio.sleep(CONSUMER_CHECK_INTERVAL)
-            for consumer in self._consumers:
+            for index, consumer in enumerate(self._consumers):
                 if consumer.channel.is_closed:
                     log.warning("worker.channel_closed", queue=consumer.queue)
                     return
                 if consumer.tag not in getattr(consumer.underlay, "consumers", (consumer.tag,)):
                     log.warning("worker.consumer_cancelled_by_broker", queue=consumer.queue)
-                    return
+                    if not await self._resubscribe(index, consumer):
+                        return
+
+    async def _resubscribe(self, index: int, consumer: _Consumer) -> bool:
+        """Consume ``consumer``'s queue again on its channel; False if that failed."""
+        try:
+            ok = await consumer.underlay.basic_consume(consumer.queue, consumer.on_message)
+        except Exception as exc:
+            log.warning("worker.resubscribe_failed", queue=consumer.queue, error=repr(exc))
+            return False
+        assert ok.consumer_tag is not None
+        self._consumers[index] = dataclasses.replace(consumer, tag=ok.consumer_tag)
+        log.info("worker.resubscribed", queue=consumer.queue)
+        return True
 
     async def _drain(self) -> None:
         if self._purging is not None:

@@ -7,6 +7,8 @@
 # by the rabbitmq user, under $PIGEON_RABBIT_BASE (default /tmp/pigeon-rabbitmq):
 #   $PIGEON_RABBIT_BASE/NAME/{mnesia,log,rabbit.pid,rabbitmq.conf,enabled_plugins}
 # No plugins are enabled (the management port belongs to the machine's node).
+# A node that finds itself cut off from the majority of its cluster pauses
+# until it sees them again (pause_minority), so a partition heals by itself.
 # The nodes share the rabbitmq user's Erlang cookie, as rabbitmqctl does when
 # it runs as that user (the Debian wrapper switches to it when called as root).
 #
@@ -61,6 +63,8 @@ listeners.tcp.local = 127.0.0.1:$port
 loopback_users.guest = true
 log.console = false
 log.file.level = warning
+cluster_partition_handling = pause_minority
+net_ticktime = 10
 EOF
     echo '[].' >"$dir/enabled_plugins"
     chown -R rabbitmq:rabbitmq "$dir"

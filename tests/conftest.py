@@ -255,3 +255,20 @@ async def eventually(
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"{message} not reached within {timeout}s")
         await asyncio.sleep(0.02)
+
+
+@pytest.fixture(scope="session")
+def rabbit_cluster() -> Iterator[str]:
+    """The three-node cluster of ``scripts/cluster.sh`` (pigeon1..3@localhost, 5701-5703),
+    started once per test run and stopped after it; its ``PIGEON_URL``. A cluster that was
+    already running (``make cluster``) is used and left running."""
+    from tests import rabbit
+
+    started = not rabbit.cluster_is_up()
+    if started:
+        rabbit.start_cluster()
+    try:
+        yield rabbit.cluster_url()
+    finally:
+        if started:
+            rabbit.stop_cluster()

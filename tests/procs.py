@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -101,3 +102,20 @@ def recorder(make_app: AppFactory, broker: Broker, tmp_path: Path, **extra: str)
     env = env_for(app.settings, app.service or "", RECORDER_FILE=str(rec), **extra)
     broker.queues.add(f"{app.service}.record")
     return Recorder(app, env, rec, tmp_path / "listen.log")
+
+
+async def drain_and_stop(
+    broker: Broker, queue: str, procs: list[subprocess.Popen[bytes]], timeout: float = 60.0
+) -> list[int]:
+    """Wait until ``queue`` holds no ready message, then stop ``procs`` gracefully.
+
+    The join of a test on ``pigeon listen`` processes: what the broker had
+    for them was delivered, and a graceful stop finishes (and acks) what is
+    in flight, so nothing more can happen after it. Returns the exit codes.
+    """
+    deadline = time.monotonic() + timeout
+    while await broker.count(queue):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{queue} still holds messages after {timeout}s")
+        await asyncio.sleep(0.05)
+    return [stop(proc) for proc in procs]

@@ -8,6 +8,8 @@ developer's queues or a running demo on it) is never touched.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +55,17 @@ class Node:
     def kill(self) -> None:
         """``kill -9`` the node's Erlang VM: no goodbye to clients or peers."""
         _run(str(NODE_SCRIPT), "kill", self.name)
+
+    def freeze(self) -> int:
+        """``SIGSTOP`` the node's VM: its sockets stay open and nothing answers, as in a
+        network partition. Returns the pid for :meth:`thaw`."""
+        pid = int(_run(str(NODE_SCRIPT), "pid", self.name))
+        os.kill(pid, signal.SIGSTOP)
+        return pid
+
+    @staticmethod
+    def thaw(pid: int) -> None:
+        os.kill(pid, signal.SIGCONT)
 
     def is_up(self) -> bool:
         return "up" in _run(str(NODE_SCRIPT), "status", self.name).split()

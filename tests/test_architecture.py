@@ -45,7 +45,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("middleware", {"middleware", "tracing"}),
     ("amqp", {"connection", "topology", "frames", "acks", "publishes", "dispatch"}),
     ("app", {"app"}),
-    ("worker", {"settle", "worker"}),
+    ("worker", {"idle", "settle", "worker"}),
     ("tools", {"", "__main__", "cli", "testing", "asyncapi", "pytest_plugin"}),
 ]
 """Lowest first; a module's name without ``pigeon.`` (``""`` is the package itself).

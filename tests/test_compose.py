@@ -99,7 +99,31 @@ def mounts(service: dict[str, Any]) -> list[str]:
 def test_compose_runs_exactly_the_programs_of_supervisord_conf(
     supervisor: dict[str, Program], compose: dict[str, Any]
 ) -> None:
-    assert set(program_services(compose)) == set(supervisor) == {*LISTENERS, "letterthief"}
+    assert (
+        set(program_services(compose))
+        == set(supervisor)
+        == {*LISTENERS, "letterthief", "orders-relay"}
+    )
+
+
+def test_the_orders_relay_publishes_the_orders_database_in_both(
+    supervisor: dict[str, Program], compose: dict[str, Any]
+) -> None:
+    argv = supervisor["orders-relay"].argv
+    service = services(compose)["orders-relay"]
+    command = service["command"]
+    var = str(Path(supervisor["orders-relay"].config.directory) / "var")
+
+    assert Path(argv[0]).name == command[0] == "pigeon"
+    assert argv[1:3] == command[1:3] == ["outbox", "relay"]
+    assert argv[3] == f"sqlite:///{var}/orders.db"
+    assert argv[4:] == command[4:-2] == ["--create-tables"]
+    assert command[-2:] == METRICS
+    # the relay reads the database the orders tool writes: one volume for both
+    orders = services(compose)["orders"]
+    database = environment(orders)["ORDERS_DATABASE"]
+    assert command[3] == f"sqlite:///{database}"
+    assert mounts(orders) == mounts(service) == [str(Path(database).parent)]
 
 
 def test_logistics_runs_two_competing_consumers_in_both(

@@ -1,15 +1,20 @@
 """`make demo`, `make demo-status` and `make demo-stop`, as a newcomer runs them.
 
-This is the README's first command, so it runs for real: the repository's own
-supervisord.conf and var/, the real names (pigeon.events,
-notification.send-confirmation, ...) on the test broker, and LetterThief on
-8025, or on DEMO_PORT when something else holds 8025. `make demo-stop` runs
-whatever happens, so no demo outlives the test.
+This is the README's first command, so it runs for real: the repository's
+Makefile, scripts, supervisord.conf and listeners, the real names
+(pigeon.events, notification.send-confirmation, ...) on the test broker, and
+LetterThief on 8025, or on DEMO_PORT when something else holds 8025.
+
+The test owns what it stops: it runs its demo from a copy of those files in
+a temporary directory (its own var/, socket and supervisord), and stops only
+that one. A demo already running anywhere on this machine is never touched:
+its listeners would share the queues, so the test is skipped instead.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -22,7 +27,6 @@ from tests.conftest import AMQP_URL
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = str(ROOT / "supervisord.conf")
 PROGRAMS = {
     "letterthief",
     "notification",
@@ -46,25 +50,49 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def supervisords() -> list[int]:
-    """Every running supervisord of this checkout's supervisord.conf."""
-    found = []
+def supervisords(conf: str | None = None) -> dict[int, str]:
+    """Running supervisords (pid: config file) of ``conf``, or of any demo's config."""
+    found = {}
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             argv = cmdline.read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if any(a.endswith("supervisord") for a in argv[:2]) and CONF in argv:
-            found.append(int(cmdline.parent.name))
+        if not any(a.endswith("supervisord") for a in argv[:2]):
+            continue
+        confs = [a for a in argv if a.endswith(".conf")]
+        if conf is not None:
+            if conf in argv:
+                found[int(cmdline.parent.name)] = conf
+        elif confs and _is_a_demo(Path(cmdline.parent, "cwd"), confs[0]):
+            found[int(cmdline.parent.name)] = confs[0]
     return found
 
 
+def _is_a_demo(cwd: Path, conf: str) -> bool:
+    try:
+        return "pigeon listen listeners." in (cwd / conf).read_text()
+    except OSError:
+        return True  # unreadable: someone else's, perhaps a demo; leave it alone
+
+
+def demo_copy(into: Path) -> Path:
+    """What `make demo` needs, copied into ``into``; the virtualenv is this checkout's."""
+    for name in ("Makefile", "pyproject.toml", "supervisord.conf"):
+        shutil.copy2(ROOT / name, into / name)  # mtimes kept: make sees .venv up to date
+    ignore = shutil.ignore_patterns("__pycache__", "var")
+    for name in ("scripts", "listeners"):
+        shutil.copytree(ROOT / name, into / name, ignore=ignore)
+    (into / ".venv").symlink_to(ROOT / ".venv")
+    return into
+
+
 def make(
-    target: str, env: dict[str, str], timeout: float = 300
+    target: str, env: dict[str, str], cwd: Path, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["make", "--no-print-directory", target],
-        cwd=ROOT,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -74,23 +102,30 @@ def make(
 
 
 @pytest.mark.timeout(900)  # make demo runs `make install`, which may have to reinstall
-def test_make_demo_tells_the_story_and_make_demo_stop_ends_it() -> None:
+def test_make_demo_tells_the_story_and_make_demo_stop_ends_it(tmp_path: Path) -> None:
+    running = supervisords()
+    if running:
+        pytest.skip(f"a demo is running ({running}); this test stops only the demo it starts")
     env = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("PIGEON_", "LETTERTHIEF_", "DEMO_", "MAKE"))
     }
     env["PIGEON_URL"] = AMQP_URL
-    make("demo-stop", env)  # a demo already running here would hold the port
     env["DEMO_PORT"] = str(port := free_port() if port_taken(8025) else 8025)
+    # the checkout's own virtualenv, up to date, so the copy's `make install` has nothing to do
+    installed = make("install", env, ROOT, timeout=600)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    root = demo_copy(tmp_path)
+    conf = str(root / "supervisord.conf")
     try:
-        first = make("demo", env, timeout=800)
+        first = make("demo", env, root, timeout=800)
         out = first.stdout + first.stderr
         assert first.returncode == 0, out
         assert "20/20 confirmation emails, 17/17 tracking emails, 3/3 orders waiting" in out
         assert f"http://127.0.0.1:{port}   login: demo / pigeon-demo" in out
 
-        status = make("demo-status", env)
+        status = make("demo-status", env, root)
         assert status.returncode == 0, status.stdout + status.stderr
         states = {
             line.split()[0]: line.split()[1]
@@ -109,13 +144,13 @@ def test_make_demo_tells_the_story_and_make_demo_stop_ends_it() -> None:
         assert open_letters.json()["total"] >= 3
 
         # Running it again restarts the story; it never starts a second supervisord.
-        second = make("demo", env)
+        second = make("demo", env, root)
         assert second.returncode == 0, second.stdout + second.stderr
         assert "already running: restarting it" in second.stdout
-        assert len(supervisords()) == 1
+        assert len(supervisords(conf)) == 1
     finally:
-        stopped = make("demo-stop", env)
+        stopped = make("demo-stop", env, root)  # the copy's: only the demo started here
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-    assert supervisords() == []
+    assert supervisords(conf) == {}
     assert not port_taken(port)
-    assert "not running" in make("demo-status", env).stdout
+    assert "not running" in make("demo-status", env, root).stdout

@@ -130,9 +130,8 @@ async def test_a_broker_that_is_down_raises_dispatch_error_after_the_timeout(pre
     app = Pigeon(service="orders", settings=settings)
     started = time.monotonic()
     with pytest.raises(DispatchError) as info:
-        await app.dispatch_async(OrderPlaced(order_id="o-1"))
-    elapsed = time.monotonic() - started
-    assert 1.0 <= elapsed < 10
+        await asyncio.wait_for(app.dispatch_async(OrderPlaced(order_id="o-1")), 60)
+    assert time.monotonic() - started >= 1.0, "it kept trying for the dispatch timeout"
     assert "s3cret" not in str(info.value)
     assert "amqp://guest:***@127.0.0.1:1/" in str(info.value)
     assert info.value.__cause__ is not None

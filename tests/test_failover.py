@@ -16,7 +16,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from pigeon import Context, Pigeon
-from pigeon.connection import Connector
+from pigeon.connection import Connector, _with_heartbeat
 from pigeon.settings import Settings, broker_urls, mask_url
 from tests.conftest import AMQP_URL, AppFactory, Broker, RunWorker, eventually
 from tests.events import OrderPlaced
@@ -52,6 +52,14 @@ def test_pigeon_url_takes_several_full_urls_separated_by_commas() -> None:
     ]
     with pytest.raises(ValueError, match="PIGEON_URL is empty"):
         broker_urls(" , ")
+
+
+def test_a_cluster_connection_asks_for_a_short_heartbeat_unless_the_url_names_one() -> None:
+    assert _with_heartbeat("amqp://g:g@h:5701/vh", 5) == "amqp://g:g@h:5701/vh?heartbeat=5"
+    assert _with_heartbeat("amqps://h/vh?cafile=/ca.pem", 5) == (
+        "amqps://h/vh?cafile=/ca.pem&heartbeat=5"
+    )
+    assert _with_heartbeat("amqp://h/?heartbeat=30", 5) == "amqp://h/?heartbeat=30"
 
 
 def test_a_list_of_urls_is_masked_node_by_node() -> None:
@@ -99,7 +107,10 @@ async def test_no_node_answering_is_one_retryable_error_naming_every_node() -> N
     assert "secret" not in str(caught.value)
 
 
-async def test_a_node_that_accepts_but_never_answers_costs_only_the_connect_timeout() -> None:
+async def test_a_node_that_accepts_but_never_answers_is_not_waited_out() -> None:
+    """A partitioned or hung node: the next node is tried alongside it long before the
+    silent one's connect timeout (60 s here) runs out."""
+
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await reader.read()
@@ -110,7 +121,7 @@ async def test_a_node_that_accepts_but_never_answers_costs_only_the_connect_time
     port = server.sockets[0].getsockname()[1]
     connector = Connector(f"amqp://g:g@127.0.0.1:{port}/,{AMQP_URL}", name="t", shuffle=False)
     try:
-        connection = await asyncio.wait_for(connector.get(timeout=1), 10)
+        connection = await asyncio.wait_for(connector.get(timeout=60), 20)
         assert not connection.is_closed
         assert connector.url == AMQP_URL
     finally:
@@ -189,3 +200,29 @@ async def test_pigeon_topology_declare_skips_a_node_that_is_down(
     assert done.returncode == 0, done.stderr
     assert f"queue {app.service}.record" in done.stdout
     assert await broker.count(f"{app.service}.record") == 0, "declared on the live node"
+
+
+async def test_a_consumer_the_broker_cancelled_is_resubscribed_on_its_channel_at_once(
+    make_app: AppFactory, run_worker: RunWorker
+) -> None:
+    """What RabbitMQ does when a queue's leader moves away under a consumer (classic
+    mirrored queues, ``x-cancel-on-ha-failover``) or the queue is re-created: a
+    ``basic.cancel`` that aiormq answers by forgetting the consumer. Its own cancel
+    leaves the channel in exactly that state."""
+    app = make_app("resubscribe")
+    seen: list[str] = []
+
+    @app.listener(OrderPlaced)
+    async def record(event: OrderPlaced, ctx: Context) -> None:
+        seen.append(event.order_id)
+
+    worker = await run_worker(app)
+    (consumer,) = worker._consumers
+    await consumer.underlay.basic_cancel(consumer.tag)
+    with capture_logs() as logs:
+        await eventually(lambda: worker._consumers[0].tag != consumer.tag, 5, "a new subscription")
+    assert worker.connections == 1, "re-subscribed without reconnecting"
+    assert worker._consumers[0].channel is consumer.channel
+    assert "worker.resubscribed" in {entry["event"] for entry in logs}
+    await app.dispatch_async(OrderPlaced(order_id="after"))
+    await eventually(lambda: seen == ["after"], 15, "the event after the cancel handled")

@@ -14,6 +14,7 @@ from pigeon.idempotency import IdempotencyStore, open_store
 from tests.conftest import AppFactory, Broker, RunWorker, eventually, unique_settings
 from tests.events import OrderPlaced
 from tests.procs import (
+    drain_and_stop,
     recorded,
     recorder,
     start_listener,
@@ -131,7 +132,7 @@ async def test_two_listener_processes_on_one_queue_handle_each_id_once(
                 )
             )
         wait_recorded(rec, 200, timeout=60)
-        await asyncio.sleep(1.0)
+        assert await drain_and_stop(broker, f"{app.service}.record", procs) == [0, 0]
         done = recorded(rec)
         assert sorted(done) == sorted(ids), "each id handled once across both processes"
         assert all(log.read_text().count("message.handled") > 0 for log in logs), "both worked"

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aio_pika
@@ -49,6 +48,19 @@ def engine(db_url: str) -> Iterator[Engine]:
     engine.dispose()
 
 
+Cleanup = list[Callable[[], Awaitable[None]]]
+
+
+@pytest.fixture
+async def cleanup() -> AsyncIterator[Cleanup]:
+    """Undo steps run after the worker stopped (request it before ``run_worker``): a
+    relay still running must not see its tables dropped or its engine disposed."""
+    steps: Cleanup = []
+    yield steps
+    for step in reversed(steps):
+        await step()
+
+
 async def publish(broker: Broker, settings: Settings, event: Shipped, message_id: str) -> None:
     channel = await broker.connection.channel()
     exchange = await channel.get_exchange(settings.exchange)
@@ -71,6 +83,7 @@ async def test_an_inbox_listener_takes_effect_once_and_its_events_commit_with_it
     engine: Engine,
     prefix: str,
     make_app: AppFactory,
+    cleanup: Cleanup,
     run_worker: RunWorker,
     broker: Broker,
     settings: Settings,
@@ -80,6 +93,14 @@ async def test_an_inbox_listener_takes_effect_once_and_its_events_commit_with_it
     aengine = create_async_engine(async_url(db_url)) if kind == "async" else None
     box = Outbox(aengine or engine, table=f"ob_{prefix}", inbox_table=f"ib_{prefix}")
     box.create_tables() if aengine is None else await box.create_tables_async()
+
+    async def undo() -> None:
+        metadata.drop_all(engine)
+        box.metadata.drop_all(engine)
+        if aengine is not None:
+            await aengine.dispose()
+
+    cleanup.append(undo)
     app = make_app("stock")
     tries: Counter[str] = Counter()
 
@@ -111,25 +132,16 @@ async def test_an_inbox_listener_takes_effect_once_and_its_events_commit_with_it
 
     worker = await run_worker(app)
     reserved = await bind_queue(broker, settings, f"{prefix}.reserved", "outbox.test.reserved")
-    try:
-        for order_id, message_id in (("o-1", "m-1"), ("o-1", "m-1"), ("flaky", "m-2")):
-            await publish(broker, settings, Shipped(order_id=order_id), message_id)
-        await eventually(
-            lambda: worker.counts["acked"] == 2 and worker.counts["duplicate"] == 1,
-            message="two handled, one duplicate",
-        )
-        await wait_published(box)
-        messages = await drain_queue(reserved, 2)
-        with engine.connect() as conn:
-            rows = sorted(conn.execute(select(effects.c.message_id, effects.c.order_id)).all())
-    finally:
-        metadata.drop_all(engine)
-        if aengine is not None:
-            async with aengine.begin() as aconn:
-                await aconn.run_sync(box.metadata.drop_all)
-            await aengine.dispose()
-        else:
-            box.metadata.drop_all(engine)
+    for order_id, message_id in (("o-1", "m-1"), ("o-1", "m-1"), ("flaky", "m-2")):
+        await publish(broker, settings, Shipped(order_id=order_id), message_id)
+    await eventually(
+        lambda: worker.counts["acked"] == 2 and worker.counts["duplicate"] == 1,
+        message="two handled, one duplicate",
+    )
+    await wait_published(box)
+    messages = await drain_queue(reserved, 2)
+    with engine.connect() as conn:
+        rows = sorted(conn.execute(select(effects.c.message_id, effects.c.order_id)).all())
 
     assert rows == [("m-1", "o-1"), ("m-2", "flaky")]
     assert tries == {"o-1": 1, "flaky": 2}
@@ -153,12 +165,18 @@ async def test_the_idle_worker_relays_without_a_second_process(
     engine: Engine,
     prefix: str,
     make_app: AppFactory,
+    cleanup: Cleanup,
     run_worker: RunWorker,
     broker: Broker,
     settings: Settings,
 ) -> None:
     box = Outbox(engine, table=f"ob_{prefix}", inbox_table=f"ib_{prefix}")
     box.create_tables()
+
+    async def undo() -> None:
+        box.metadata.drop_all(engine)
+
+    cleanup.append(undo)
     app = make_app("stock")
     box.app = app
 
@@ -169,12 +187,8 @@ async def test_the_idle_worker_relays_without_a_second_process(
     seen = await bind_queue(broker, settings, f"{prefix}.seen")
     from sqlalchemy.orm import Session
 
-    try:
-        with Session(engine) as s, s.begin():
-            message_id = box.dispatch(s, Shipped(order_id="o-9"))
-        await wait_published(box)
-        (message,) = await drain_queue(seen, 1)
-    finally:
-        box.metadata.drop_all(engine)
+    with Session(engine) as s, s.begin():
+        message_id = box.dispatch(s, Shipped(order_id="o-9"))
+    await wait_published(box)
+    (message,) = await drain_queue(seen, 1)
     assert message.message_id == message_id
-    await asyncio.sleep(0)

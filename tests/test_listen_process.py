@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from pigeon import TopologyError, topology
-from tests.conftest import AppFactory, Broker, RunWorker
+from tests.conftest import AppFactory, Broker, RunWorker, eventually
 from tests.procs import (
     PIGEON,
     ROOT,
+    drain_and_stop,
     env_for,
     recorded,
     recorder,
@@ -52,8 +53,8 @@ async def test_two_thousand_events_from_another_process_arrive_exactly_once(
             [sys.executable, "-c", producer], env=env, capture_output=True, timeout=120, check=True
         )
         assert out.stdout.decode().strip().splitlines()[-1] == "2000"
-        handled = wait_recorded(tmp_path / "rec.txt", 2000, timeout=90)
-        time.sleep(0.5)
+        wait_recorded(tmp_path / "rec.txt", 2000, timeout=90)
+        assert await drain_and_stop(broker, f"{setup.app.service}.record", [proc]) == [0]
         handled = recorded(tmp_path / "rec.txt")
         assert len(handled) == 2000
         assert len(set(handled)) == 2000
@@ -169,7 +170,7 @@ async def test_a_killed_listener_leaves_only_its_unfinished_message_to_be_redeli
     proc = start_listener(env, "--shutdown-timeout", "1", log=log)
     try:
         wait_recorded(rec, before + 1, kind="start")
-        time.sleep(1.5)  # a wrongly redelivered fast message would show up by now
+        await drain_and_stop(broker, f"{app.service}.record", [proc])  # all it got, and no more
         assert recorded(rec, "start")[before:] == [hung]
     finally:
         stop(proc)
@@ -262,16 +263,17 @@ async def test_metrics_port_serves_prometheus_metrics_and_health(
         wait_for_log(log, "worker.consuming")
         await app.dispatch_async("test.order.placed", {"n": 1})
         wait_recorded(rec, 1)
-        time.sleep(0.3)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as health:
             assert health.status == 200
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
-            text = page.read().decode()
         queue = f"{app.service}.record"
-        assert (
-            f'pigeon_messages_total{{event="test.order.placed",outcome="acked",queue="{queue}"}} 1.0'
-            in text
-        )
+        counted = f'pigeon_messages_total{{event="test.order.placed",outcome="acked",queue="{queue}"}} 1.0'
+
+        def metrics() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+                return str(page.read().decode())
+
+        await eventually(lambda: counted in metrics(), message="the outcome counted")
+        text = metrics()
         assert f'pigeon_handler_duration_seconds_count{{queue="{queue}"}} 1.0' in text
         assert f'pigeon_in_flight{{queue="{queue}"}} 0.0' in text
     finally:

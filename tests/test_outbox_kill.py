@@ -1,9 +1,10 @@
 """kill -9 of the relay and of the consumer at random points: every committed event takes
-effect exactly once, and no rolled-back one ever does (PostgreSQL, real RabbitMQ)."""
+effect exactly once, and no rolled-back one ever does (PostgreSQL and SQLite, real RabbitMQ)."""
 
 from __future__ import annotations
 
 import random
+import socket
 import subprocess
 import threading
 import time
@@ -51,6 +52,12 @@ class Proc:
         self.proc.wait()
         self.kills += 1
 
+    def wait_started(self, marker: str, timeout: float = 30.0) -> None:
+        """Until this incarnation logged ``marker`` (with ``{pid}``): past its start-up, where
+        a SIGTERM would still find Python's default handler."""
+        assert self.proc is not None
+        wait_for_log(self.log, marker.format(pid=self.proc.pid), timeout)
+
     def stop(self) -> int:
         assert self.proc is not None
         if self.proc.poll() is None:
@@ -63,9 +70,14 @@ class Proc:
             raise
 
 
+@pytest.fixture(params=["postgresql", "sqlite"])
+def db_url(request: pytest.FixtureRequest, pg_name: str, tmp_path: Path) -> str:
+    return pg_url(pg_name) if request.param == "postgresql" else f"sqlite:///{tmp_path / 'shop.db'}"
+
+
 @pytest.fixture
-def engine(pg_name: str) -> Iterator[Engine]:
-    engine = create_engine(pg_url(pg_name))
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = create_engine(db_url)
     yield engine
     engine.dispose()
 
@@ -99,7 +111,7 @@ def killer(procs: list[Proc], rng: random.Random, until: threading.Event) -> Non
 
 
 def test_kill_9_of_relay_and_consumer_loses_and_repeats_nothing(
-    engine: Engine, pg_name: str, prefix: str, settings: Settings, broker: Broker, tmp_path: Path
+    engine: Engine, db_url: str, prefix: str, settings: Settings, broker: Broker, tmp_path: Path
 ) -> None:
     service = f"{prefix}-consumer"
     box = Outbox(
@@ -117,7 +129,7 @@ def test_kill_9_of_relay_and_consumer_loses_and_repeats_nothing(
     env = env_for(
         settings,
         service,
-        OUTBOX_TEST_DB=pg_url(pg_name),
+        OUTBOX_TEST_DB=db_url,
         OUTBOX_TEST_PREFIX=prefix,
         OUTBOX_TEST_LEASE=LEASE,
     )
@@ -125,7 +137,7 @@ def test_kill_9_of_relay_and_consumer_loses_and_repeats_nothing(
         [*PIGEON, "listen", "tests.apps.outbox_consumer:app"], env, tmp_path / "consumer.log"
     )
     relay = Proc(
-        [*PIGEON, "outbox", "relay", pg_url(pg_name), "--table", f"ob_{prefix}",
+        [*PIGEON, "outbox", "relay", db_url, "--table", f"ob_{prefix}",
          "--inbox-table", f"ib_{prefix}", "--lease", LEASE, "--batch-size", "50"],
         env,
         tmp_path / "relay.log",
@@ -156,6 +168,8 @@ def test_kill_9_of_relay_and_consumer_loses_and_repeats_nothing(
             time.sleep(0.2)
         with engine.connect() as conn:
             rows = conn.execute(select(effects.c.message_id)).scalars().all()
+        relay.wait_started(f'"relay": "{socket.gethostname()}:{{pid}}:')  # host:pid:random
+        consumer.wait_started('"pid": {pid}')
         assert relay.stop() == 0
         assert consumer.stop() == 0
     finally:

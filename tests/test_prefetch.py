@@ -92,3 +92,30 @@ async def test_default_prefetch_is_a_multiple_of_concurrency(
     finally:
         poller.cancel()
         release.set()
+
+
+async def test_a_graceful_stop_hands_back_prefetched_messages_without_running_them(
+    make_app: AppFactory, run_worker: RunWorker
+) -> None:
+    app = make_app("orders")
+    release = asyncio.Event()
+    started: list[str] = []
+
+    @app.listener(OrderPlaced, lease=60)
+    async def slow(event: OrderPlaced) -> None:
+        started.append(event.order_id)
+        await release.wait()
+
+    store = CountingStore()
+    worker = await run_worker(app, concurrency=1, store=store)
+    for i in range(3):
+        await app.dispatch_async(OrderPlaced(order_id=f"o-{i}"))
+    await eventually(lambda: store.claims == 3 and len(started) == 1, message="3 claimed, 1 run")
+    worker.stop("test")
+    release.set()
+    await eventually(lambda: not worker.ready.is_set(), message="the first worker stopped")
+    # Their claims were released, so another worker runs them now, not after the 60 s lease.
+    second = await run_worker(app, concurrency=1, store=store)
+    await eventually(lambda: sorted(started) == ["o-0", "o-1", "o-2"], message="all three ran")
+    await eventually(lambda: second.counts["acked"] == 2, message="the second acked two")
+    assert worker.counts["acked"] == 1

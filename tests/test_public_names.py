@@ -37,7 +37,7 @@ DOCUMENTED = {
     ],
     "pigeon.frames": ["Deliveries"],
     "pigeon.headers": ["TRACEPARENT"],
-    "pigeon.listener": ["Context", "Listener"],
+    "pigeon.listener": ["Context", "Listener", "ListenerApp"],
     "pigeon.messages": ["DispatchOptions", "Outcome", "OutcomeKind", "Outgoing"],
     "pigeon.metrics": ["serve_metrics"],
     "pigeon.middleware": [
@@ -58,6 +58,8 @@ DOCUMENTED = {
     "pigeon.tracing": ["PublishTracing", "Tracing"],
     "pigeon.asyncapi": ["build", "render"],
     "pigeon.worker": ["Worker"],
+    "pigeon.pipeline": ["Wrapper", "chain"],
+    "pigeon.idempotency.lease": ["Renewal"],
 }
 
 

@@ -7,6 +7,7 @@ default install (memory, SQLite) needs no extra.
 
 from __future__ import annotations
 
+from pigeon.errors import ConfigurationError
 from pigeon.idempotency.base import Claim, ClaimState, IdempotencyStore
 from pigeon.settings import IDEMPOTENCY_SCHEMES as _SCHEMES
 from pigeon.settings import mask_url
@@ -21,13 +22,16 @@ def open_store(url: str, *, retention: float = 7 * 24 * 3600) -> IdempotencyStor
     ``redis://host:port/db`` or ``rediss://``; ``postgresql://``,
     ``postgres://`` or ``postgresql+asyncpg://``.
 
-    Raises ``ValueError`` for an unknown scheme or a malformed SQLite URL, and
+    Raises :class:`~pigeon.errors.ConfigurationError` (a ``ValueError``) for an
+    unknown scheme or a malformed SQLite URL, and
     ``ImportError`` naming the extra to install when the driver is missing.
     Passwords in ``url`` never appear in either message.
     """
     scheme, sep, rest = url.partition("://")
     if not sep:
-        raise ValueError(f"idempotency URL has no scheme: it must start with one of {_SCHEMES}")
+        raise ConfigurationError(
+            f"idempotency URL has no scheme: it must start with one of {_SCHEMES}"
+        )
     scheme = scheme.lower()
     if scheme == "memory":
         from pigeon.idempotency.memory import MemoryStore
@@ -38,7 +42,7 @@ def open_store(url: str, *, retention: float = 7 * 24 * 3600) -> IdempotencyStor
 
         path = rest[1:].partition("?")[0]
         if not rest.startswith("/") or not path:
-            raise ValueError(
+            raise ConfigurationError(
                 f"idempotency URL {mask_url(url)} has no file path: use "
                 "sqlite:///relative/path.db or sqlite:////absolute/path.db"
             )
@@ -57,7 +61,7 @@ def open_store(url: str, *, retention: float = 7 * 24 * 3600) -> IdempotencyStor
             _explain_missing(exc, url, package="asyncpg", extra="postgres")
             raise
         return PostgresStore("postgresql://" + rest, retention=retention)
-    raise ValueError(
+    raise ConfigurationError(
         f"unsupported idempotency URL {mask_url(url)}: the scheme must be one of {_SCHEMES}"
     )
 

@@ -21,12 +21,15 @@ import abc
 import asyncio
 import enum
 import os
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Generic, Self, TypeVar
 
+from pigeon.errors import ConfigurationError
 from pigeon.idempotency.owner import owner
+
+T = TypeVar("T")
 
 OUTCOME_SUFFIX = "\x1foutcome"
 """Appended to a key for the row or entry that records its outcome."""
@@ -92,6 +95,67 @@ async def answer_each(
             future.set_result(result)
 
 
+class Batches(Generic[T]):
+    """The calls of one event-loop turn, grouped by kind, each group sent as one round trip.
+
+    The Redis store sends one pipeline per turn, the PostgreSQL store one
+    statement per kind (claims of one lease, done marks): both through this
+    one loop. ``send(kind, items)`` returns the answers in the order of
+    ``items``; :func:`answer_each` hands them to the callers.
+    """
+
+    __slots__ = ("_groups", "_max_sending", "_send", "_sending")
+
+    def __init__(
+        self,
+        send: Callable[[Hashable, list[T]], Awaitable[Sequence[Any]]],
+        *,
+        max_sending: int | None = None,
+    ) -> None:
+        self._send = send
+        self._max_sending = max_sending
+        self._groups: dict[Hashable, tuple[list[T], list[asyncio.Future[Any]]]] = {}
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def add(self, kind: Hashable, item: T) -> asyncio.Future[Any]:
+        """Add ``item`` to this turn's batch of ``kind``; the future is its answer."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._groups:
+            loop.call_soon(self.flush)
+        items, futures = self._groups.setdefault(kind, ([], []))
+        items.append(item)
+        futures.append(future)
+        return future
+
+    def flush(self) -> None:
+        """Send every batch collected so far (the end of the loop turn calls it).
+
+        With ``max_sending`` batches already in flight nothing is sent: what
+        was asked meanwhile waits and goes with the next batch when one is
+        answered (a group commit: fewer, fuller round trips under load).
+        """
+        if self._max_sending is not None and len(self._sending) >= self._max_sending:
+            return
+        groups, self._groups = self._groups, {}
+        for kind, (items, futures) in groups.items():
+            task = asyncio.ensure_future(answer_each(futures, self._send(kind, items)))
+            self._sending.add(task)
+            task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sending.discard(task)
+        if self._groups:
+            self.flush()
+
+    async def drain(self) -> None:
+        """Send what is collected and wait until every batch in flight is answered."""
+        while self._groups or self._sending:
+            self.flush()
+            if self._sending:
+                await asyncio.wait(set(self._sending))
+
+
 def new_token() -> str:
     """Return a fresh, unguessable claim token naming its owner.
 
@@ -114,7 +178,9 @@ class IdempotencyStore(abc.ABC):
 
     def __init__(self, *, retention: float) -> None:
         if not retention > 0:
-            raise ValueError(f"retention must be a positive number of seconds, got {retention!r}")
+            raise ConfigurationError(
+                f"retention must be a positive number of seconds, got {retention!r}"
+            )
         self.retention = float(retention)
 
     @abc.abstractmethod

@@ -6,14 +6,15 @@ with the server's ``now()``, so the hosts' clocks never need to agree.
 Claims and done marks are batched: those asked for during one turn of the
 event loop go to PostgreSQL as one statement over arrays (``unnest``), one
 round trip and one commit, and each caller gets its own answer after that
-commit. Under load one statement serves dozens of messages; alone, a call
-costs one statement as before.
+commit. While :data:`MAX_SENDING` statements are in flight, what is asked
+meanwhile waits and goes with the next one (a group commit, as in the SQLite
+store): under load one statement serves dozens of messages instead of many
+small statements queueing for the pool and a commit each; alone, a call costs
+one statement as before.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Coroutine
 from typing import Any
 
 import asyncpg
@@ -21,13 +22,16 @@ import asyncpg
 from pigeon.errors import ConfigurationError
 from pigeon.idempotency.base import (
     OUTCOME_SUFFIX,
+    Batches,
     Claim,
     ClaimState,
     IdempotencyStore,
-    answer_each,
     new_token,
 )
 from pigeon.settings import mask_url
+
+MAX_SENDING = 2
+"""Batch statements in flight at once per store; the next batch collects meanwhile."""
 
 _SCHEMA = """
 SELECT pg_advisory_xact_lock(hashtext('pigeon_idempotency'));
@@ -107,10 +111,8 @@ class PostgresStore(IdempotencyStore):
         self.dsn = dsn
         self.max_connections = max_connections
         self._pool: asyncpg.Pool | None = None
-        self._claims: dict[float, list[_Waiter]] = {}  # by lease: one statement per lease
-        self._dones: list[_Waiter] = []
-        self._scheduled = False
-        self._sending: set[asyncio.Task[None]] = set()
+        # one statement per kind and turn: claims of one lease (float), done marks (None)
+        self._batches: Batches[tuple[str, str]] = Batches(self._send, max_sending=MAX_SENDING)
 
     async def open(self) -> None:
         if self._pool is not None:
@@ -140,9 +142,7 @@ class PostgresStore(IdempotencyStore):
     async def close(self) -> None:
         if self._pool is None:
             return
-        self._flush()
-        if self._sending:
-            await asyncio.wait(set(self._sending))
+        await self._batches.drain()
         pool, self._pool = self._pool, None
         await pool.close()
 
@@ -151,7 +151,7 @@ class PostgresStore(IdempotencyStore):
         token = new_token()
         row = None
         while row is None:  # None: a concurrent claimer's row is not visible yet; ask again
-            row = await self._queue(self._claims.setdefault(float(lease), []), key, token)
+            row = await self._batches.add(float(lease), (key, token))
         won, state, retry_after, holder = row
         if won:
             return Claim(ClaimState.CLAIMED, token)
@@ -165,7 +165,7 @@ class PostgresStore(IdempotencyStore):
 
     async def done(self, key: str, token: str) -> None:
         self._opened()
-        await self._queue(self._dones, key, token)
+        await self._batches.add(None, (key, token))
 
     async def release(self, key: str, token: str) -> None:
         await self._opened().execute(_RELEASE, key, token)
@@ -188,51 +188,27 @@ class PostgresStore(IdempotencyStore):
             raise RuntimeError("PostgresStore is not open: await store.open() first")
         return self._pool
 
-    def _queue(self, waiters: list[_Waiter], key: str, token: str) -> asyncio.Future[Any]:
-        """Add ``key`` to this loop turn's batch; the future is its answer."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush)
-        waiters.append((key, token, future))
-        return future
+    async def _send(self, lease: object, pairs: list[tuple[str, str]]) -> list[Any]:
+        if isinstance(lease, float):
+            return await self._claim_many(lease, pairs)
+        return await self._done_many(pairs)
 
-    def _flush(self) -> None:
-        self._scheduled = False
-        claims, self._claims = self._claims, {}
-        dones, self._dones = self._dones, []
-        for lease, waiters in claims.items():
-            if waiters:
-                self._send(self._claim_many(lease, waiters), waiters)
-        if dones:
-            self._send(self._done_many(dones), dones)
-
-    def _send(self, work: Coroutine[Any, Any, list[Any]], waiters: list[_Waiter]) -> None:
-        futures = [future for _, _, future in waiters]
-        task = asyncio.ensure_future(answer_each(futures, work))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
-
-    async def _claim_many(self, lease: float, waiters: list[_Waiter]) -> list[Any]:
+    async def _claim_many(self, lease: float, pairs: list[tuple[str, str]]) -> list[Any]:
         """One claim per distinct key; a repeated key in the batch loses to its first."""
         first: dict[str, str] = {}
-        for key, token, _ in waiters:
+        for key, token in pairs:
             first.setdefault(key, token)
         rows = await self._opened().fetch(_CLAIM_MANY, list(first), list(first.values()), lease)
         by_key = {row[0]: (row[1], row[2], row[3], row[4]) for row in rows}
         answers: list[Any] = []
-        for key, token, _ in waiters:
+        for key, token in pairs:
             row = by_key.get(key)
             if row is not None and row[0] and first[key] != token:
                 row = (False, ClaimState.CLAIMED.value, lease, first[key])  # its first holds it
             answers.append(row)
         return answers
 
-    async def _done_many(self, waiters: list[_Waiter]) -> list[Any]:
-        last = {key: token for key, token, _ in waiters}  # a key once: PostgreSQL insists
+    async def _done_many(self, pairs: list[tuple[str, str]]) -> list[Any]:
+        last = dict(pairs)  # a key once: PostgreSQL insists
         await self._opened().execute(_DONE_MANY, list(last), list(last.values()), self.retention)
-        return [None] * len(waiters)
-
-
-_Waiter = tuple[str, str, "asyncio.Future[Any]"]
+        return [None] * len(pairs)

@@ -21,10 +21,10 @@ from redis.exceptions import NoScriptError
 
 from pigeon.idempotency.base import (
     OUTCOME_SUFFIX,
+    Batches,
     Claim,
     ClaimState,
     IdempotencyStore,
-    answer_each,
     new_token,
 )
 from pigeon.settings import mask_url
@@ -87,8 +87,7 @@ class RedisStore(IdempotencyStore):
         self.url = url
         self.max_connections = max_connections
         self._client: aioredis.Redis | None = None
-        self._queued: list[tuple[_Command, asyncio.Future[Any]]] = []
-        self._sending: set[asyncio.Task[None]] = set()
+        self._batches: Batches[_Command] = Batches(self._replies)
 
     async def open(self) -> None:
         if self._client is not None:
@@ -113,9 +112,7 @@ class RedisStore(IdempotencyStore):
         client = self._client
         if client is None:
             return
-        self._flush()
-        if self._sending:
-            await asyncio.wait(set(self._sending))
+        await self._batches.drain()
         self._client = None
         await _close(client)
 
@@ -158,31 +155,17 @@ class RedisStore(IdempotencyStore):
         """Queue ``command`` for this loop turn's pipeline; the future is its reply."""
         if self._client is None:
             raise RuntimeError("RedisStore is not open: await store.open() first")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        if not self._queued:
-            loop.call_soon(self._flush)
-        self._queued.append((command, future))
-        return future
+        return self._batches.add(None, command)
 
-    def _flush(self) -> None:
-        queued, self._queued = self._queued, []
-        if queued:
-            task = asyncio.ensure_future(self._send(queued))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
-
-    async def _send(self, queued: list[tuple[_Command, asyncio.Future[Any]]]) -> None:
-        await answer_each([future for _, future in queued], self._replies(queued))
-
-    async def _replies(self, queued: list[tuple[_Command, asyncio.Future[Any]]]) -> list[Any]:
+    async def _replies(self, _: object, commands: list[_Command]) -> list[Any]:
+        """One pipeline for this turn's ``commands``; their replies in order."""
         assert self._client is not None
         client = self._client
-        replies = await _pipeline(client, [command for command, _ in queued])
+        replies = await _pipeline(client, commands)
         lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if lost:  # Redis restarted or flushed its scripts since we loaded them
             await _load_scripts(client)
-            again = await _pipeline(client, [queued[i][0] for i in lost])
+            again = await _pipeline(client, [commands[i] for i in lost])
             for i, reply in zip(lost, again, strict=True):
                 replies[i] = reply
         return replies

@@ -30,13 +30,18 @@ from pigeon.outbox.tables import INBOX_TABLE, OUTBOX_TABLE, async_url, make_tabl
 
 if TYPE_CHECKING:
     from pigeon.app import Pigeon
-    from pigeon.listener import ListenerApp
+    from pigeon.listener import Context, Handler, ListenerApp
 
 _TX_INFO = "pigeon_outbox_tx"
 _WAKE_INFO = "pigeon_outbox_wake"
 
 DEFAULT_RETENTION = 3600.0
 """Seconds a published row is kept (for ``pigeon outbox status`` and forensics)."""
+NOTIFY_EVERY = 0.05
+"""Seconds between two NOTIFYs of one process: NOTIFY serializes the commits of the
+transactions that send it (PostgreSQL takes a database-wide lock until the commit is
+flushed), so a busy producer sends one per 50 ms and the relay, woken by it, keeps
+looking for a moment (``LINGER``) to pick up the transactions that did not notify."""
 DEFAULT_LEASE = 60.0
 """Seconds a relay's claim protects its rows from other relays."""
 
@@ -71,6 +76,7 @@ class Outbox:
         self.engine = engine
         self.app = app
         self.metadata, self.table, self.inbox = make_tables(table, inbox_table)
+        self._insert = insert(self.table)
         self.retention = retention
         self.lease = lease
         self.inbox_retention = inbox_retention
@@ -81,6 +87,7 @@ class Outbox:
             )
         self._relay_engine: AsyncEngine | None = engine if isinstance(engine, AsyncEngine) else None
         self._wakers: list[Callable[[], None]] = []
+        self._notified_at = -NOTIFY_EVERY
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -140,6 +147,41 @@ class Outbox:
             with self.engine.connect() as conn:
                 conn.exec_driver_sql("PRAGMA journal_mode=WAL")
 
+    # -- the inbox ---------------------------------------------------------------------
+
+    # For a listener registered with ``outbox=``, the processor runs the handler
+    # through run_sync (sync handler, sync Engine, in the handler's thread) or
+    # run_async (async handler, AsyncEngine). Each opens a transaction, inserts
+    # (queue, message_id) into pigeon_inbox and, unless that row already existed (a
+    # duplicate: the handler does not run), runs the handler with ctx.session bound
+    # to the transaction; ctx.dispatch stores into the outbox in it. The transaction
+    # commits before the message is acked; an exception rolls back the effect, the
+    # inbox row and the outgoing events alike, and the retry policy takes over.
+
+    def run_sync(self, ctx: Context, handler: Handler, *args: Any) -> bool:
+        """Run a sync handler in the inbox transaction; False if it was handled before."""
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():  # type: ignore[arg-type]
+            if not self.record(session, ctx.queue, ctx.message_id):
+                return False
+            ctx.bind_session(self, session)
+            try:
+                handler(*args)
+            finally:
+                ctx.bind_session(None, None)
+        return True
+
+    async def run_async(self, ctx: Context, handler: Handler, *args: Any) -> bool:
+        """Run an async handler in the inbox transaction; False if it was handled before."""
+        async with AsyncSession(self.engine, expire_on_commit=False) as session, session.begin():  # type: ignore[arg-type]
+            if not await self.record_async(session, ctx.queue, ctx.message_id):
+                return False
+            ctx.bind_session(self, session)
+            try:
+                await handler(*args)
+            finally:
+                ctx.bind_session(None, None)
+        return True
+
     # -- dispatch --------------------------------------------------------------------
 
     def dispatch(
@@ -168,7 +210,7 @@ class Outbox:
             app, event, payload, message_id, correlation_id, causation_id, headers
         )
         row, notify = self._row(session, outgoing, key)
-        session.execute(insert(self.table).values(**row))
+        session.execute(self._insert, row)
         if notify:
             session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": self.channel})
         return outgoing.message_id
@@ -193,7 +235,7 @@ class Outbox:
             app, event, payload, message_id, correlation_id, causation_id, headers
         )
         row, notify = self._row(session.sync_session, outgoing, key)
-        await session.execute(insert(self.table).values(**row))
+        await session.execute(self._insert, row)
         if notify:
             await session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": self.channel})
         return outgoing.message_id
@@ -229,8 +271,12 @@ class Outbox:
         info = session.info.get(_TX_INFO)
         if info is None or info[0] is not tx:
             info = session.info[_TX_INFO] = (tx, uuid.uuid4().hex, [False])
-        notify = self.dialect == "postgresql" and not info[2][0]
-        info[2][0] = True
+        notify = False
+        if self.dialect == "postgresql" and not info[2][0]:
+            info[2][0] = True
+            now = time.monotonic()
+            if now - self._notified_at >= NOTIFY_EVERY:
+                self._notified_at, notify = now, True
         if self._wakers:
             session.info[_WAKE_INFO] = self
         stamp = out.timestamp.timestamp() if out.timestamp is not None else time.time()

@@ -35,20 +35,22 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import structlog
 from prometheus_client import Gauge
 from sqlalchemy import Row, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from pigeon.dispatch import Outgoing
+from pigeon.errors import ConfigurationError
+from pigeon.logs import get_logger
 from pigeon.metrics import DISPATCHED
 from pigeon.outbox.box import Outbox
 from pigeon.outbox.tables import listen_dsn
 
 if TYPE_CHECKING:
     from pigeon.app import Pigeon
+    from pigeon.listener import TransactionalOutbox
 
-log = structlog.get_logger("pigeon")
+log = get_logger("pigeon")
 
 PENDING = Gauge("pigeon_outbox_pending", "Outbox rows not yet published.", ["table"])
 LAG = Gauge(
@@ -57,6 +59,10 @@ LAG = Gauge(
 
 MAINTENANCE_INTERVAL = 60.0
 METRICS_INTERVAL = 5.0
+LINGER = 1.0
+"""Seconds a relay that just found rows keeps looking every ``FAST_POLL``: producers
+NOTIFY at most every 50 ms, so the transactions in between are found this way."""
+FAST_POLL = 0.025
 CONTENDED_WAIT = 0.05
 """Seconds to wait after a claim left rows to another relay: they free up without a NOTIFY."""
 
@@ -101,6 +107,7 @@ class Relay:
         self._listener: Any = None
         self._failures = 0
         self._contended = False
+        self._linger_until = 0.0
         self._maintained = 0.0
         self._measured = 0.0
         table = outbox.table
@@ -145,12 +152,13 @@ class Relay:
             while not self._stopping.is_set():
                 await self._ensure_listening()
                 self._wake.clear()
+                batch = self._batch = asyncio.ensure_future(self._pump())
                 try:
-                    self._batch = asyncio.ensure_future(self.relay_once())
-                    count = await self._batch
+                    count = await batch
                     await self._maintain()
                 except asyncio.CancelledError:
-                    if not self._stopping.is_set() or (self._batch and not self._batch.done()):
+                    if not self._stopping.is_set() or not batch.done():
+                        batch.cancel()  # run() itself was cancelled: no orphan batch
                         raise
                     break
                 except Exception as exc:
@@ -158,13 +166,22 @@ class Relay:
                     continue
                 self._failures = 0
                 self.ready.set()
-                if count < self.batch_size:
-                    await self._idle(CONTENDED_WAIT if self._contended else self.poll_interval)
+                if count:
+                    self._linger_until = time.monotonic() + LINGER
+                await self._idle(self._next_look())
         finally:
             self.outbox.remove_waker(self.wake)
             await self._stop_listening()
         log.info("outbox.relay_stopped", table=self.outbox.table.name, published=self.published)
         return 0
+
+    def _next_look(self) -> float:
+        """Seconds until the next claim when nothing wakes the relay."""
+        if self._contended:
+            return CONTENDED_WAIT
+        if time.monotonic() < self._linger_until:
+            return FAST_POLL
+        return self.poll_interval
 
     async def _idle(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -173,6 +190,7 @@ class Relay:
     async def _back_off(self, exc: BaseException) -> None:
         """Wait 0.5 s, 1 s, 2 s ... up to ``max_backoff`` (with jitter) after a failure."""
         self._failures += 1
+        self.ready.clear()  # /healthz answers 503 until a round succeeds again
         delay = min(0.5 * 2 ** (self._failures - 1), self.max_backoff)
         delay *= random.uniform(0.8, 1.2)
         log.warning(
@@ -193,13 +211,48 @@ class Relay:
         A batch the broker did not confirm is released (for this relay or
         another to retry) and the error is raised.
         """
-        rows = await self._claim()
+        return await self._send(await self._claim())
+
+    async def _pump(self) -> int:
+        """Relay batches until a claim comes back short; returns the rows published.
+
+        The next batch is claimed while the last one waits for its confirms, so
+        the database and the broker work at the same time. Per-key order holds:
+        a claim skips every key whose earlier row is still in flight here.
+        """
+        total = 0
+        in_flight: asyncio.Future[int] | None = None
+        try:
+            while not self._stopping.is_set():
+                rows = await self._claim()
+                if not rows and self._contended and in_flight is not None:
+                    total += await in_flight  # its keys block the rest: let it land first
+                    in_flight = None
+                    continue
+                sending = asyncio.ensure_future(self._send(rows)) if rows else None
+                if in_flight is not None:
+                    total += await in_flight
+                in_flight = sending
+                if len(rows) < self.batch_size:
+                    break
+            if in_flight is not None:
+                total += await in_flight
+                in_flight = None
+        finally:
+            if in_flight is not None:  # an error or a cancel: the other batch gives back its rows
+                in_flight.cancel()
+                await asyncio.gather(in_flight, return_exceptions=True)
+        return total
+
+    async def _send(self, rows: list[Row[Any]]) -> int:
         if not rows:
             return 0
         batch = [self._outgoing(row) for row in rows]
         ids = [row.id for row in rows]
         try:
-            await self._publish(batch)
+            # an outage must not outlive the lease: past half of it, the rows go back
+            async with asyncio.timeout(self.lease / 2):
+                await self._publish(batch)
         except BaseException:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._release(ids))
@@ -225,6 +278,9 @@ class Relay:
         """Lease the next rows this relay may publish without breaking any key's order."""
         table = self.outbox.table
         now = time.time()
+        claimable = or_(table.c.claimed_until.is_(None), table.c.claimed_until < now)
+        if self.outbox.dialect == "sqlite" and not await self._any_pending(claimable):
+            return []
         async with self.outbox.relay_engine().begin() as conn:
             if self.outbox.dialect == "sqlite":  # take the write lock first: claims queue up
                 await conn.execute(
@@ -232,10 +288,7 @@ class Relay:
                 )
             query = (
                 select(*self._columns)
-                .where(
-                    table.c.published_at.is_(None),
-                    or_(table.c.claimed_until.is_(None), table.c.claimed_until < now),
-                )
+                .where(table.c.published_at.is_(None), claimable)
                 .order_by(table.c.id)
                 .limit(self.batch_size)
             )
@@ -255,6 +308,15 @@ class Relay:
                     .values(claimed_by=self.name, claimed_until=now + self.lease)
                 )
             return rows
+
+    async def _any_pending(self, claimable: Any) -> bool:
+        """SQLite: a read-only look first, so an idle relay never takes the write lock."""
+        table = self.outbox.table
+        async with self.outbox.relay_engine().connect() as conn:
+            found = await conn.execute(
+                select(table.c.id).where(table.c.published_at.is_(None), claimable).limit(1)
+            )
+            return found.first() is not None
 
     async def _in_key_order(self, conn: AsyncConnection, rows: list[Row[Any]]) -> list[Row[Any]]:
         """Of ``rows``, those whose every earlier pending row of the same key is in ``rows``."""
@@ -416,9 +478,17 @@ class RelayGroup:
         self.tasks = [asyncio.ensure_future(relay.run()) for relay in relays]
 
     @classmethod
-    def start(cls, app: Pigeon, outboxes: Sequence[Outbox]) -> RelayGroup:
-        unique = list({id(box): box for box in outboxes}.values())
-        return cls([Relay(box, app=app) for box in unique])
+    def start(cls, app: Pigeon, outboxes: Sequence[TransactionalOutbox]) -> RelayGroup:
+        """Relays for the distinct ``outboxes``; each must be a :class:`Outbox`."""
+        unique: dict[int, Outbox] = {}
+        for box in outboxes:
+            if not isinstance(box, Outbox):
+                raise ConfigurationError(
+                    f"pigeon listen can relay only a pigeon.outbox.Outbox, not {box!r}: "
+                    "pass outbox=Outbox(engine) to the listener"
+                )
+            unique[id(box)] = box
+        return cls([Relay(box, app=app) for box in unique.values()])
 
     async def stop(self) -> None:
         """Let each relay finish its batch in hand, then wait for it."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 
@@ -117,7 +116,7 @@ async def test_try_again_reaches_only_the_original_queue(
         mail_seen.append(ctx.message_id)
 
     await run_worker(billing)
-    await run_worker(mail)
+    mail_worker = await run_worker(mail)
     message_id = await billing.dispatch_async("order.placed", {"order_id": "o-1"})
     (letter,) = await letters_when(thief.store, 1)
     await eventually(lambda: mail_seen == [message_id])
@@ -133,7 +132,7 @@ async def test_try_again_reaches_only_the_original_queue(
     assert ctx.headers[headers.REPLAYED_BY] == "api-token"
     assert headers.REASON not in ctx.headers
     assert headers.TRACEBACK not in ctx.headers
-    await asyncio.sleep(0.5)
+    await mail_worker.join(timeout=30)
     assert mail_seen == [message_id]  # the other subscriber did not get it again
     detail = (await client.get(f"/api/dead-letters/{letter.id}")).json()
     assert [(h["actor"], h["action"], h["result"]) for h in detail["history"]] == [
