@@ -26,6 +26,7 @@ from letterthief.queries import Filters
 from letterthief.replay import ReplayError
 from letterthief.service import LetterThief
 from letterthief.settings import LetterThiefSettings, is_loopback
+from letterthief.store import StoreUnavailable
 from pigeon.errors import SettingsError
 from pigeon.logs import configure_logging, get_logger
 from pigeon.settings import Settings, mask_url
@@ -60,7 +61,10 @@ def _run(work: Callable[[LetterThief], Awaitable[T]], *, quiet: bool = True) -> 
         finally:
             await thief.stop()
 
-    return asyncio.run(go())
+    try:
+        return asyncio.run(go())
+    except StoreUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @click.group()
@@ -93,8 +97,8 @@ def serve(host: str, port: int) -> None:
     listening = _bind(host, port)
     try:
         asyncio.run(_serve(settings, pigeon, listening))
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from exc
+    except ValueError as exc:  # StoreUnavailable included
+        raise click.ClickException(str(exc)) from None
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -107,8 +107,15 @@ def check(out: Outgoing) -> None:
     try:
         frames.publish_method(1, out.exchange, out.routing_key, mandatory=True)
         frames.content(1, out, MAX_CONTENT)
+        size = 14 + len(frames.properties(out)[1])  # class, weight, body size, flags
     except Exception as exc:
         raise Unencodable(
             f"the letter cannot be encoded as an AMQP message ({type(exc).__name__}: {exc}); "
             "the letter stays open"
         ) from exc
+    if size > MAX_CONTENT - 8:  # the broker would close the whole connection, not refuse it
+        raise Unencodable(
+            f"the letter's properties and headers take {size} bytes with the replay marks, "
+            f"over the {MAX_CONTENT - 8} of one AMQP frame; the letter stays open. Archive "
+            "it, or replay a copy without its largest headers from a shell."
+        )

@@ -20,7 +20,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Table, bindparam, delete, event, func, insert, select, update
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 from letterthief.models import Action, Letter, Occurrence, Status, utcnow
@@ -161,6 +161,10 @@ def make_engine(url: str) -> AsyncEngine:
     return engine
 
 
+class StoreUnavailable(ValueError):
+    """The database could not be opened; the message names it and the setting to fix."""
+
+
 class Store(Queries):
     """Writes and reads letters; :class:`Queries` holds the read side."""
 
@@ -171,9 +175,20 @@ class Store(Queries):
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 
     async def open(self) -> None:
-        """Apply the migrations up to head (idempotent)."""
-        async with self.engine.begin() as conn:
-            await conn.run_sync(_upgrade)
+        """Apply the migrations up to head (idempotent).
+
+        Raises :class:`StoreUnavailable` (a ``ValueError``) in one line naming the
+        database when it cannot be reached or opened (missing, refused, no file).
+        """
+        try:
+            async with self.engine.begin() as conn:
+                await conn.run_sync(_upgrade)
+        except (DBAPIError, OSError) as exc:
+            cause = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+            raise StoreUnavailable(
+                f"cannot open the database {self.masked_url}: {cause}. Create it, start it, "
+                "or fix LETTERTHIEF_DATABASE_URL"
+            ) from exc
         log.info("store.ready", url=self.masked_url)
 
     async def close(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import inspect
 import json
 import uuid
 from collections.abc import Mapping
@@ -135,6 +136,17 @@ async def _settled(store: IdempotencyStore, delivery: Delivery) -> bool:
         log.warning("idempotency.store_failed", key=delivery.key, error=repr(exc))
         return False
     return settled is not None and delivery.attempt <= settled
+
+
+def _not_awaitable(listener: Listener, result: object) -> None:
+    """A plain ``def`` that returned a coroutine ran nothing: a failure, never "handled"."""
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()
+        raise TypeError(
+            f"listener {listener.name} is a plain def that returned {type(result).__name__}; "
+            "nothing awaited it: declare the handler async def"
+        )
 
 
 def _is_json(content_type: str | None) -> bool:
@@ -413,7 +425,7 @@ class Processor:
                     call = functools.partial(
                         contextvars.copy_context().run, listener.handler, *args
                     )
-                    await loop.run_in_executor(self.executor, call)
+                    _not_awaitable(listener, await loop.run_in_executor(self.executor, call))
         except TimeoutError as exc:
             if not scope.expired():
                 raise

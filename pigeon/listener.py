@@ -326,8 +326,15 @@ def inspect_handler(
     """
     if not callable(handler):
         raise ConfigurationError(f"listener handler {handler!r} is not callable")
-    is_async = inspect.iscoroutinefunction(handler)
     name = getattr(handler, "__qualname__", repr(handler))
+    call = handler if inspect.isroutine(handler) else getattr(handler, "__call__", handler)  # noqa: B004
+    # an object whose __call__ is async is awaited too: run in a thread, its coroutine never ran
+    is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(call)
+    if inspect.isasyncgenfunction(call) or inspect.isgeneratorfunction(call):
+        raise ConfigurationError(
+            f"listener {name} is a generator function: calling it runs nothing; "
+            f"use a plain (async) def; accepted shapes: {SHAPES}"
+        )
     parameters = inspect.signature(handler).parameters.values()
     params = [
         p
@@ -381,4 +388,6 @@ def check_fallback(func: Callable[..., Any]) -> None:
 
 def default_listener_name(handler: Handler) -> str:
     """``send_confirmation`` → ``send-confirmation``: the listener part of a queue name."""
-    return handler.__name__.replace("_", "-")
+    inner = getattr(handler, "func", handler)  # functools.partial
+    name = getattr(inner, "__name__", None) or type(handler).__name__
+    return name.replace("_", "-")

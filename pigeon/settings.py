@@ -83,12 +83,10 @@ class Settings(BaseSettings):
     @classmethod
     def _store_url(cls, value: str) -> str:
         """An unknown store is refused here, in one line, not as a traceback at listen."""
-        from pigeon.idempotency import _SCHEMES  # pigeon.idempotency imports this module
-
         scheme, sep, rest = value.partition("://")
         known = ("memory", "sqlite", "redis", "rediss", "postgresql", "postgres")
         if not sep or scheme.lower() not in (*known, "postgresql+asyncpg"):
-            raise ValueError(f"use one of {_SCHEMES}")
+            raise ValueError(f"use one of {IDEMPOTENCY_SCHEMES}")
         if scheme.lower() == "sqlite" and (not rest.startswith("/") or rest == "/"):
             raise ValueError("use sqlite:///relative/path.db or sqlite:////absolute/path.db")
         return value
@@ -102,6 +100,7 @@ class Settings(BaseSettings):
 
 
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+IDEMPOTENCY_SCHEMES = "memory://, sqlite:///path, redis://, rediss://, postgresql://, postgres://"
 
 
 def settings_error(exc: ValidationError, prefix: str) -> SettingsError:

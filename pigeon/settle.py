@@ -23,18 +23,13 @@ from pigeon.listener import Listener
 from pigeon.logs import get_logger
 from pigeon.messages import Outgoing
 from pigeon.retry import tier_queue
-from pigeon.tables import normalise_headers
+from pigeon.tables import MAX_HEADER_BYTES, normalise_headers
 
 log = get_logger("pigeon")
 
 SETTLE_TIMEOUT = 10.0
 """Seconds a retry copy or dead letter may take to be confirmed before the original
 is handed back to the broker instead (it is redelivered later)."""
-
-
-MAX_HEADER_BYTES = 120 * 1024
-"""What the headers of a copy may take of a content header frame (RabbitMQ's default
-``frame_max`` is 128 KiB; the other properties take at most a few hundred bytes more)."""
 
 
 def _encodable(headers: dict[str, Any], delivery: Delivery) -> dict[str, Any]:

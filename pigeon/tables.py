@@ -75,14 +75,29 @@ def encode_table(table: Mapping[str, Any]) -> bytes:
     return _LONG.pack(len(data)) + data
 
 
+MAX_HEADER_BYTES = 120 * 1024
+"""What the headers of a message may take of a content header frame (RabbitMQ's default
+``frame_max`` is 128 KiB; the other properties take at most a few hundred bytes more).
+A content header that does not fit makes the broker close the whole connection."""
+
+
 def check_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A copy of ``headers`` after checking every key and value can be encoded.
+    """A copy of ``headers`` after checking every key and value can be encoded,
+    and that together they fit in one frame (:data:`MAX_HEADER_BYTES`).
 
     Raises :class:`InvalidHeaderError` (a :class:`~pigeon.DispatchError` and a
-    ``ValueError``) naming the key and what is wrong with it.
+    ``ValueError``) naming the key and what is wrong with it (for a table too
+    large, its largest header).
     """
     out = dict(headers or {})
-    encode_table(out)
+    size = len(encode_table(out))
+    if size > MAX_HEADER_BYTES:
+        largest = max(out, key=lambda k: len(encode_table({k: out[k]})))
+        raise InvalidHeaderError(
+            largest,
+            f"the headers take {size} bytes, over the {MAX_HEADER_BYTES} that fit in one "
+            "AMQP frame (the broker would close the connection); this is the largest",
+        )
     return out
 
 

@@ -27,13 +27,20 @@ from typing import Any
 from aio_pika.abc import AbstractChannel
 from aiormq.abc import AbstractChannel as AmqpChannel
 from aiormq.abc import DeliveredMessage
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    retry_if_not_exception_type,
+    wait_exponential_jitter,
+)
 
 from pigeon import idle, topology
 from pigeon.acks import Acker
 from pigeon.app import Pigeon, Runtime
 from pigeon.delivery import Delivery, NotStarted, Outcome, OutcomeKind, Processor
 from pigeon.dispatch import RETRYABLE
+from pigeon.errors import ConfigurationError
 from pigeon.frames import attach_deliveries
 from pigeon.hints import hint_competitors
 from pigeon.idempotency import IdempotencyStore, open_store
@@ -357,7 +364,8 @@ class Worker:
             )
 
         return AsyncRetrying(
-            retry=retry_if_exception_type(errors),
+            # a configuration error (a refused store or broker login) is never retried
+            retry=retry_if_exception_type(errors) & retry_if_not_exception_type(ConfigurationError),
             wait=wait_exponential_jitter(multiplier=0.5, max=30.0, jitter=1.0),
             stop=lambda _: self._stopping.is_set(),
             sleep=self._sleep,

@@ -6,16 +6,21 @@ field tables can use each type RabbitMQ accepts, not only those pika writes.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pigeon import Context, Retry, headers
-from tests.conftest import AppFactory, Broker, RunWorker
+from pigeon.errors import ConfigurationError, InvalidHeaderError
+from tests.conftest import AppFactory, Broker, RunWorker, eventually
 from tests.hostile import publish
-from tests.procs import PIGEON, ROOT
+from tests.procs import PIGEON, ROOT, env_for
 from tests.rawamqp import (
     DELIVERY_MODE,
     HEADERS,
@@ -132,3 +137,102 @@ async def test_a_second_copy_of_a_finished_try_runs_nothing(
     assert sentinel.message_id == "m-sentinel", "no second dead letter of m-copy"
     assert fallbacks == ["m-copy", "m-sentinel"]
     assert runs == [2, 1, 2], "the second copy of attempt 2 did not run the handler"
+
+
+async def test_dispatch_refuses_headers_too_large_for_a_frame_without_dropping_the_connection(
+    make_app: AppFactory,
+) -> None:
+    app = make_app("shop")
+    await app.dispatch_async("test.order.placed", {}, message_id="before")
+    huge = {f"k{i:05}": "vvvv" for i in range(8300)}  # 132 KB: over RabbitMQ's 128 KiB frame
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(InvalidHeaderError, match="frame") as caught:
+        await app.dispatch_async("test.order.placed", {}, headers=huge)
+    assert loop.time() - started < 2, "refused before publishing, not retried until the timeout"
+    assert "Nothing was published" in str(caught.value)
+    await app.dispatch_async("test.order.placed", {}, message_id="after")
+
+
+class _Booker:
+    """A handler object: an instance whose ``__call__`` is a coroutine function."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    async def __call__(self, payload: dict[str, Any], ctx: Context) -> None:
+        self.seen.append(ctx.message_id)
+
+
+async def test_a_callable_object_or_partial_handler_runs_for_each_message(
+    make_app: AppFactory, run_worker: RunWorker, broker: Broker
+) -> None:
+    app = make_app("ledger")
+    booker = _Booker()
+    partial_seen: list[str] = []
+
+    async def book(payload: dict[str, Any], ctx: Context, into: list[str]) -> None:
+        into.append(ctx.message_id)
+
+    app.listener("test.order.placed", name="booker")(booker)
+    app.listener("test.order.placed", name="partial")(functools.partial(book, into=partial_seen))
+    await run_worker(app)
+    await publish(app.settings.exchange, "test.order.placed", message_id="m-obj")
+    await eventually(lambda: booker.seen == ["m-obj"] and partial_seen == ["m-obj"])
+
+
+def test_a_generator_handler_is_refused_at_registration(make_app: AppFactory) -> None:
+    app = make_app("ledger")
+
+    async def streams(payload: dict[str, Any]) -> AsyncIterator[int]:
+        yield 1
+
+    def yields(payload: dict[str, Any]) -> Iterator[int]:
+        yield 1
+
+    for handler in (streams, yields):
+        with pytest.raises(ConfigurationError, match="generator"):
+            app.listener("test.order.placed")(handler)
+
+
+async def test_a_plain_def_returning_a_coroutine_fails_loudly_not_acked_as_handled(
+    make_app: AppFactory, run_worker: RunWorker, broker: Broker
+) -> None:
+    app = make_app("ledger")
+    ran: list[str] = []
+
+    async def book(payload: dict[str, Any]) -> None:
+        ran.append("booked")
+
+    app.listener("test.order.placed", name="wrapped", retry=Retry(attempts=1))(
+        lambda payload: book(payload)
+    )
+    await run_worker(app)
+    await publish(app.settings.exchange, "test.order.placed", message_id="m-lambda")
+    letter = await broker.get(app.settings.dead_letter_queue)
+    assert letter.headers[headers.REASON] == "handler-error"
+    assert "async def" in str(letter.headers[headers.EXCEPTION_MESSAGE])
+    assert ran == []
+
+
+def test_an_idempotency_database_that_does_not_exist_stops_listen_with_one_line(
+    make_app: AppFactory, broker: Broker, tmp_path: Path
+) -> None:
+    app = make_app("ledger")
+    broker.track(app.settings)
+    url = "postgresql://postgres@127.0.0.1:5432/attack_no_such_db"
+    env = env_for(app.settings, "ledger", PIGEON_IDEMPOTENCY_URL=url)
+    result = subprocess.run(
+        [*PIGEON, "listen", "tests.apps.recorder:app"],
+        env={**env, "RECORDER_FILE": str(tmp_path / "rec.txt")},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 78, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "attack_no_such_db" in last
+    assert "does not exist" in last
+    assert "PIGEON_IDEMPOTENCY_URL" in last

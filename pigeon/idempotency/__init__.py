@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from pigeon.errors import ConfigurationError
 from pigeon.idempotency.base import Claim, ClaimState, IdempotencyStore
+from pigeon.settings import IDEMPOTENCY_SCHEMES as _SCHEMES
 from pigeon.settings import mask_url
 
 __all__ = ["Claim", "ClaimState", "IdempotencyStore", "open_store"]
-
-_SCHEMES = "memory://, sqlite:///path, redis://, rediss://, postgresql://, postgres://"
 
 
 def open_store(url: str, *, retention: float = 7 * 24 * 3600) -> IdempotencyStore:

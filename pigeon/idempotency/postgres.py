@@ -19,6 +19,7 @@ from typing import Any
 
 import asyncpg
 
+from pigeon.errors import ConfigurationError
 from pigeon.idempotency.base import (
     OUTCOME_SUFFIX,
     Batches,
@@ -87,6 +88,10 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     """Skip asyncpg's per-release ``RESET ALL``: no query here changes session state."""
 
 
+_REFUSED = (asyncpg.InvalidCatalogNameError, asyncpg.InvalidAuthorizationSpecificationError)
+"""A database that does not exist, a user refused (wrong password, no such role)."""
+
+
 class PostgresStore(IdempotencyStore):
     """Keys in table ``pigeon_idempotency``, reached through an asyncpg pool.
 
@@ -116,6 +121,11 @@ class PostgresStore(IdempotencyStore):
             pool = await asyncpg.create_pool(
                 self.dsn, min_size=1, max_size=self.max_connections, reset=_keep_session
             )
+        except _REFUSED as exc:  # no retry can cure these: a configuration error
+            raise ConfigurationError(
+                f"the PostgreSQL idempotency store at {mask_url(self.dsn)} refused: {exc}. "
+                "Create the database or grant the user, or fix PIGEON_IDEMPOTENCY_URL."
+            ) from None
         except (OSError, asyncpg.PostgresError) as exc:
             raise ConnectionError(
                 f"cannot open the PostgreSQL idempotency store at {mask_url(self.dsn)}: {exc}. "

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from pathlib import Path
 
 import httpx
 import pytest
@@ -133,3 +137,44 @@ async def test_letters_of_every_field_type_are_shown_and_replayed_or_refused(
         ]
         assert (await client.post(f"/api/dead-letters/{good.id}/retry")).status_code == 200
     assert await broker.wait_count(queue, sent + 1) == sent + 1
+
+
+async def test_a_letter_whose_headers_fill_a_frame_is_refused_at_once_not_after_a_timeout(
+    thief: LetterThief, settings: Settings, broker: Broker
+) -> None:
+    queue = await declare(broker, f"{broker.prefix}.charge")
+    fields = [(f"k{i:05}".encode(), b"S" + longstr(b"vvvv")) for i in range(8186)]
+    big = _letter(queue, b"big", *fields)  # fits the broker's frame, not with replay marks
+    await publish_raw(settings.dead_letter_exchange, [big, _letter(queue, b"good")])
+    letters = {x.message_id: x for x in await letters_when(thief.store, 2)}
+    async with api(thief) as client:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        response = await client.post(f"/api/dead-letters/{letters['big'].id}/retry")
+        assert response.status_code == 422, response.text
+        assert "frame" in response.json()["detail"]
+        assert loop.time() - started < 3
+        good = await client.post(f"/api/dead-letters/{letters['good'].id}/retry")
+        assert good.status_code == 200, good.text
+    assert await broker.wait_count(queue, 1) == 1
+
+
+@pytest.mark.parametrize("command", [["list"], ["serve", "--port", "5741"]])
+def test_a_database_that_does_not_exist_is_one_line_not_a_traceback(
+    command: list[str], tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIGEON_", "LETTERTHIEF_"))}
+    env["LETTERTHIEF_DATABASE_URL"] = "postgresql://postgres@127.0.0.1:5432/attack_no_such_db"
+    env["PIGEON_LOG_FORMAT"] = "json"
+    result = subprocess.run(
+        [sys.executable, "-m", "letterthief", *command],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if "attack_no_such_db" in line]
+    assert any("does not exist" in line and "LETTERTHIEF_DATABASE_URL" in line for line in errors)
