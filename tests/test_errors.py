@@ -94,4 +94,4 @@ def test_listen_with_an_unknown_idempotency_scheme_exits_78_with_one_line() -> N
     assert proc.returncode == 78, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("pigeon: unsupported idempotency URL x://somewhere")
+    assert lines[0].startswith("pigeon: PIGEON_IDEMPOTENCY_URL='x://somewhere' is invalid")
