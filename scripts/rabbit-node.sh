@@ -25,7 +25,7 @@ set -euo pipefail
 
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 readonly BASE=${PIGEON_RABBIT_BASE:-/tmp/pigeon-rabbitmq}
-readonly START_TIMEOUT=${PIGEON_RABBIT_START_TIMEOUT:-60}
+readonly START_TIMEOUT=${PIGEON_RABBIT_START_TIMEOUT:-120}
 
 say() { printf 'rabbit-node: %s\n' "$*"; }
 die() {
