@@ -2,6 +2,10 @@
 
 Every test gets its own exchanges (``t<id>.events`` …) and queues, so tests
 never see each other's messages and can run against one shared RabbitMQ.
+The ``broker`` fixture deletes what a test declared, even when it fails
+midway; when the run ends, :mod:`tests.leaks` checks that no name with one of
+the run's prefixes is left on the broker (``PIGEON_TEST_URL`` picks the
+broker, ``PIGEON_TEST_NODE`` its node for ``rabbitmqctl``).
 """
 
 from __future__ import annotations
@@ -9,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
@@ -19,11 +23,22 @@ import structlog
 from aio_pika.abc import AbstractConnection
 from aio_pika.exceptions import ChannelNotFoundEntity
 
-from pigeon import Pigeon
+from pigeon import Pigeon, Retry
+from pigeon.retry import tier_queue
 from pigeon.settings import Settings
 from pigeon.worker import Worker
+from tests import leaks
 
 AMQP_URL = os.environ.get("PIGEON_TEST_URL", "amqp://guest:guest@127.0.0.1:5672/")
+AMQP_HOST = urlsplit(AMQP_URL).hostname or "127.0.0.1"
+AMQP_PORT = urlsplit(AMQP_URL).port or 5672
+
+
+def broker_url(
+    user: str = "guest", password: str = "guest", vhost: str = "", *, scheme: str = "amqp"
+) -> str:
+    """A URL for the test broker (``PIGEON_TEST_URL``'s host and port) with other parts."""
+    return f"{scheme}://{user}:{password}@{AMQP_HOST}:{AMQP_PORT}/{vhost}"
 
 
 def unique_settings(prefix: str, **overrides: Any) -> Settings:
@@ -71,13 +86,34 @@ def _fresh_structlog() -> Iterator[None]:
     structlog.reset_defaults()
 
 
-@pytest.fixture
-def prefix() -> str:
-    return f"t{uuid.uuid4().hex[:10]}"
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Fail the run if its tests left queues or exchanges on the broker (see tests.leaks)."""
+    if leaks.enabled():
+        report = leaks.check(AMQP_URL)
+        session.config.stash[_LEAKS] = report
+        if report.failed:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    report = terminalreporter.config.stash.get(_LEAKS, None)
+    if report is not None and report.failed:
+        terminalreporter.section("broker leaks", red=True)
+        for line in report.lines():
+            terminalreporter.line(line, red=True)
+
+
+_LEAKS = pytest.StashKey[leaks.Report]()
 
 
 @pytest.fixture
-def settings(prefix: str) -> Settings:
+def prefix(request: pytest.FixtureRequest) -> str:
+    return leaks.new_prefix(request.node.nodeid)
+
+
+@pytest.fixture
+def settings(prefix: str, broker: Broker) -> Settings:
+    """This test's settings; the ``broker`` fixture deletes their exchanges and queues."""
     return unique_settings(prefix)
 
 
@@ -159,14 +195,16 @@ class Broker:
             await self.reconnect()
         names_q = set(self.queues)
         names_x = set(self.exchanges)
+        mine = unique_settings(self.prefix)
+        names_q |= {mine.dead_letter_queue, mine.unrouted_queue}
+        names_x |= {mine.exchange, mine.dead_letter_exchange, mine.unrouted_exchange}
         for app in self.apps:
             with contextlib.suppress(Exception):
                 await app.close()
             topo = app.topology()
             names_q |= {q.name for q in topo.queues}
             names_x |= {x.name for x in topo.exchanges}
-            for listener in app.listeners:
-                names_q |= {f"{listener.queue}.retry.{s}" for s in _COMMON_TIERS}
+        names_q |= {tier_queue(queue, delay) for queue in names_q for delay in _COMMON_TIERS}
         channel = await self.connection.channel()
         for name in names_q:
             with contextlib.suppress(Exception):
@@ -182,18 +220,29 @@ class Broker:
             await channel.close()
 
 
-_COMMON_TIERS = ("100ms", "200ms", "250ms", "300ms", "500ms", "1s", "2s", "5s", "10s")
+# Retry tier delays a test may give a listener run in another process, whose topology this
+# process cannot ask for; deleting a queue that does not exist is harmless.
+_COMMON_TIERS = (0.1, 0.2, 0.25, 0.3, 0.5, 1, 2, 5, 10, *Retry().tier_delays())
+
+
+@contextlib.asynccontextmanager
+async def open_broker(prefix: str, url: str = AMQP_URL) -> AsyncIterator[Broker]:
+    """A :class:`Broker` on ``url`` that deletes what the test made under ``prefix`` when
+    the block ends, whether the test passed or failed."""
+    b = Broker(await aio_pika.connect(url), prefix, url=url)
+    try:
+        yield b
+    finally:
+        try:
+            await b.cleanup()
+        finally:
+            await b.connection.close()
 
 
 @pytest.fixture
 async def broker(prefix: str) -> AsyncIterator[Broker]:
-    connection = await aio_pika.connect(AMQP_URL)
-    b = Broker(connection, prefix)
-    try:
+    async with open_broker(prefix) as b:
         yield b
-    finally:
-        await b.cleanup()
-        await b.connection.close()
 
 
 AppFactory = Callable[..., Pigeon]

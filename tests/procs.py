@@ -26,11 +26,13 @@ def env_for(settings: Settings, service: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def start_listener(env: dict[str, str], *args: str, log: Path) -> subprocess.Popen[bytes]:
-    """``pigeon listen tests.apps.recorder:app ARGS`` with its output in ``log``."""
+def start_listener(
+    env: dict[str, str], *args: str, log: Path, app: str = "tests.apps.recorder:app"
+) -> subprocess.Popen[bytes]:
+    """``pigeon listen APP ARGS`` with its output in ``log``."""
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [*PIGEON, "listen", "tests.apps.recorder:app", *args],
+            [*PIGEON, "listen", app, *args],
             env=env,
             cwd=ROOT,
             stdout=out,

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from tests.conftest import AMQP_HOST, AMQP_PORT
+
 
 class TcpProxy:
     """Forwards ``127.0.0.1:port`` to the broker; ``cut()`` drops every connection."""
 
-    def __init__(self, target_port: int = 5672, port: int = 0) -> None:
+    def __init__(self, target_port: int = AMQP_PORT, port: int = 0) -> None:
         self.target_port = target_port
         self.port = port
         self._server: asyncio.Server | None = None
@@ -37,7 +39,7 @@ class TcpProxy:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+            up_reader, up_writer = await asyncio.open_connection(AMQP_HOST, self.target_port)
         except OSError:
             writer.close()
             return

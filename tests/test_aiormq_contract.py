@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import tomllib
 import types
-import uuid
 from collections.abc import AsyncIterator
 from importlib import metadata
 from pathlib import Path
@@ -27,6 +26,7 @@ from packaging.requirements import Requirement
 
 from pigeon.acks import Acker
 from pigeon.frames import attach_deliveries
+from tests import leaks
 from tests.conftest import AMQP_URL
 
 AIORMQ = metadata.version("aiormq")
@@ -53,7 +53,7 @@ async def channel() -> AsyncIterator[aiormq.abc.AbstractChannel]:
 async def test_the_fast_path_attaches_to_a_real_aiormq_channel_and_takes_its_deliveries(
     channel: aiormq.abc.AbstractChannel,
 ) -> None:
-    queue = f"contract.{uuid.uuid4().hex[:10]}"
+    queue = f"{leaks.new_prefix(__name__)}.contract"
     await channel.queue_declare(queue, exclusive=True, auto_delete=True)
     fast: list[DeliveredMessage] = []
     slow: list[DeliveredMessage] = []

@@ -12,15 +12,16 @@ import asyncio
 import subprocess
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import aio_pika
 import pytest
 
-from pigeon import headers
+from pigeon import Pigeon, headers
 from pigeon.settings import Settings
-from tests.conftest import AppFactory, Broker, unique_settings
+from tests.conftest import AppFactory, Broker, open_broker, unique_settings
 from tests.procs import (
     env_for,
     recorded,
@@ -52,12 +53,8 @@ def settings(prefix: str, chaos_node: str) -> Settings:
 
 @pytest.fixture
 async def broker(prefix: str, chaos_node: str) -> AsyncIterator[Broker]:
-    b = Broker(await aio_pika.connect(chaos_node), prefix, url=chaos_node)
-    try:
+    async with open_broker(prefix, chaos_node) as b:
         yield b
-    finally:
-        await b.cleanup()
-        await b.connection.close()
 
 
 async def restart_broker(reset: bool = False, down_for: float = 2.0) -> None:
@@ -70,36 +67,25 @@ async def restart_broker(reset: bool = False, down_for: float = 2.0) -> None:
     await CHAOS_NODE.actl("await_startup")
 
 
-async def supervise_until(
-    proc: subprocess.Popen[bytes],
-    env: dict[str, str],
-    log: Path,
-    handled: Callable[[], bool],
-    broker: Broker,
-    dead_letters: str,
-) -> tuple[subprocess.Popen[bytes], int]:
-    """Start the listener again whenever the poison kills it (as supervisor does) until
-    ``handled()`` and a dead letter is waiting; returns the last process and the restarts."""
-    restarts = 0
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            assert proc.returncode == 3
-            restarts += 1
-            proc = start_listener(env, "--concurrency", "1", log=log)
-        elif handled() and await broker.count(dead_letters) > 0:
-            break
-        await asyncio.sleep(0.1)
-    # a SIGTERM during start-up (before the handler is installed) is a death by signal:
-    # stop the last process only once it is consuming
-    while log.read_text().count("worker.consuming") <= restarts and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    return proc, restarts
+@dataclass
+class CrashLoop:
+    """A poison message crash-looping a supervised listener among ``good`` messages."""
+
+    app: Pigeon
+    rec: Path
+    proc: subprocess.Popen[bytes]
+    restarts: int
+    poison: str
+    good: list[str]
 
 
-async def test_a_handler_that_kills_its_process_is_dead_lettered_by_the_delivery_limit(
-    make_app: AppFactory, broker: Broker, tmp_path: Path
-) -> None:
+async def crash_loop(
+    make_app: AppFactory, broker: Broker, tmp_path: Path, neighbours: int
+) -> CrashLoop:
+    """One listener (concurrency 1, delivery limit 2) gets a message that kills its process,
+    then ``neighbours`` good ones. It is started again whenever it dies (as supervisor does)
+    until the good ones are handled and a dead letter is waiting. The caller stops
+    ``proc``."""
     setup = recorder(
         make_app,
         broker,
@@ -107,30 +93,55 @@ async def test_a_handler_that_kills_its_process_is_dead_lettered_by_the_delivery
         RECORDER_DELIVERY_LIMIT="2",
         PIGEON_IDEMPOTENCY_URL=f"sqlite:///{tmp_path}/idem.db",
     )
-    app, rec, env = setup.app, setup.rec, setup.env
-    log = tmp_path / "listen.log"
+    app, rec, env, log = setup.app, setup.rec, setup.env, setup.log
     await app.declare([])
-    proc = start_listener(env, "--concurrency", "1", log=log)
+    proc = start_listener(env, "--concurrency", "1", log=log)  # prefetch 10
     wait_for_log(log, "worker.consuming")
     poison = await app.dispatch_async("test.order.placed", {"mode": "exit"})
-    good = [await app.dispatch_async("test.order.placed", {"n": i}) for i in range(3)]
-    proc, restarts = await supervise_until(
-        proc, env, log, lambda: len(recorded(rec)) >= 3, broker, app.settings.dead_letter_queue
-    )
+    good = [await app.dispatch_async("test.order.placed", {"n": i}) for i in range(neighbours)]
+    restarts = 0
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            assert proc.returncode == 3
+            restarts += 1
+            proc = start_listener(env, "--concurrency", "1", log=log)
+        elif len(recorded(rec)) >= neighbours and await broker.count(
+            app.settings.dead_letter_queue
+        ):
+            break
+        await asyncio.sleep(0.1)
+    # a SIGTERM during start-up (before the handler is installed) is a death by signal:
+    # stop the last process only once it is consuming
+    while log.read_text().count("worker.consuming") <= restarts and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    return CrashLoop(app, rec, proc, restarts, poison, good)
+
+
+async def assert_only_the_poison_was_dead_lettered(loop: CrashLoop, broker: Broker) -> Any:
+    """Every good message was handled, the poison is the dead letter; that letter."""
+    assert sorted(recorded(loop.rec)) == sorted(loop.good), "every neighbour was handled"
+    letter = await broker.get(loop.app.settings.dead_letter_queue, timeout=30)
+    assert letter.message_id == loop.poison
+    return letter
+
+
+async def test_a_handler_that_kills_its_process_is_dead_lettered_by_the_delivery_limit(
+    make_app: AppFactory, broker: Broker, tmp_path: Path
+) -> None:
+    loop = await crash_loop(make_app, broker, tmp_path, neighbours=3)
     try:
-        assert sorted(recorded(rec)) == sorted(good), "the other messages were served"
-        letter = await broker.get(app.settings.dead_letter_queue, timeout=30)
-        assert letter.message_id == poison
+        letter = await assert_only_the_poison_was_dead_lettered(loop, broker)
         deaths = letter.headers[headers.X_DEATH]
         assert isinstance(deaths, list)
         death = deaths[0]
         assert isinstance(death, dict)
         assert death["reason"] == "delivery_limit"
-        assert death["queue"] == f"{app.service}.record"
-        assert 2 <= restarts <= 4
-        assert len(recorded(rec, "exit")) == restarts
+        assert death["queue"] == f"{loop.app.service}.record"
+        assert 2 <= loop.restarts <= 4
+        assert len(recorded(loop.rec, "exit")) == loop.restarts
     finally:
-        assert stop(proc) == 0
+        assert stop(loop.proc) == 0
 
 
 async def test_kill_minus_nine_in_the_middle_loses_nothing(
@@ -260,30 +271,12 @@ async def test_a_crashing_poison_message_does_not_drag_its_prefetched_neighbours
     """Each crash counts a delivery against every unacked message; with a prefetch of ten,
     the poison's neighbours would reach the limit with it. The slow start after a crash
     takes the redelivered messages one at a time, so only the poison is dead-lettered."""
-    setup = recorder(
-        make_app,
-        broker,
-        tmp_path,
-        RECORDER_DELIVERY_LIMIT="2",
-        PIGEON_IDEMPOTENCY_URL=f"sqlite:///{tmp_path}/idem.db",
-    )
-    app, rec, env = setup.app, setup.rec, setup.env
-    log = tmp_path / "listen.log"
-    await app.declare([])
-    proc = start_listener(env, "--concurrency", "1", log=log)  # prefetch 10
-    wait_for_log(log, "worker.consuming")
-    poison = await app.dispatch_async("test.order.placed", {"mode": "exit"})
-    good = [await app.dispatch_async("test.order.placed", {"n": i}) for i in range(8)]
-    proc, _ = await supervise_until(
-        proc, env, log, lambda: len(recorded(rec)) >= 8, broker, app.settings.dead_letter_queue
-    )
+    loop = await crash_loop(make_app, broker, tmp_path, neighbours=8)
     try:
-        assert sorted(recorded(rec)) == sorted(good), "every neighbour was handled"
-        letter = await broker.get(app.settings.dead_letter_queue, timeout=30)
-        assert letter.message_id == poison
-        assert await broker.count(app.settings.dead_letter_queue) == 0, "only the poison"
+        await assert_only_the_poison_was_dead_lettered(loop, broker)
+        assert await broker.count(loop.app.settings.dead_letter_queue) == 0, "only the poison"
     finally:
-        assert stop(proc) == 0
+        assert stop(loop.proc) == 0
 
 
 async def test_max_messages_exits_zero_after_exactly_n(

@@ -20,11 +20,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import pytest
 
 from pigeon.settings import Settings
-from tests.conftest import AppFactory, Broker, unique_settings
+from tests.conftest import AppFactory, Broker, open_broker, unique_settings
 from tests.procs import recorded, recorder, start_listener, stop, wait_for_log, wait_recorded
 from tests.rabbit import CLUSTER_NODES, Node
 
@@ -41,13 +40,8 @@ def settings(prefix: str, rabbit_cluster: str) -> Settings:
 
 @pytest.fixture
 async def broker(prefix: str, rabbit_cluster: str) -> AsyncIterator[Broker]:
-    url = CLUSTER_NODES[-1].url
-    b = Broker(await aio_pika.connect(url), prefix, url=url)
-    try:
+    async with open_broker(prefix, CLUSTER_NODES[-1].url) as b:
         yield b
-    finally:
-        await b.cleanup()
-        await b.connection.close()
 
 
 def node_on_port(port: int) -> Node:

@@ -7,8 +7,11 @@ LetterThief on 8025, or on DEMO_PORT when something else holds 8025.
 
 The test owns what it stops: it runs its demo from a copy of those files in
 a temporary directory (its own var/, socket and supervisord), and stops only
-that one. A demo already running anywhere on this machine is never touched:
-its listeners would share the queues, so the test is skipped instead.
+that one; a demo already running anywhere on this machine is never touched
+(the test is skipped instead). It owns what it declares: the demo's fixed
+names live in a virtual host of this test's own (tests.leaks.private_vhost),
+deleted with all it holds at the end, so a developer's queues are never
+shared, filled or left behind.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ import os
 import shutil
 import socket
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests import leaks
 from tests.conftest import AMQP_URL
 
 pytestmark = pytest.mark.slow
@@ -101,8 +106,17 @@ def make(
     )
 
 
+@pytest.fixture
+def demo_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The test broker's URL on a virtual host of this test's own, deleted after it."""
+    with leaks.private_vhost(AMQP_URL, request.node.nodeid) as url:
+        yield url
+
+
 @pytest.mark.timeout(900)  # make demo runs `make install`, which may have to reinstall
-def test_make_demo_tells_the_story_and_make_demo_stop_ends_it(tmp_path: Path) -> None:
+def test_make_demo_tells_the_story_and_make_demo_stop_ends_it(
+    tmp_path: Path, demo_url: str
+) -> None:
     running = supervisords()
     if running:
         pytest.skip(f"a demo is running ({running}); this test stops only the demo it starts")
@@ -111,7 +125,7 @@ def test_make_demo_tells_the_story_and_make_demo_stop_ends_it(tmp_path: Path) ->
         for k, v in os.environ.items()
         if not k.startswith(("PIGEON_", "LETTERTHIEF_", "DEMO_", "MAKE"))
     }
-    env["PIGEON_URL"] = AMQP_URL
+    env["PIGEON_URL"] = demo_url
     env["DEMO_PORT"] = str(port := free_port() if port_taken(8025) else 8025)
     # the checkout's own virtualenv, up to date, so the copy's `make install` has nothing to do
     installed = make("install", env, ROOT, timeout=600)

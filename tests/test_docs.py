@@ -32,7 +32,6 @@ import signal
 import subprocess
 import sys
 import unittest
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from sybil.typing import Parser
 
 import pigeon.app
 import pigeon.events
+from tests import leaks
 from tests.conftest import AMQP_URL, settings_env, unique_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,9 +184,11 @@ def _clean_broker(namespace: dict[str, Any]) -> None:
 
 
 @pytest.fixture
-def doc_namespace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+def doc_namespace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Iterator[dict[str, Any]]:
     """The environment a reader would have: an empty directory, the broker, this test's names."""
-    settings = unique_settings(f"doc{uuid.uuid4().hex[:8]}")
+    settings = unique_settings(leaks.new_prefix(request.node.nodeid, head="doc"))
     env = settings_env(settings)
     env.pop("PIGEON_LOG_FORMAT", None)
     env.update(

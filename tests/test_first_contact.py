@@ -35,11 +35,27 @@ from pigeon import (
 from pigeon.dispatch import Publisher
 from pigeon.errors import SettingsError
 from pigeon.events import lookup
-from pigeon.retry import tier_queue
 from pigeon.settings import Settings
 from pigeon.testing import deliver
-from tests.conftest import AMQP_URL, AppFactory, Broker, RunWorker, eventually, settings_env
-from tests.procs import PIGEON, ROOT, env_for, recorded, stop, wait_for_log, wait_recorded
+from tests.conftest import (
+    AMQP_URL,
+    AppFactory,
+    Broker,
+    RunWorker,
+    broker_url,
+    eventually,
+    settings_env,
+)
+from tests.procs import (
+    PIGEON,
+    ROOT,
+    env_for,
+    recorded,
+    start_listener,
+    stop,
+    wait_for_log,
+    wait_recorded,
+)
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
@@ -57,6 +73,18 @@ def run_script(
         text=True,
         timeout=timeout,
     )
+
+
+def run_strictly(
+    tmp_path: Path, code: str, settings: Settings, *noise: str
+) -> subprocess.CompletedProcess[str]:
+    """``code`` run with warnings as errors in development mode; it succeeds and its
+    stderr shows no sign of an unclean end (nor any of ``noise``)."""
+    result = run_script(tmp_path, code, settings_env(settings), "-W", "error", "-X", "dev")
+    assert result.returncode == 0, result.stderr
+    for sign in ("connection_lost", "Task was destroyed", "Traceback", "Warning", *noise):
+        assert sign not in result.stderr, result.stderr
+    return result
 
 
 # -- 1: the library prints nothing ----------------------------------------------------
@@ -113,11 +141,8 @@ def test_asyncio_run_with_dispatch_async_ends_without_warnings(
 
         asyncio.run(main())
     """
-    result = run_script(tmp_path, code, settings_env(settings), "-W", "error", "-X", "dev")
-    assert result.returncode == 0, result.stderr
+    result = run_strictly(tmp_path, code, settings, "never")
     assert UUID.match(result.stdout.strip())
-    for noise in ("connection_lost", "Task was destroyed", "Traceback", "Warning", "never"):
-        assert noise not in result.stderr, result.stderr
 
 
 def test_close_and_async_with_release_the_connection(
@@ -138,21 +163,18 @@ def test_close_and_async_with_release_the_connection(
 
         asyncio.run(main())
     """
-    result = run_script(tmp_path, code, settings_env(settings), "-W", "error", "-X", "dev")
-    assert result.returncode == 0, result.stderr
+    result = run_strictly(tmp_path, code, settings)
     lines = result.stdout.splitlines()
     assert len(lines) == 3
     assert lines[2] == "closed True"
     assert result.stderr.count("broker.connected") == 2
-    for noise in ("connection_lost", "Task was destroyed", "Traceback", "Warning"):
-        assert noise not in result.stderr, result.stderr
 
 
 # -- 3: permanent broker errors are configuration errors -------------------------------
 
-WRONG_PASSWORD = "amqp://guest:not-the-password@127.0.0.1:5672/"
-MISSING_VHOST = "amqp://guest:guest@127.0.0.1:5672/pigeon-no-such-vhost-3f9a"
-TLS_ON_PLAIN_PORT = "amqps://guest:guest@127.0.0.1:5672/"
+WRONG_PASSWORD = broker_url(password="not-the-password")
+MISSING_VHOST = broker_url(vhost="pigeon-no-such-vhost-3f9a")
+TLS_ON_PLAIN_PORT = broker_url(scheme="amqps")
 
 
 async def _dispatch_error(settings: Settings, url: str) -> DispatchError:
@@ -393,27 +415,14 @@ def test_a_fallback_with_the_wrong_arity_is_refused_at_registration() -> None:
 
 
 def _sync_listener(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [*PIGEON, "listen", "tests.apps.sync_recorder:app", *args],
-            env=env,
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def _sync_queues(app: Pigeon) -> set[str]:
-    """The queues ``tests.apps.sync_recorder`` declares for ``app``'s service (default Retry)."""
-    queue = f"{app.service}.record-sync"
-    return {queue, *(tier_queue(queue, delay) for delay in Retry().tier_delays())}
+    return start_listener(env, *args, log=log, app="tests.apps.sync_recorder:app")
 
 
 async def test_a_slow_sync_handler_does_not_outlive_the_shutdown_timeout(
     make_app: AppFactory, broker: Broker, tmp_path: Path
 ) -> None:
     app = make_app("sync")
-    broker.queues |= _sync_queues(app)
+    broker.queues.add(f"{app.service}.record-sync")  # and its retry tiers
     rec, log = tmp_path / "rec.txt", tmp_path / "listen.log"
     env = env_for(app.settings, app.service or "", RECORDER_FILE=str(rec), RECORDER_SECONDS="60")
     proc = _sync_listener(env, log, "--shutdown-timeout", "2")
@@ -438,7 +447,7 @@ async def test_a_sync_handler_that_finishes_within_the_timeout_is_acked(
 ) -> None:
     app = make_app("sync")
     queue = f"{app.service}.record-sync"
-    broker.queues |= _sync_queues(app)
+    broker.queues.add(f"{app.service}.record-sync")  # and its retry tiers
     rec, log = tmp_path / "rec.txt", tmp_path / "listen.log"
     env = env_for(app.settings, app.service or "", RECORDER_FILE=str(rec), RECORDER_SECONDS="1")
     proc = _sync_listener(env, log, "--shutdown-timeout", "30")

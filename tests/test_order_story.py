@@ -38,6 +38,7 @@ import pytest
 from supervisor.datatypes import dict_of_key_value_pairs
 from supervisor.xmlrpc import SupervisorTransport
 
+from tests import leaks
 from tests.conftest import AMQP_URL, Broker, settings_env, unique_settings
 
 pytestmark = pytest.mark.slow
@@ -280,7 +281,7 @@ def shut_down(story: Story, supervisord: subprocess.Popen[bytes]) -> None:
 
 @pytest.fixture(scope="module")
 def story(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Story]:
-    prefix = f"t{uuid.uuid4().hex[:10]}"
+    prefix = leaks.new_prefix(__name__)
     home = tmp_path_factory.mktemp("story")
     port = free_port()
     conf = home / "supervisord.conf"

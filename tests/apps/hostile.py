@@ -24,18 +24,11 @@ from pigeon import Context, Pigeon, Retry
 from pigeon.acks import Acker
 from pigeon.delivery import Delivery, Outcome
 from pigeon.settle import Settler
+from tests.apps.journal import journal
 
 app = Pigeon()
-RECORD = os.environ.get("HOSTILE_FILE", "hostile.txt")
+_append = journal("HOSTILE_FILE", "hostile.txt")
 HANG = os.environ.get("HOSTILE_HANG") == "1"
-
-
-def _append(line: str) -> None:
-    fd = os.open(RECORD, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        os.write(fd, (line + "\n").encode())
-    finally:
-        os.close(fd)
 
 
 @app.listener(

@@ -14,19 +14,12 @@ import os
 from typing import Any
 
 from pigeon import Context, Pigeon, Retry
+from tests.apps.journal import journal
 
 app = Pigeon()
-RECORD = os.environ.get("RECORDER_FILE", "recorded.txt")
+_append = journal("RECORDER_FILE", "recorded.txt")
 MODE = os.environ.get("RECORDER_MODE", "ok")
 SECONDS = float(os.environ.get("RECORDER_SECONDS", "1"))
-
-
-def _append(line: str) -> None:
-    fd = os.open(RECORD, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        os.write(fd, (line + "\n").encode())
-    finally:
-        os.close(fd)
 
 
 @app.listener(

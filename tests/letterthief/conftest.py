@@ -31,13 +31,11 @@ from pigeon.settings import Settings
 PG_ADMIN_URL = os.environ.get("LETTERTHIEF_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """A fresh, empty database: a SQLite file, or a new PostgreSQL database dropped after."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'letterthief.db'}"
-        return
-    name = f"lt_{uuid.uuid4().hex[:12]}"
+@contextlib.asynccontextmanager
+async def postgres_database(kind: str = "lt") -> AsyncIterator[str]:
+    """A new, empty PostgreSQL database (``{kind}_<hex>``) for one test; its asyncpg URL.
+    Dropped when the block ends, connections and all."""
+    name = f"{kind}_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(PG_ADMIN_URL)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
@@ -52,6 +50,16 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A fresh, empty database: a SQLite file, or a new PostgreSQL database dropped after."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'letterthief.db'}"
+        return
+    async with postgres_database() as url:
+        yield url
 
 
 @pytest.fixture

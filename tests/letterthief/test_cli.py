@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 
 import aio_pika
 from click.testing import CliRunner
@@ -12,6 +11,7 @@ from click.testing import CliRunner
 from letterthief.cli import main
 from letterthief.models import Status
 from letterthief.store import Store
+from tests import leaks
 from tests.conftest import AMQP_URL
 from tests.letterthief.conftest import received
 
@@ -74,7 +74,7 @@ def test_list_show_archive_and_restore_work_on_the_database(sqlite_url: str) -> 
 
 
 def test_retry_by_queue_publishes_every_open_letter_of_it(sqlite_url: str) -> None:
-    queue = f"t{uuid.uuid4().hex[:10]}.cli-target"
+    queue = f"{leaks.new_prefix(__name__)}.cli-target"
 
     async def declare(delete: bool = False) -> int:
         connection = await aio_pika.connect(AMQP_URL)
@@ -101,7 +101,7 @@ def test_retry_by_queue_publishes_every_open_letter_of_it(sqlite_url: str) -> No
 
 
 def test_retry_of_a_letter_whose_queue_is_gone_fails_with_the_fix(sqlite_url: str) -> None:
-    (letter_id,) = _seed(sqlite_url, received("gone", queue=f"t{uuid.uuid4().hex[:8]}.gone"))
+    (letter_id,) = _seed(sqlite_url, received("gone", queue=f"{leaks.new_prefix(__name__)}.gone"))
     env = {"LETTERTHIEF_DATABASE_URL": sqlite_url, "PIGEON_URL": AMQP_URL}
     result = CliRunner().invoke(main, ["retry", str(letter_id)], env=env)
     assert result.exit_code == 1

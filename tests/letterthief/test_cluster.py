@@ -13,13 +13,12 @@ import uuid
 from collections.abc import AsyncIterator
 
 import aio_pika
-import asyncpg  # type: ignore[import-untyped,unused-ignore]
 import pytest
 
 from letterthief.service import LetterThief
 from pigeon.settings import Settings
-from tests.conftest import Broker, eventually, unique_settings
-from tests.letterthief.conftest import PG_ADMIN_URL, letters_when, lt_settings
+from tests.conftest import Broker, eventually, open_broker, unique_settings
+from tests.letterthief.conftest import letters_when, lt_settings, postgres_database
 from tests.rabbit import CLUSTER_NODES
 
 pytestmark = pytest.mark.slow
@@ -34,33 +33,15 @@ def settings(prefix: str, rabbit_cluster: str) -> Settings:
 
 @pytest.fixture
 async def broker(prefix: str, rabbit_cluster: str) -> AsyncIterator[Broker]:
-    url = CLUSTER_NODES[0].url
-    b = Broker(await aio_pika.connect(url), prefix, url=url)
-    try:
+    async with open_broker(prefix, CLUSTER_NODES[0].url) as b:
         yield b
-    finally:
-        await b.cleanup()
-        await b.connection.close()
 
 
 @pytest.fixture
 async def pg_url() -> AsyncIterator[str]:
     """A new PostgreSQL database of this test only, dropped after it."""
-    name = f"lt_cluster_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(PG_ADMIN_URL)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
-    try:
-        yield f"{base}/{name}"
-    finally:
-        admin = await asyncpg.connect(PG_ADMIN_URL)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+    async with postgres_database("lt_cluster") as url:
+        yield url
 
 
 def starting_at(first: int) -> str:
