@@ -221,7 +221,7 @@ def test_an_idempotency_database_that_does_not_exist_stops_listen_with_one_line(
     app = make_app("ledger")
     broker.track(app.settings)
     url = "postgresql://postgres@127.0.0.1:5432/attack_no_such_db"
-    env = env_for(app.settings, "ledger", PIGEON_IDEMPOTENCY_URL=url)
+    env = env_for(app.settings, app.service or "", PIGEON_IDEMPOTENCY_URL=url)
     result = subprocess.run(
         [*PIGEON, "listen", "tests.apps.recorder:app"],
         env={**env, "RECORDER_FILE": str(tmp_path / "rec.txt")},

@@ -96,3 +96,27 @@ async def test_the_broker_fixture_deletes_a_tests_core_names_even_if_it_never_tr
             await channel.get_exchange(settings.exchange, ensure=True)
     finally:
         await connection.close()
+
+
+@pytest.mark.skipif(
+    os.environ.get("PIGEON_TEST_LEAK_CHECK") == "0", reason="the leak check is turned off"
+)
+async def test_a_private_vhost_is_usable_and_gone_after_and_a_leaked_one_is_reported() -> None:
+    with leaks.private_vhost(AMQP_URL, "test_vhosts") as url:
+        name = url.rsplit("/", 1)[1]
+        connection = await aio_pika.connect(url)
+        channel = await connection.channel()
+        await channel.declare_queue("pigeon.events-like-fixed-name", durable=True)
+        await connection.close()
+        assert name in _vhosts()
+    assert name not in _vhosts()
+
+    leaked = leaks.new_prefix("test_vhosts")
+    leaks.ctl("add_vhost", leaked)
+    report = await _check({leaked: "test_vhosts"})
+    assert report.vhosts == {leaked: "test_vhosts"}
+    assert leaked not in _vhosts()
+
+
+def _vhosts() -> list[str]:
+    return leaks.ctl("list_vhosts", "--no-table-headers", "name").split()
