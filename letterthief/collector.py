@@ -28,9 +28,8 @@ from letterthief import parse
 from letterthief.metrics import Metrics
 from letterthief.settings import LetterThiefSettings
 from letterthief.store import Store, Stored
-from pigeon import topology
-from pigeon.connection import Connector
-from pigeon.dispatch import RETRYABLE
+from pigeon.amqp import RETRYABLE, Connector, declare
+from pigeon.core.topology import core_topology
 from pigeon.errors import BrokerRefused, TopologyError
 from pigeon.logs import get_logger
 from pigeon.settings import Settings
@@ -117,7 +116,7 @@ class Collector:
         self._drains: list[_Drain] = []
 
     async def _declare(self, connection: object) -> None:
-        await topology.declare(connection, topology.core_topology(self.pigeon))  # type: ignore[arg-type]
+        await declare(connection, core_topology(self.pigeon))  # type: ignore[arg-type]
 
     def stop(self) -> None:
         self._stopping.set()

@@ -1,5 +1,8 @@
 """Pigeon: a choreography event bus for Python services over RabbitMQ."""
 
+# The old module pigeon.dispatch first: loading it later would bind the name
+# ``pigeon.dispatch`` to the module instead of the function below.
+import pigeon.dispatch  # noqa: F401  # isort: skip
 from pigeon.app import Pigeon, close, default_app, dispatch, dispatch_async, set_default_app
 from pigeon.delivery import Delivery, Outcome, OutcomeKind
 from pigeon.errors import (

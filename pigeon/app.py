@@ -15,10 +15,10 @@ from typing import Any, Unpack
 
 from aio_pika.abc import AbstractConnection
 
-from pigeon import topology as topo
 from pigeon import tracing
-from pigeon.connection import Connector
-from pigeon.dispatch import Publisher, bridge, build_outgoing, on_bridge_shutdown
+from pigeon.amqp import Connector, Publisher, declare
+from pigeon.bridge import bridge, on_bridge_shutdown
+from pigeon.core import topology as topo
 from pigeon.errors import ConfigurationError
 from pigeon.events import Event
 from pigeon.listener import (
@@ -30,7 +30,7 @@ from pigeon.listener import (
     inspect_handler,
     pattern_of,
 )
-from pigeon.messages import DispatchOptions
+from pigeon.messages import DispatchOptions, build_outgoing
 from pigeon.metrics import DISPATCHED
 from pigeon.middleware import Metrics, Middleware, PublishMiddleware, PublishNext, publish_chain
 from pigeon.retry import Retry
@@ -216,12 +216,12 @@ class Pigeon:
         return topo.Topology(queues=(main, *tiers))
 
     async def declare_core(self, connection: AbstractConnection) -> None:
-        await topo.declare(connection, topo.core_topology(self.settings))
+        await declare(connection, topo.core_topology(self.settings))
 
     async def declare(self, listeners: Sequence[Listener] | None = None) -> None:
         """Declare this app's whole topology now (``pigeon topology declare``)."""
         connection = await self.runtime().connector.get()
-        await topo.declare(connection, self.topology(listeners))
+        await declare(connection, self.topology(listeners))
 
     # -- dispatch ------------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 The order is the guarantee: a retry copy or a dead letter is published and
 confirmed *before* the original is acked, so a crash in between leaves a
 duplicate (which idempotency absorbs), never a loss. The acks themselves go
-through the consumer channel's :class:`~pigeon.acks.Acker`.
+through the consumer channel's :class:`~pigeon.amqp.acks.Acker`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 from aio_pika.exceptions import PublishError
 
 from pigeon import headers as h
-from pigeon import topology
-from pigeon.acks import Acker
+from pigeon.amqp import Acker, declare
 from pigeon.app import Pigeon, Runtime
+from pigeon.core.topology import Topology, retry_tier
 from pigeon.delivery import Delivery, Outcome, OutcomeKind
 from pigeon.errors import DispatchError
 from pigeon.listener import Listener
@@ -116,7 +116,7 @@ class Settler:
                 log.warning("topology.missing", queue=delivery.listener.queue, error=str(exc))
                 self._tiers.clear()
                 connection = await self.runtime.connector.get()
-                await topology.declare(connection, self.app.topology([delivery.listener]))
+                await declare(connection, self.app.topology([delivery.listener]))
                 await self._publish_outcome(delivery, outcome)
         except Exception as exc:
             log.error(
@@ -164,11 +164,11 @@ class Settler:
         tier = tier_queue(listener.queue, outcome.delay)
         if tier not in self._tiers:
             connection = await self.runtime.connector.get()
-            await topology.declare(
+            await declare(
                 connection,
-                topology.Topology(
+                Topology(
                     queues=(
-                        topology.retry_tier(
+                        retry_tier(
                             listener.queue,
                             outcome.delay,
                             quorum_size=self.app.settings.quorum_size,

@@ -173,7 +173,7 @@ def _find(app: Pigeon, event: Event | str, listener: Listener | str | None) -> L
     if listener is not None:
         return app.find_listeners([listener])[0]
     name = event if isinstance(event, str) else type(event).event_name()
-    from pigeon.topology import matches
+    from pigeon.core.topology import matches
 
     candidates = [li for li in app.listeners if any(matches(p, name) for p in li.patterns)]
     if len(candidates) != 1:
