@@ -15,7 +15,6 @@ from typing import Any, Unpack
 
 from aio_pika.abc import AbstractConnection
 
-from pigeon import tracing
 from pigeon.amqp import Connector, Publisher, declare
 from pigeon.bridge import bridge, on_bridge_shutdown
 from pigeon.core import topology as topo
@@ -32,7 +31,14 @@ from pigeon.listener import (
 )
 from pigeon.messages import DispatchOptions, build_outgoing
 from pigeon.metrics import DISPATCHED
-from pigeon.middleware import Metrics, Middleware, PublishMiddleware, PublishNext, publish_chain
+from pigeon.middleware import (
+    Metrics,
+    Middleware,
+    PublishMiddleware,
+    PublishNext,
+    publish_chain,
+    tracing,
+)
 from pigeon.retry import Retry
 from pigeon.settings import Settings
 

@@ -3,7 +3,7 @@
 A leaf: no AMQP, no app; only the other leaves (events, headers, tables), for
 :func:`build_outgoing`, which turns an event into the wire format. The publisher turns an
 :class:`Outgoing` into frames; the processor decides the :class:`Outcome` of a
-:class:`~pigeon.delivery.Delivery` and the worker tells the broker. The
+:class:`~pigeon.core.processor.Delivery` and the worker tells the broker. The
 testing toolkit builds the same objects without a broker.
 """
 

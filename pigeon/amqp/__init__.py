@@ -7,7 +7,7 @@ RabbitMQ through the names below, never through a channel of its own:
 - :func:`declare`: declare a :class:`~pigeon.core.topology.Topology`;
 - :class:`Publisher`: publish with confirm (``publish``, ``publish_many``);
 - :class:`Subscription` and :func:`delivery_of`: the deliveries of one queue,
-  as broker-free :class:`~pigeon.delivery.Delivery` objects;
+  as broker-free :class:`~pigeon.core.processor.Delivery` objects;
 - :class:`Acker`: settle them (ack, give back), once per loop turn;
 - :data:`RETRYABLE`: the errors a later try can cure.
 

@@ -4,7 +4,7 @@ The worker sees a queue's deliveries through :class:`Subscription` (open,
 consume, raise the prefetch, subscribe again, cancel, close) and settles them
 through its :class:`~pigeon.amqp.acks.Acker`; it never touches an aiormq
 channel. :func:`delivery_of` reads the frames' properties into the
-broker-free :class:`~pigeon.delivery.Delivery` the processor works on.
+broker-free :class:`~pigeon.core.processor.Delivery` the processor works on.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pigeon.amqp.acks import Acker
 from pigeon.amqp.frames import attach_deliveries
 from pigeon.amqp.hints import hint_competitors
 from pigeon.amqp.unmarshal import problems_of
-from pigeon.delivery import Delivery
+from pigeon.core.processor import Delivery
 from pigeon.listener import Listener
 
 __all__ = ["Incoming", "OnDelivery", "Subscription", "delivery_of"]

@@ -30,17 +30,17 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from pigeon import idle
 from pigeon.amqp import RETRYABLE, Acker, Incoming, Subscription, declare, delivery_of
 from pigeon.app import Pigeon, Runtime
-from pigeon.delivery import Delivery, NotStarted, Outcome, OutcomeKind, Processor
+from pigeon.core.processor import Delivery, NotStarted, Outcome, OutcomeKind, Processor
 from pigeon.errors import ConfigurationError
 from pigeon.idempotency import IdempotencyStore, open_store
 from pigeon.listener import Listener
 from pigeon.logs import get_logger
 from pigeon.metrics import MESSAGES
-from pigeon.settle import Settler
-from pigeon.threads import HandlerThreads
+from pigeon.worker import idle
+from pigeon.worker.settle import Settler
+from pigeon.worker.threads import HandlerThreads
 
 log = get_logger("pigeon")
 
