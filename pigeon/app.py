@@ -69,10 +69,15 @@ _sink: PublishNext | None = None
 
 def set_sink(sink: PublishNext | None) -> PublishNext | None:
     """Send every dispatch of every app to ``sink`` instead of the broker (the testing
-    fake uses it); returns the previous sink."""
+    fake uses it); returns the previous sink. ``None`` sends to the broker again."""
     global _sink
     previous, _sink = _sink, sink
     return previous
+
+
+def sink() -> PublishNext | None:
+    """The sink :func:`set_sink` installed, or ``None`` when dispatches go to the broker."""
+    return _sink
 
 
 class Pigeon:
@@ -318,6 +323,15 @@ class Pigeon:
     ) -> str:
         """The blocking form of :meth:`dispatch_async`, for sync code and threads."""
         return bridge().run(self.dispatch_async(event, payload, **options))
+
+    async def close_runtime(self, runtime: Runtime) -> None:
+        """Close ``runtime`` (from :meth:`runtime`) and forget it, if it is still this app's.
+
+        The worker closes its own connection with it when its run ends.
+        """
+        await runtime.close()
+        if self._runtimes.get(runtime.loop) is runtime:
+            del self._runtimes[runtime.loop]
 
     async def close(self) -> None:
         """Close this app's connection on the running loop; the next dispatch opens a new one.

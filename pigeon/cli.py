@@ -101,7 +101,7 @@ def listen(
     metrics_host: str,
 ) -> None:
     """Run the listeners of MODULE:APP until SIGTERM/SIGINT."""
-    from pigeon.worker.loop import Worker
+    from pigeon.worker import Worker
 
     app = load_app(target)
     try:

@@ -227,7 +227,7 @@ async def deliver(
         correlation_id=correlation_id or message_id,
         content_type=content_type,
     )
-    if app_module._sink is not None:
+    if app_module.sink() is not None:
         return await processor.process(delivery)
     with fake():
         return await processor.process(delivery)

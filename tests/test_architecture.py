@@ -255,3 +255,56 @@ def test_the_graph_sees_type_only_and_function_level_imports() -> None:
     assert "pigeon.messages" in graph["pigeon.amqp.frames"]  # under TYPE_CHECKING
     assert "pigeon.idempotency" in graph["pigeon.core.processor"]  # its __init__ runs too
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def private_names(tree: ast.AST) -> tuple[set[str], list[tuple[int, str]]]:
+    """The ``_names`` a module defines (defs, classes, assignments, ``self._x = ...``), and
+    each ``something._name`` it reads where ``something`` is not ``self`` or ``cls``."""
+    defined: set[str] = set()
+    read: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            defined.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            defined.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            if isinstance(node.ctx, ast.Store):
+                defined.add(node.attr)
+            elif not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                read.append((node.lineno, node.attr))
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            defined.add(node.target.id)
+    private = {name for name in defined if name.startswith("_") and not name.startswith("__")}
+    reads = [(line, name) for line, name in read if name.startswith("_") and name[1:2] != "_"]
+    return private, reads
+
+
+def cross_module_private_reads(sources: dict[str, str]) -> list[str]:
+    """``module:line reads _name``, where ``_name`` is another pigeon module's, not its own."""
+    parsed = {module: private_names(ast.parse(source)) for module, source in sources.items()}
+    wrong = []
+    for module, (own, reads) in parsed.items():
+        others = set().union(*(p for m, (p, _) in parsed.items() if m != module))
+        wrong += [
+            f"{module}:{line} reads {name}"
+            for line, name in reads
+            if name not in own and name in others
+        ]
+    return wrong
+
+
+def test_no_module_reads_another_modules_private_attributes() -> None:
+    """What a module needs of another is public (``Pigeon.close_runtime``,
+    ``pigeon.app.sink``), so a private attribute can change with its own module."""
+    sources = {module: path.read_text() for module, path in modules().items()}
+    wrong = cross_module_private_reads(sources)
+    assert not wrong, "private attributes read across modules:\n" + "\n".join(sorted(wrong))
+
+
+def test_the_private_read_check_sees_one() -> None:
+    sources = {
+        "a": "class A:\n    def __init__(self):\n        self._runtimes = {}\n",
+        "b": "def close(app):\n    app._runtimes.pop(1)\n",
+        "c": "def close(app):\n    app._other.pop(1)\n",
+    }
+    assert cross_module_private_reads(sources) == ["b:2 reads _runtimes"]

@@ -466,8 +466,7 @@ class Worker:
         if self._relays is not None:
             await self._relays.stop()
         if self._runtime is not None:
-            await self._runtime.close()
-            self.app._runtimes.pop(self._runtime.loop, None)
+            await self.app.close_runtime(self._runtime)
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         if self.store is not None:
