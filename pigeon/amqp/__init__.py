@@ -9,12 +9,14 @@ RabbitMQ through the names below, never through a channel of its own:
 - :class:`Subscription` and :func:`delivery_of`: the deliveries of one queue,
   as broker-free :class:`~pigeon.core.processor.Delivery` objects;
 - :class:`Acker`: settle them (ack, give back), once per loop turn;
-- :data:`RETRYABLE`: the errors a later try can cure.
+- :data:`RETRYABLE`: the errors a later try can cure;
+- :func:`supervise` and :func:`backoff`: the one reconnect loop (connect with
+  backoff, start, run until the connection is lost, again until stopped).
 
 The modules behind it: ``connection``, ``declaring``, ``frames`` (encoding
 and the fast path's one attach point), ``acks`` and ``publishes`` (the two
 users of the per-turn ``frames.TurnWriter``), ``publisher``, ``consume``,
-``unmarshal`` (tolerant header decoding) and ``hints``. Their aiormq
+``unmarshal`` (tolerant header decoding), ``hints`` and ``reconnect`` (``supervise``). Their aiormq
 internals are pinned by ``pyproject.toml`` and ``tests/test_aiormq_contract.py``.
 """
 
@@ -23,6 +25,7 @@ from pigeon.amqp.connection import Connector
 from pigeon.amqp.consume import Incoming, OnDelivery, Subscription, delivery_of
 from pigeon.amqp.declaring import declare
 from pigeon.amqp.publisher import RETRYABLE, Publisher
+from pigeon.amqp.reconnect import backoff, supervise
 
 __all__ = [
     "RETRYABLE",
@@ -32,6 +35,8 @@ __all__ = [
     "OnDelivery",
     "Publisher",
     "Subscription",
+    "backoff",
     "declare",
     "delivery_of",
+    "supervise",
 ]

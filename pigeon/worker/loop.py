@@ -27,10 +27,18 @@ from tenacity import (
     RetryCallState,
     retry_if_exception_type,
     retry_if_not_exception_type,
-    wait_exponential_jitter,
 )
 
-from pigeon.amqp import RETRYABLE, Acker, Incoming, Subscription, declare, delivery_of
+from pigeon.amqp import (
+    RETRYABLE,
+    Acker,
+    Incoming,
+    Subscription,
+    backoff,
+    declare,
+    delivery_of,
+    supervise,
+)
 from pigeon.app import Pigeon, Runtime
 from pigeon.core.processor import Delivery, NotStarted, Outcome, OutcomeKind, Processor
 from pigeon.errors import ConfigurationError
@@ -279,23 +287,24 @@ class Worker:
     async def _consume_until_stopped(self) -> None:
         """Connect, consume, and after a lost connection do it all again."""
         assert self._runtime is not None
-        while not self._stopping.is_set():
-            if not await self._connect():
-                return
-            try:
-                await self._start_consuming()
-            except RETRYABLE as exc:
-                log.warning("worker.start_failed", error=repr(exc))
-                self._runtime.connector.invalidate()
-                continue
-            self.ready.set()
-            log.info(
-                "worker.consuming",
-                listeners=[listener.queue for listener in self.listeners],
-                pid=os.getpid(),
-            )
-            await self._wait_for_stop_or_disconnect()
-            self.ready.clear()
+        await supervise(
+            self._runtime.connector,
+            self._stopping,
+            name="worker",
+            connecting=lambda: self._retrying(RETRYABLE, "broker.unreachable"),
+            gives_up_on=RETRYABLE,
+            start=self._start_consuming,
+            consuming=self._consuming,
+            until_lost=self._wait_for_stop_or_disconnect,
+        )
+
+    def _consuming(self) -> None:
+        self.ready.set()
+        log.info(
+            "worker.consuming",
+            listeners=[listener.queue for listener in self.listeners],
+            pid=os.getpid(),
+        )
 
     async def _open_store(self) -> None:
         if self.store is None and any(
@@ -344,30 +353,9 @@ class Worker:
                 url=self.app.settings.url and self._runtime and self._runtime.connector.masked_url,
             )
 
-        return AsyncRetrying(
-            # a configuration error (a refused store or broker login) is never retried
-            retry=retry_if_exception_type(errors) & retry_if_not_exception_type(ConfigurationError),
-            wait=wait_exponential_jitter(multiplier=0.5, max=30.0, jitter=1.0),
-            stop=lambda _: self._stopping.is_set(),
-            sleep=self._sleep,
-            before_sleep=before_sleep,
-            reraise=True,
-        )
-
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
-
-    async def _connect(self) -> bool:
-        """Connect, backing off while the broker is away; False when stopped meanwhile."""
-        assert self._runtime is not None
-        try:
-            async for attempt in self._retrying(RETRYABLE, "broker.unreachable"):
-                with attempt:
-                    await self._runtime.connector.get(timeout=10)
-        except RETRYABLE:
-            return False
-        return not self._stopping.is_set()
+        # a configuration error (a refused store or broker login) is never retried
+        retry = retry_if_exception_type(errors) & retry_if_not_exception_type(ConfigurationError)
+        return backoff(retry, self._stopping, before_sleep)
 
     async def _start_consuming(self) -> None:
         assert self._runtime is not None
@@ -412,6 +400,7 @@ class Worker:
         if not self._stopping.is_set():
             log.warning("worker.reconnecting", in_flight=len(self._tasks))
             self._runtime.connector.invalidate()
+        self.ready.clear()
 
     async def _watch_consumers(self) -> None:
         while True:
