@@ -203,7 +203,7 @@ figure.
   to the channel's reader task, a wake-up each, and then a task per message
   existed only to call the consumer, which spawned the worker's task. The
   worker now takes a consumer channel's frames as the connection reads them
-  (`pigeon.frames.Deliveries`) and spawns its task when a message's last
+  (`pigeon.amqp.frames.Deliveries`) and spawns its task when a message's last
   frame arrived; other frames still go to aiormq in order. That took about
   40 µs of CPU off every consumed message, whatever the store.
 - Publishing through aiormq's `basic_publish` cost, per message, a wait on
@@ -211,10 +211,10 @@ figure.
   of the CPU), a slot in the connection's ten-slot write queue (full most of
   the time with 256 publishes in flight, so publishers queued on the lock)
   and a `send()` system call of its own (another tenth). Pigeon now
-  encodes a publish itself (`pigeon.frames`: the method frame cached per
+  encodes a publish itself (`pigeon.amqp.frames`: the method frame cached per
   exchange and routing key, the properties the wire format fixes), takes
   the delivery tag at once and writes everything published in one loop
-  turn as one payload (`pigeon.publishes`); the confirmations stay
+  turn as one payload (`pigeon.amqp.publishes`); the confirmations stay
   aiormq's own futures. The tests hold the bytes equal to pamqp's.
   `dispatch_many` went from about 80 to about 40 µs of CPU per event
   (measured in the same run: about 10,500/s to 14,000 to 19,000/s), from

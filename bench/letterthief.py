@@ -37,7 +37,8 @@ from letterthief.settings import LetterThiefSettings
 from letterthief.store import Stored
 from letterthief.web import create_app
 from pigeon import headers as h
-from pigeon import topology
+from pigeon.amqp import declare
+from pigeon.core import topology
 from pigeon.settings import Settings
 
 QUEUES = tuple(
@@ -251,7 +252,7 @@ async def main(
     core = topology.core_topology(settings)
     connection = await aio_pika.connect(URL)
     try:
-        await topology.declare(connection, core)
+        await declare(connection, core)
         with tempfile.TemporaryDirectory(prefix="letterthief-bench-") as tmp:
             rate = await ingest_rate(settings, f"{tmp}/ingest.db", dead_letters)
             p95 = await list_p95(settings, f"{tmp}/list.db", letters, requests)

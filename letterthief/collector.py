@@ -18,19 +18,16 @@ from datetime import UTC, datetime
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from tenacity import (
-    AsyncRetrying,
     RetryCallState,
     retry_if_exception_type,
-    wait_exponential_jitter,
 )
 
 from letterthief import parse
 from letterthief.metrics import Metrics
 from letterthief.settings import LetterThiefSettings
 from letterthief.store import Store, Stored
-from pigeon import topology
-from pigeon.connection import Connector
-from pigeon.dispatch import RETRYABLE
+from pigeon.amqp import RETRYABLE, Connector, backoff, declare, supervise
+from pigeon.core.topology import core_topology
 from pigeon.errors import BrokerRefused, TopologyError
 from pigeon.logs import get_logger
 from pigeon.settings import Settings
@@ -117,55 +114,46 @@ class Collector:
         self._drains: list[_Drain] = []
 
     async def _declare(self, connection: object) -> None:
-        await topology.declare(connection, topology.core_topology(self.pigeon))  # type: ignore[arg-type]
+        await declare(connection, core_topology(self.pigeon))  # type: ignore[arg-type]
 
     def stop(self) -> None:
         self._stopping.set()
 
     async def run(self) -> None:
         """Consume, reconnecting after broker loss, until :meth:`stop`."""
+        retried = (*RETRYABLE, TopologyError, BrokerRefused)
         try:
-            while not self._stopping.is_set():
-                if not await self._connect():
-                    break
-                try:
-                    await self._consume()
-                except RETRYABLE as exc:
-                    log.warning("collector.start_failed", error=repr(exc))
-                    self.connector.invalidate()
-                    continue
-                self.ready.set()
-                self.error = None
-                log.info(
-                    "collector.consuming",
-                    queues=[d.queue for d in self._drains],
-                    url=self.connector.masked_url,
-                )
-                await self._wait()
-                self.ready.clear()
-                await self._teardown()
+            await supervise(
+                self.connector,
+                self._stopping,
+                name="collector",
+                connecting=lambda: backoff(
+                    retry_if_exception_type(retried), self._stopping, self._unreachable
+                ),
+                gives_up_on=retried,
+                start=self._consume,
+                consuming=self._consuming,
+                until_lost=self._until_lost,
+            )
         finally:
             self.ready.clear()
             await self._teardown()
             await self.connector.close()
             log.info("collector.stopped")
 
-    async def _connect(self) -> bool:
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type((*RETRYABLE, TopologyError, BrokerRefused)),
-            wait=wait_exponential_jitter(multiplier=0.5, max=30.0, jitter=1.0),
-            stop=lambda _: self._stopping.is_set(),
-            sleep=self._sleep,
-            before_sleep=self._unreachable,
-            reraise=True,
+    def _consuming(self) -> None:
+        self.ready.set()
+        self.error = None
+        log.info(
+            "collector.consuming",
+            queues=[d.queue for d in self._drains],
+            url=self.connector.masked_url,
         )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    await self.connector.get(timeout=10)
-        except (*RETRYABLE, TopologyError, BrokerRefused):
-            return False
-        return not self._stopping.is_set()
+
+    async def _until_lost(self) -> None:
+        await self._wait()
+        self.ready.clear()
+        await self._teardown()
 
     def _unreachable(self, state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome is not None else None
@@ -183,10 +171,6 @@ class Collector:
             else ("collector.broker_unreachable")
         )
         log.warning(event, error=self.error, url=self.connector.masked_url)
-
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
 
     async def _consume(self) -> None:
         connection = await self.connector.get()

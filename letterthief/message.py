@@ -18,9 +18,9 @@ from typing import Any
 
 from letterthief import parse
 from letterthief.models import Letter
-from pigeon import frames
 from pigeon import headers as h
-from pigeon.dispatch import Outgoing
+from pigeon.amqp import frames
+from pigeon.messages import Outgoing
 from pigeon.tables import repair_decoded
 
 MAX_CONTENT = 128 * 1024

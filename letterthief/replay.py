@@ -34,8 +34,7 @@ from letterthief import message, parse
 from letterthief.metrics import Metrics
 from letterthief.models import Letter, Status
 from letterthief.store import Store
-from pigeon.connection import Connector
-from pigeon.dispatch import Publisher
+from pigeon.amqp import Connector, Publisher
 from pigeon.errors import DispatchError
 from pigeon.logs import get_logger
 from pigeon.settings import Settings
@@ -206,7 +205,7 @@ def target(letter: Letter, pigeon: Settings) -> tuple[str, str]:
 
 
 class Replayer:
-    """Publishes replays through pigeon's confirmed :class:`~pigeon.dispatch.Publisher`.
+    """Publishes replays through pigeon's confirmed :class:`~pigeon.amqp.Publisher`.
 
     Each replay is built and encoded as a check before it is handed over
     (:func:`letterthief.message.build`), so a letter AMQP cannot carry is a

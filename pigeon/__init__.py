@@ -1,7 +1,10 @@
 """Pigeon: a choreography event bus for Python services over RabbitMQ."""
 
+# The old module pigeon.dispatch first: loading it later would bind the name
+# ``pigeon.dispatch`` to the module instead of the function below.
+import pigeon.dispatch  # noqa: F401  # isort: skip
 from pigeon.app import Pigeon, close, default_app, dispatch, dispatch_async, set_default_app
-from pigeon.delivery import Delivery, Outcome, OutcomeKind
+from pigeon.core.processor import Delivery
 from pigeon.errors import (
     BrokerRefused,
     ConfigurationError,
@@ -14,6 +17,7 @@ from pigeon.errors import (
 from pigeon.events import Event
 from pigeon.listener import Context, Listener
 from pigeon.logs import configure_logging
+from pigeon.messages import Outcome, OutcomeKind
 from pigeon.retry import Reject, Retry, RetryLater
 from pigeon.settings import Settings
 

@@ -15,10 +15,9 @@ from typing import Any, Unpack
 
 from aio_pika.abc import AbstractConnection
 
-from pigeon import topology as topo
-from pigeon import tracing
-from pigeon.connection import Connector
-from pigeon.dispatch import Publisher, bridge, build_outgoing, on_bridge_shutdown
+from pigeon.amqp import Connector, Publisher, declare
+from pigeon.bridge import bridge, on_bridge_shutdown
+from pigeon.core import topology as topo
 from pigeon.errors import ConfigurationError
 from pigeon.events import Event
 from pigeon.listener import (
@@ -30,9 +29,16 @@ from pigeon.listener import (
     inspect_handler,
     pattern_of,
 )
-from pigeon.messages import DispatchOptions
+from pigeon.messages import DispatchOptions, build_outgoing
 from pigeon.metrics import DISPATCHED
-from pigeon.middleware import Metrics, Middleware, PublishMiddleware, PublishNext, publish_chain
+from pigeon.middleware import (
+    Metrics,
+    Middleware,
+    PublishMiddleware,
+    PublishNext,
+    publish_chain,
+    tracing,
+)
 from pigeon.retry import Retry
 from pigeon.settings import Settings
 
@@ -63,10 +69,15 @@ _sink: PublishNext | None = None
 
 def set_sink(sink: PublishNext | None) -> PublishNext | None:
     """Send every dispatch of every app to ``sink`` instead of the broker (the testing
-    fake uses it); returns the previous sink."""
+    fake uses it); returns the previous sink. ``None`` sends to the broker again."""
     global _sink
     previous, _sink = _sink, sink
     return previous
+
+
+def sink() -> PublishNext | None:
+    """The sink :func:`set_sink` installed, or ``None`` when dispatches go to the broker."""
+    return _sink
 
 
 class Pigeon:
@@ -216,12 +227,12 @@ class Pigeon:
         return topo.Topology(queues=(main, *tiers))
 
     async def declare_core(self, connection: AbstractConnection) -> None:
-        await topo.declare(connection, topo.core_topology(self.settings))
+        await declare(connection, topo.core_topology(self.settings))
 
     async def declare(self, listeners: Sequence[Listener] | None = None) -> None:
         """Declare this app's whole topology now (``pigeon topology declare``)."""
         connection = await self.runtime().connector.get()
-        await topo.declare(connection, self.topology(listeners))
+        await declare(connection, self.topology(listeners))
 
     # -- dispatch ------------------------------------------------------------------
 
@@ -312,6 +323,15 @@ class Pigeon:
     ) -> str:
         """The blocking form of :meth:`dispatch_async`, for sync code and threads."""
         return bridge().run(self.dispatch_async(event, payload, **options))
+
+    async def close_runtime(self, runtime: Runtime) -> None:
+        """Close ``runtime`` (from :meth:`runtime`) and forget it, if it is still this app's.
+
+        The worker closes its own connection with it when its run ends.
+        """
+        await runtime.close()
+        if self._runtimes.get(runtime.loop) is runtime:
+            del self._runtimes[runtime.loop]
 
     async def close(self) -> None:
         """Close this app's connection on the running loop; the next dispatch opens a new one.

@@ -40,10 +40,10 @@ from urllib.parse import unquote, urlsplit
 from pydantic.json_schema import models_json_schema
 
 from pigeon import headers as h
+from pigeon.core.topology import matches
 from pigeon.errors import ConfigurationError
 from pigeon.events import Event, lookup, registered, validate_event_name
 from pigeon.settings import broker_urls, mask_url
-from pigeon.topology import matches
 
 if TYPE_CHECKING:
     from pigeon.app import Pigeon

@@ -13,8 +13,8 @@ from typing import Any, Literal
 import click
 from pydantic import ValidationError
 
+from pigeon.amqp import RETRYABLE
 from pigeon.app import Pigeon, default_app
-from pigeon.dispatch import RETRYABLE
 from pigeon.errors import (
     BrokerRefused,
     ConfigurationError,

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any, Protocol, Unpack
 
 import structlog
 
+from pigeon.core.pipeline import Wrapper
 from pigeon.errors import ConfigurationError
 from pigeon.events import Event, validate_event_name
 from pigeon.logs import get_logger
-from pigeon.pipeline import Wrapper
 from pigeon.retry import Retry
 
 if TYPE_CHECKING:

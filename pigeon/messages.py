@@ -1,18 +1,24 @@
 """The messages Pigeon moves, as plain data: what goes out and what became of what came in.
 
-A leaf: no AMQP, no app, nothing of Pigeon. The publisher turns an
+A leaf: no AMQP, no app; only the other leaves (events, headers, tables), for
+:func:`build_outgoing`, which turns an event into the wire format. The publisher turns an
 :class:`Outgoing` into frames; the processor decides the :class:`Outcome` of a
-:class:`~pigeon.delivery.Delivery` and the worker tells the broker. The
+:class:`~pigeon.core.processor.Delivery` and the worker tells the broker. The
 testing toolkit builds the same objects without a broker.
 """
 
 from __future__ import annotations
 
 import enum
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, TypedDict
+from datetime import UTC, datetime
+from typing import Any, TypedDict, Unpack
+
+from pigeon import headers as h
+from pigeon.events import Event, encode_payload, validate_event_name
+from pigeon.tables import check_headers
 
 
 class DispatchOptions(TypedDict, total=False):
@@ -82,3 +88,51 @@ class Outcome:
     @property
     def dead_lettered(self) -> bool:
         return self.kind is OutcomeKind.DEAD_LETTERED
+
+
+def build_outgoing(
+    exchange: str,
+    service: str | None,
+    event: Event | str,
+    payload: Mapping[str, Any] | None,
+    **options: Unpack[DispatchOptions],
+) -> Outgoing:
+    """Turn a typed event or a name + payload into the documented wire format.
+
+    ``service`` is the ``app_id``. Raises ``TypeError`` for a keyword that is
+    not one of :class:`~pigeon.messages.DispatchOptions`.
+    """
+    unknown = options.keys() - DISPATCH_OPTIONS
+    if unknown:
+        raise TypeError(
+            f"dispatch() got unexpected keyword arguments {', '.join(sorted(unknown))}; "
+            f"it takes {', '.join(sorted(DISPATCH_OPTIONS))}"
+        )
+    if isinstance(event, Event):
+        if payload is not None:
+            raise TypeError("dispatch(event) takes no payload: the event is the payload")
+        name = type(event).event_name()
+        body = event.to_json()
+        version: int | None = type(event).__event_version__
+    else:
+        name = validate_event_name(event)
+        body = encode_payload(payload if payload is not None else {})
+        version = None
+    message_id = options.get("message_id") or str(uuid.uuid4())
+    out_headers = check_headers(options.get("headers"))
+    causation_id = options.get("causation_id")
+    if causation_id:
+        out_headers[h.CAUSATION_ID] = causation_id
+    if version is not None:
+        out_headers.setdefault(h.EVENT_VERSION, version)
+    return Outgoing(
+        exchange=exchange,
+        routing_key=name,
+        body=body,
+        message_id=message_id,
+        event_name=name,
+        headers=out_headers,
+        correlation_id=options.get("correlation_id") or message_id,
+        app_id=service,
+        timestamp=datetime.now(UTC),
+    )

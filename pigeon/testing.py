@@ -26,7 +26,7 @@ from typing import Any
 from pigeon import app as app_module
 from pigeon import headers as h
 from pigeon.app import Pigeon
-from pigeon.delivery import Delivery, Outcome, Processor
+from pigeon.core.processor import Delivery, Outcome, Processor
 from pigeon.events import Event, encode_payload, lookup
 from pigeon.idempotency import IdempotencyStore, open_store
 from pigeon.listener import Listener
@@ -173,7 +173,7 @@ def _find(app: Pigeon, event: Event | str, listener: Listener | str | None) -> L
     if listener is not None:
         return app.find_listeners([listener])[0]
     name = event if isinstance(event, str) else type(event).event_name()
-    from pigeon.topology import matches
+    from pigeon.core.topology import matches
 
     candidates = [li for li in app.listeners if any(matches(p, name) for p in li.patterns)]
     if len(candidates) != 1:
@@ -227,7 +227,7 @@ async def deliver(
         correlation_id=correlation_id or message_id,
         content_type=content_type,
     )
-    if app_module._sink is not None:
+    if app_module.sink() is not None:
         return await processor.process(delivery)
     with fake():
         return await processor.process(delivery)

@@ -1,273 +1,33 @@
-"""Exchanges, queues and bindings: what Pigeon declares, and why.
+"""Moved to :mod:`pigeon.core.topology` and :mod:`pigeon.amqp.declaring`; this path keeps working for one release."""
 
-Everything is declared idempotently on the fly (a fresh broker "just works")
-and can be declared ahead of deploy with ``pigeon topology declare``. See
-``docs/topology.md`` for the picture. Quorum queues replicate messages and
-count deliveries, so a message that crashes its consumer again and again is
-dead-lettered by the broker itself (``x-delivery-limit``).
-"""
-
-from __future__ import annotations
-
-import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
-
-import aio_pika
-from aio_pika.abc import AbstractChannel, ExchangeType
-from aiormq.exceptions import ChannelPreconditionFailed
-
-from pigeon.errors import TopologyError
-from pigeon.logs import get_logger
-from pigeon.retry import tier_queue
-from pigeon.settings import Settings
-
-log = get_logger("pigeon")
-
-DEFAULT_DELIVERY_LIMIT = 20
-GROUP_SIZE = "x-quorum-initial-group-size"
-
-
-@dataclass(frozen=True, slots=True)
-class ExchangeSpec:
-    name: str
-    type: ExchangeType
-    arguments: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class Binding:
-    exchange: str
-    routing_key: str
-
-
-@dataclass(frozen=True, slots=True)
-class QueueSpec:
-    name: str
-    arguments: Mapping[str, Any]
-    bindings: tuple[Binding, ...] = ()
-    purpose: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Topology:
-    """An ordered set of exchanges and queues; declaring it twice changes nothing."""
-
-    exchanges: tuple[ExchangeSpec, ...] = ()
-    queues: tuple[QueueSpec, ...] = ()
-
-    def __add__(self, other: Topology) -> Topology:
-        exchanges = {e.name: e for e in (*self.exchanges, *other.exchanges)}
-        queues = {q.name: q for q in (*self.queues, *other.queues)}
-        return Topology(tuple(exchanges.values()), tuple(queues.values()))
-
-    def describe(self) -> str:
-        """A human-readable listing, as printed by ``pigeon topology show``."""
-        lines = []
-        for ex in self.exchanges:
-            lines.append(f"exchange {ex.name} ({ex.type.value}){_fmt_args(ex.arguments)}")
-        for q in self.queues:
-            purpose = f"  # {q.purpose}" if q.purpose else ""
-            lines.append(f"queue {q.name}{_fmt_args(q.arguments)}{purpose}")
-            lines.extend(f"  bound to {b.exchange} with {b.routing_key!r}" for b in q.bindings)
-        return "\n".join(lines)
-
-
-def _fmt_args(arguments: Mapping[str, Any]) -> str:
-    if not arguments:
-        return ""
-    return " " + " ".join(f"{k}={v}" for k, v in sorted(arguments.items()))
-
-
-def _quorum(size: int | None = None, **extra: Any) -> dict[str, Any]:
-    """Quorum queue arguments; ``size`` (``PIGEON_QUORUM_SIZE``) sets the initial group size.
-
-    Without a size the argument is left out, and RabbitMQ places the queue on
-    all nodes up to its ``quorum_cluster_size`` (3): one member on a single node.
-    """
-    group = {} if size is None else {GROUP_SIZE: size}
-    return {"x-queue-type": "quorum", **group, **extra}
-
-
-def core_topology(settings: Settings) -> Topology:
-    """The shared exchanges and queues every producer and listener relies on."""
-    return Topology(
-        exchanges=(
-            ExchangeSpec(settings.unrouted_exchange, ExchangeType.FANOUT),
-            ExchangeSpec(
-                settings.exchange,
-                ExchangeType.TOPIC,
-                {"alternate-exchange": settings.unrouted_exchange},
-            ),
-            ExchangeSpec(settings.dead_letter_exchange, ExchangeType.TOPIC),
-        ),
-        queues=(
-            QueueSpec(
-                settings.unrouted_queue,
-                _quorum(
-                    settings.quorum_size,
-                    **{
-                        "x-max-length": settings.unrouted_max_length,
-                        "x-overflow": "reject-publish",
-                    },
-                ),
-                (Binding(settings.unrouted_exchange, ""),),
-                "events no queue was bound for; bounded, a full queue refuses the dispatch",
-            ),
-            QueueSpec(
-                settings.dead_letter_queue,
-                _quorum(settings.quorum_size),
-                (Binding(settings.dead_letter_exchange, "#"),),
-                "every dead letter, for LetterThief",
-            ),
-        ),
-    )
-
-
-def listener_queue(
-    settings: Settings,
-    name: str,
-    patterns: Iterable[str],
-    *,
-    delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
-    purpose: str = "",
-) -> QueueSpec:
-    """The quorum queue of one listener, dead-lettering into ``pigeon.dead`` under its own name."""
-    arguments = _quorum(
-        settings.quorum_size,
-        **{
-            "x-dead-letter-exchange": settings.dead_letter_exchange,
-            "x-dead-letter-routing-key": name,
-            "x-dead-letter-strategy": "at-least-once",
-            "x-overflow": "reject-publish",
-            "x-delivery-limit": delivery_limit,
-        },
-    )
-    bindings = tuple(Binding(settings.exchange, p) for p in dict.fromkeys(patterns))
-    return QueueSpec(name, arguments, bindings, purpose)
-
-
-def retry_tier(queue: str, delay: float, *, quorum_size: int | None = None) -> QueueSpec:
-    """A TTL queue that holds messages for ``delay`` seconds, then hands them back to ``queue``."""
-    arguments = _quorum(
-        quorum_size,
-        **{
-            "x-message-ttl": round(delay * 1000),
-            "x-dead-letter-exchange": "",
-            "x-dead-letter-routing-key": queue,
-            "x-dead-letter-strategy": "at-least-once",
-            "x-overflow": "reject-publish",
-        },
-    )
-    return QueueSpec(tier_queue(queue, delay), arguments, (), f"retry tier of {queue}")
-
-
-async def declare(channel_source: aio_pika.abc.AbstractConnection, topology: Topology) -> None:
-    """Declare ``topology`` on a short-lived channel of ``channel_source``.
-
-    Raises :class:`TopologyError` when an existing exchange or queue was
-    declared with other arguments; the message names the argument and the fix.
-    An existing queue's ``x-quorum-initial-group-size`` is kept (see
-    :func:`_declare_queue`).
-    """
-    channels = [await channel_source.channel(publisher_confirms=False)]
-    try:
-        for ex in topology.exchanges:
-            await _guard(
-                ex.name,
-                "exchange",
-                ex.arguments,
-                channels[-1].declare_exchange(
-                    ex.name, ex.type, durable=True, arguments=dict(ex.arguments)
-                ),
-            )
-        for q in topology.queues:
-            queue = await _declare_queue(channel_source, channels, q)
-            for b in q.bindings:
-                await queue.bind(b.exchange, b.routing_key)
-    finally:
-        for channel in channels:
-            if not channel.is_closed:
-                await channel.close()
-
-
-async def _declare_queue(
-    channel_source: aio_pika.abc.AbstractConnection, channels: list[AbstractChannel], q: QueueSpec
-) -> Any:
-    """Declare ``q`` on ``channels[-1]``; an existing queue keeps its initial group size.
-
-    RabbitMQ checks ``x-quorum-initial-group-size`` for equivalence although it
-    only matters when the queue is created: a queue made before
-    ``PIGEON_QUORUM_SIZE`` was set (or changed) would refuse every later
-    declaration. Such a queue is declared again, on a new channel (the broker
-    closed the old one), with the size it has; other differences still raise.
-    """
-    try:
-        return await channels[-1].declare_queue(q.name, durable=True, arguments=dict(q.arguments))
-    except ChannelPreconditionFailed as exc:
-        kept = _keep_group_size(q.arguments, str(exc))
-        if kept is None:
-            raise explain_mismatch("queue", q.name, q.arguments, str(exc)) from exc
-    log.info("topology.group_size_kept", queue=q.name, wanted=q.arguments.get(GROUP_SIZE))
-    channels.append(await channel_source.channel(publisher_confirms=False))
-    return await _guard(
-        q.name, "queue", kept, channels[-1].declare_queue(q.name, durable=True, arguments=kept)
-    )
-
-
-def _keep_group_size(wanted: Mapping[str, Any], detail: str) -> dict[str, Any] | None:
-    """``wanted`` with the existing queue's group size, if that was the only objection."""
-    match = _MISMATCH.search(detail)
-    if match is None or match["arg"] != GROUP_SIZE:
-        return None
-    kept = {k: v for k, v in wanted.items() if k != GROUP_SIZE}
-    if match["current"] != "none":
-        kept[GROUP_SIZE] = int(match["current"])
-    return kept
-
-
-async def _guard(name: str, kind: str, wanted: Mapping[str, Any], declaring: Any) -> Any:
-    try:
-        return await declaring
-    except ChannelPreconditionFailed as exc:
-        raise explain_mismatch(kind, name, wanted, str(exc)) from exc
-
-
-_MISMATCH = re.compile(
-    r"inequivalent arg '(?P<arg>[^']+)' for (?:queue|exchange) '[^']*' in vhost '[^']*': "
-    r"received (?:the value )?'?(?P<received>[^']*?)'?(?: of type '\w+')? "
-    r"but current is (?:the value )?'?(?P<current>[^']*?)'?(?: of type '\w+')?$"
+from pigeon.amqp.declaring import (
+    declare,
+    explain_mismatch,
+)
+from pigeon.core.topology import (
+    DEFAULT_DELIVERY_LIMIT,
+    GROUP_SIZE,
+    Binding,
+    ExchangeSpec,
+    QueueSpec,
+    Topology,
+    core_topology,
+    listener_queue,
+    matches,
+    retry_tier,
 )
 
-
-def explain_mismatch(kind: str, name: str, wanted: Mapping[str, Any], detail: str) -> TopologyError:
-    """Turn RabbitMQ's PRECONDITION_FAILED text into an error that carries the fix."""
-    match = _MISMATCH.search(detail)
-    if match is None:
-        return TopologyError(f"{kind} {name} exists with other arguments ({detail}).")
-    arg, current = match["arg"], match["current"]
-    want = wanted.get(arg, match["received"])
-    have = "no value" if current == "none" else current
-    deletion = f"rabbitmqctl delete_queue {name}" if kind == "queue" else f"delete exchange {name}"
-    return TopologyError(
-        f"{kind} {name} exists with {arg}={have}; this app wants {arg}={want}. "
-        f"Drain and delete the {kind} ({deletion}) so it is declared anew, "
-        f"or configure the app to match the existing {kind} (see docs/topology.md)."
-    )
-
-
-def matches(pattern: str, routing_key: str) -> bool:
-    """Whether a topic binding ``pattern`` (``*`` = one word, ``#`` = any) takes ``routing_key``."""
-    return _match(pattern.split("."), routing_key.split("."))
-
-
-def _match(pattern: list[str], words: list[str]) -> bool:
-    if not pattern:
-        return not words
-    head, rest = pattern[0], pattern[1:]
-    if head == "#":
-        return any(_match(rest, words[i:]) for i in range(len(words) + 1))
-    if not words:
-        return False
-    return (head in ("*", words[0])) and _match(rest, words[1:])
+__all__ = [
+    "DEFAULT_DELIVERY_LIMIT",
+    "GROUP_SIZE",
+    "Binding",
+    "ExchangeSpec",
+    "QueueSpec",
+    "Topology",
+    "core_topology",
+    "declare",
+    "explain_mismatch",
+    "listener_queue",
+    "matches",
+    "retry_tier",
+]

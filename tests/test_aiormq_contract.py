@@ -5,7 +5,7 @@ The worker takes deliveries straight off an aiormq channel's frame queue
 its connection's write queue. None of that is aiormq's public API, so these
 tests drive it against the real aiormq classes and a real broker, and fail
 loudly, naming the aiormq version, when it no longer fits: update
-``pigeon/frames.py`` (and the pin in pyproject.toml) together.
+``pigeon/amqp/frames.py`` (and the pin in pyproject.toml) together.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ async def test_the_fast_path_attaches_to_a_real_aiormq_channel_and_takes_its_del
 
     attached = attach_deliveries(channel, fast.append, queue=queue)
     assert attached, (
-        f"the fast path cannot attach to aiormq {AIORMQ}: pigeon/frames.py no longer "
+        f"the fast path cannot attach to aiormq {AIORMQ}: pigeon/amqp/frames.py no longer "
         "fits its channel; fix it before moving the aiormq pin"
     )
     ok = await channel.basic_consume(queue, through_aiormq)

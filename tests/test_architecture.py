@@ -24,48 +24,50 @@ LAYERS: list[tuple[str, set[str]]] = [
             "events",
             "retry",
             "deadletter",
-            "messages",
-            "pipeline",
             "metrics",
+            "tables",
         },
     ),
+    ("idempotency", {"idempotency"}),
+    ("core", {"core", "messages", "listener"}),
+    ("middleware", {"middleware"}),
+    ("amqp", {"amqp"}),
+    ("app", {"bridge", "app"}),
+    ("worker", {"worker"}),
+    ("tools", {"__main__", "cli", "testing", "asyncapi", "pytest_plugin"}),
     (
-        "idempotency",
+        "compat",
         {
-            "idempotency",
-            "idempotency.base",
-            "idempotency.lease",
-            "idempotency.memory",
-            "idempotency.sqlite",
-            "idempotency.redis",
-            "idempotency.postgres",
+            "",
+            "acks",
+            "connection",
+            "delivery",
+            "dispatch",
+            "frames",
+            "hints",
+            "idle",
+            "pipeline",
+            "publishes",
+            "settle",
+            "threads",
+            "topology",
+            "tracing",
+            "unmarshal",
         },
     ),
-    ("core", {"listener", "delivery"}),
-    ("middleware", {"middleware", "tracing"}),
-    ("amqp", {"connection", "topology", "frames", "acks", "publishes", "dispatch"}),
-    ("app", {"app"}),
-    ("worker", {"idle", "settle", "worker"}),
-    ("tools", {"", "__main__", "cli", "testing", "asyncapi", "pytest_plugin"}),
 ]
-"""Lowest first; a module's name without ``pigeon.`` (``""`` is the package itself).
+"""Lowest first; a module's name without ``pigeon.`` (``""`` is the package itself). A
+subpackage's name covers its modules (``amqp`` is ``pigeon.amqp`` and ``pigeon.amqp.*``).
 
-A module that is in no layer yet (a new one) is held only to the no-cycle
-rule: add it here and to docs/architecture.md."""
+``compat`` holds the façade (``pigeon`` itself) and the old import paths,
+re-exports kept for one release: on top, so no module of the package imports them. A module that is in no layer yet (a
+new one) is held only to the no-cycle rule: add it here and to
+docs/architecture.md."""
 
 AMQP_LIBRARIES = ("aiormq", "pamqp")
-AMQP_MODULES = {
-    "acks",
-    "connection",
-    "dispatch",
-    "frames",
-    "publishes",
-    "topology",
-    "unmarshal",
-    "worker",
-}
-"""The modules that touch aiormq or pamqp. The list may shrink, never grow: the
-next step moves them into one ``pigeon/amqp/`` subpackage."""
+AMQP_PACKAGE = "amqp"
+"""The one subpackage that touches aiormq or pamqp; above it, the package reaches the
+broker only through the names ``pigeon.amqp`` exports (its ``__init__``)."""
 
 
 def module_name(path: Path) -> str:
@@ -183,13 +185,24 @@ def short(module: str) -> str:
     return module.removeprefix("pigeon").removeprefix(".")
 
 
+def layer_of(module: str) -> int | None:
+    """The index in :data:`LAYERS` of ``module`` (a full name), or of its subpackage."""
+    name = short(module)
+    while True:
+        for index, (_, names) in enumerate(LAYERS):
+            if name in names:
+                return index
+        if "." not in name:
+            return None
+        name = name.rpartition(".")[0]
+
+
 def test_each_module_imports_only_its_layer_and_the_layers_below() -> None:
-    layer_of = {name: index for index, (_, names) in enumerate(LAYERS) for name in names}
     wrong = []
     for module, targets in import_graph().items():
-        here = layer_of.get(short(module))
+        here = layer_of(module)
         for target in targets:
-            there = layer_of.get(short(target))
+            there = layer_of(target)
             if here is not None and there is not None and there > here:
                 wrong.append(f"{module} ({LAYERS[here][0]}) imports {target} ({LAYERS[there][0]})")
     assert not wrong, "imports that go up a layer:\n" + "\n".join(sorted(wrong))
@@ -199,15 +212,38 @@ def test_the_layers_name_existing_modules_once() -> None:
     listed = [name for _, names in LAYERS for name in names]
     assert len(listed) == len(set(listed))
     assert set(listed) <= {short(module) for module in modules()}
+    unplaced = sorted(
+        module for module in modules() if layer_of(module) is None and ".outbox" not in module
+    )
+    assert not unplaced, f"modules in no layer: {unplaced}"
 
 
-def test_aiormq_and_pamqp_stay_in_the_amqp_modules() -> None:
+def in_amqp(module: str) -> bool:
+    name = short(module)
+    return name == AMQP_PACKAGE or name.startswith(AMQP_PACKAGE + ".")
+
+
+def test_aiormq_and_pamqp_stay_in_the_amqp_subpackage() -> None:
     users = {
-        short(module)
-        for module, path in modules().items()
-        if external_imports(path) & set(AMQP_LIBRARIES)
+        module for module, path in modules().items() if external_imports(path) & set(AMQP_LIBRARIES)
     }
-    assert users <= AMQP_MODULES, f"new aiormq/pamqp users: {sorted(users - AMQP_MODULES)}"
+    outside = sorted(module for module in users if not in_amqp(module))
+    assert not outside, f"aiormq/pamqp imported outside pigeon.amqp: {outside}"
+    assert users, "the checker sees the amqp subpackage's own imports"
+
+
+def test_the_layers_above_reach_the_broker_only_through_the_amqp_interface() -> None:
+    """``from pigeon.amqp import Publisher``, never ``pigeon.amqp.publisher``: the
+    subpackage's ``__init__`` is its interface (the old paths in ``compat`` aside)."""
+    compat = LAYERS[-1][1]
+    wrong = [
+        f"{module} imports {target}"
+        for module, targets in import_graph().items()
+        if not in_amqp(module) and short(module) not in compat
+        for target in targets
+        if in_amqp(target) and short(target) != AMQP_PACKAGE
+    ]
+    assert not wrong, "imports past pigeon.amqp's interface:\n" + "\n".join(sorted(wrong))
 
 
 def test_the_graph_sees_type_only_and_function_level_imports() -> None:
@@ -215,6 +251,59 @@ def test_the_graph_sees_type_only_and_function_level_imports() -> None:
     graph = import_graph()
     assert "pigeon.settings" in graph["pigeon.idempotency"]  # a top-level import
     assert "pigeon.idempotency.memory" in graph["pigeon.idempotency"]  # inside a function
-    assert "pigeon.messages" in graph["pigeon.frames"]  # under TYPE_CHECKING
-    assert "pigeon.idempotency" in graph["pigeon.delivery"]  # its __init__ runs too
+    assert "pigeon.messages" in graph["pigeon.amqp.frames"]  # under TYPE_CHECKING
+    assert "pigeon.idempotency" in graph["pigeon.core.processor"]  # its __init__ runs too
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def private_names(tree: ast.AST) -> tuple[set[str], list[tuple[int, str]]]:
+    """The ``_names`` a module defines (defs, classes, assignments, ``self._x = ...``), and
+    each ``something._name`` it reads where ``something`` is not ``self`` or ``cls``."""
+    defined: set[str] = set()
+    read: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            defined.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            defined.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            if isinstance(node.ctx, ast.Store):
+                defined.add(node.attr)
+            elif not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                read.append((node.lineno, node.attr))
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            defined.add(node.target.id)
+    private = {name for name in defined if name.startswith("_") and not name.startswith("__")}
+    reads = [(line, name) for line, name in read if name.startswith("_") and name[1:2] != "_"]
+    return private, reads
+
+
+def cross_module_private_reads(sources: dict[str, str]) -> list[str]:
+    """``module:line reads _name``, where ``_name`` is another pigeon module's, not its own."""
+    parsed = {module: private_names(ast.parse(source)) for module, source in sources.items()}
+    wrong = []
+    for module, (own, reads) in parsed.items():
+        others = set().union(*(p for m, (p, _) in parsed.items() if m != module))
+        wrong += [
+            f"{module}:{line} reads {name}"
+            for line, name in reads
+            if name not in own and name in others
+        ]
+    return wrong
+
+
+def test_no_module_reads_another_modules_private_attributes() -> None:
+    """What a module needs of another is public (``Pigeon.close_runtime``,
+    ``pigeon.app.sink``), so a private attribute can change with its own module."""
+    sources = {module: path.read_text() for module, path in modules().items()}
+    wrong = cross_module_private_reads(sources)
+    assert not wrong, "private attributes read across modules:\n" + "\n".join(sorted(wrong))
+
+
+def test_the_private_read_check_sees_one() -> None:
+    sources = {
+        "a": "class A:\n    def __init__(self):\n        self._runtimes = {}\n",
+        "b": "def close(app):\n    app._runtimes.pop(1)\n",
+        "c": "def close(app):\n    app._other.pop(1)\n",
+    }
+    assert cross_module_private_reads(sources) == ["b:2 reads _runtimes"]

@@ -9,11 +9,10 @@ from typing import Any, cast
 
 import pytest
 
-from pigeon import middleware
 from pigeon.connection import Connector
 from pigeon.delivery import Delivery
 from pigeon.dispatch import Publisher
-from pigeon.middleware import RateLimit
+from pigeon.middleware import RateLimit, rate_limit
 from pigeon.retry import RetryLater
 
 
@@ -29,7 +28,7 @@ class Clock:
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     """RateLimit's clock, moved by the test."""
     fake = Clock()
-    monkeypatch.setattr(middleware, "time", fake)
+    monkeypatch.setattr(rate_limit, "time", fake)
     return fake
 
 

@@ -16,7 +16,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from pigeon import Context, Pigeon
-from pigeon.connection import Connector, _with_heartbeat
+from pigeon.amqp.connection import Connector, _with_heartbeat
 from pigeon.settings import Settings, broker_urls, mask_url
 from tests.conftest import AMQP_URL, AppFactory, Broker, RunWorker, eventually
 from tests.events import OrderPlaced
@@ -218,9 +218,10 @@ async def test_a_consumer_the_broker_cancelled_is_resubscribed_on_its_channel_at
 
     worker = await run_worker(app)
     (consumer,) = worker._consumers
-    await consumer.underlay.basic_cancel(consumer.tag)
+    cancelled = consumer.tag
+    await consumer.cancel()
     with capture_logs() as logs:
-        await eventually(lambda: worker._consumers[0].tag != consumer.tag, 5, "a new subscription")
+        await eventually(lambda: worker._consumers[0].tag != cancelled, 5, "a new subscription")
     assert worker.connections == 1, "re-subscribed without reconnecting"
     assert worker._consumers[0].channel is consumer.channel
     assert "worker.resubscribed" in {entry["event"] for entry in logs}

@@ -13,8 +13,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from pigeon import Context, Pigeon, Retry, RetryLater, headers, tracing
-from pigeon.middleware import Metrics
+from pigeon import Context, Pigeon, Retry, RetryLater, headers
+from pigeon.middleware import Metrics, tracing
 from pigeon.testing import deliver, fake
 from pigeon.tracing import PublishTracing, Tracing
 from tests.conftest import AppFactory, Broker, RunWorker, eventually

@@ -265,7 +265,7 @@ class Relay:
         from pigeon import app as app_module
 
         app = self.app or self.outbox.app or app_module.default_app()
-        sink = app_module._sink
+        sink = app_module.sink()
         if sink is not None:  # pigeon.testing.fake(): captured like any dispatch
             for out in batch:
                 await sink(out)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import gc
 import os
@@ -21,35 +20,35 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from aio_pika.abc import AbstractChannel
-from aiormq.abc import AbstractChannel as AmqpChannel
-from aiormq.abc import DeliveredMessage
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception_type,
     retry_if_not_exception_type,
-    wait_exponential_jitter,
 )
 
-from pigeon import idle, topology
-from pigeon.acks import Acker
+from pigeon.amqp import (
+    RETRYABLE,
+    Acker,
+    Incoming,
+    Subscription,
+    backoff,
+    declare,
+    delivery_of,
+    supervise,
+)
 from pigeon.app import Pigeon, Runtime
-from pigeon.delivery import Delivery, NotStarted, Outcome, OutcomeKind, Processor
-from pigeon.dispatch import RETRYABLE
+from pigeon.core.processor import Delivery, NotStarted, Outcome, OutcomeKind, Processor
 from pigeon.errors import ConfigurationError
-from pigeon.frames import attach_deliveries
-from pigeon.hints import hint_competitors
 from pigeon.idempotency import IdempotencyStore, open_store
 from pigeon.listener import Listener
 from pigeon.logs import get_logger
 from pigeon.metrics import MESSAGES
-from pigeon.settle import Settler
-from pigeon.threads import HandlerThreads
-from pigeon.unmarshal import problems_of
+from pigeon.worker import idle
+from pigeon.worker.settle import Settler
+from pigeon.worker.threads import HandlerThreads
 
 log = get_logger("pigeon")
 
@@ -68,16 +67,6 @@ def rss_mb() -> float:
             return int(f.read().split()[1]) * _PAGE / 1048576
     except OSError:
         return 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class _Consumer:
-    queue: str
-    channel: AbstractChannel
-    underlay: AmqpChannel
-    tag: str
-    acker: Acker
-    on_message: Any
 
 
 class _Slots:
@@ -128,7 +117,7 @@ class _SlowStart:
         """The prefetch to subscribe with."""
         return min(self.prefetch, 1)
 
-    def seen(self, message: DeliveredMessage) -> None:
+    def seen(self, message: Incoming) -> None:
         if self._raising is None and not message.redelivered and self.raise_prefetch is not None:
             self._raising = asyncio.ensure_future(self.raise_prefetch())
 
@@ -198,7 +187,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._refusing = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._consumers: list[_Consumer] = []
+        self._consumers: list[Subscription] = []
         self._counters: dict[tuple[str, str, str], Any] = {}
         self._settler: Settler | None = None
         self._processors: dict[str, Processor] = {}
@@ -298,23 +287,24 @@ class Worker:
     async def _consume_until_stopped(self) -> None:
         """Connect, consume, and after a lost connection do it all again."""
         assert self._runtime is not None
-        while not self._stopping.is_set():
-            if not await self._connect():
-                return
-            try:
-                await self._start_consuming()
-            except RETRYABLE as exc:
-                log.warning("worker.start_failed", error=repr(exc))
-                self._runtime.connector.invalidate()
-                continue
-            self.ready.set()
-            log.info(
-                "worker.consuming",
-                listeners=[listener.queue for listener in self.listeners],
-                pid=os.getpid(),
-            )
-            await self._wait_for_stop_or_disconnect()
-            self.ready.clear()
+        await supervise(
+            self._runtime.connector,
+            self._stopping,
+            name="worker",
+            connecting=lambda: self._retrying(RETRYABLE, "broker.unreachable"),
+            gives_up_on=RETRYABLE,
+            start=self._start_consuming,
+            consuming=self._consuming,
+            until_lost=self._wait_for_stop_or_disconnect,
+        )
+
+    def _consuming(self) -> None:
+        self.ready.set()
+        log.info(
+            "worker.consuming",
+            listeners=[listener.queue for listener in self.listeners],
+            pid=os.getpid(),
+        )
 
     async def _open_store(self) -> None:
         if self.store is None and any(
@@ -363,36 +353,15 @@ class Worker:
                 url=self.app.settings.url and self._runtime and self._runtime.connector.masked_url,
             )
 
-        return AsyncRetrying(
-            # a configuration error (a refused store or broker login) is never retried
-            retry=retry_if_exception_type(errors) & retry_if_not_exception_type(ConfigurationError),
-            wait=wait_exponential_jitter(multiplier=0.5, max=30.0, jitter=1.0),
-            stop=lambda _: self._stopping.is_set(),
-            sleep=self._sleep,
-            before_sleep=before_sleep,
-            reraise=True,
-        )
-
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
-
-    async def _connect(self) -> bool:
-        """Connect, backing off while the broker is away; False when stopped meanwhile."""
-        assert self._runtime is not None
-        try:
-            async for attempt in self._retrying(RETRYABLE, "broker.unreachable"):
-                with attempt:
-                    await self._runtime.connector.get(timeout=10)
-        except RETRYABLE:
-            return False
-        return not self._stopping.is_set()
+        # a configuration error (a refused store or broker login) is never retried
+        retry = retry_if_exception_type(errors) & retry_if_not_exception_type(ConfigurationError)
+        return backoff(retry, self._stopping, before_sleep)
 
     async def _start_consuming(self) -> None:
         assert self._runtime is not None
         connector = self._runtime.connector
         connection = await connector.get()
-        await topology.declare(connection, self.app.topology(self.listeners))
+        await declare(connection, self.app.topology(self.listeners))
         if self._settler is None or self._settler.generation != connector.generation:
             self._settler = Settler(self.app, self._runtime, self.listeners)
         self._consumers.clear()
@@ -401,39 +370,16 @@ class Worker:
             prefetch = max(self.prefetch or concurrency * PREFETCH_PER_HANDLER, 1)
             if self.max_messages is not None:
                 prefetch = min(prefetch, self.max_messages)
-            channel = await connection.channel(publisher_confirms=False)
             slow = _SlowStart(prefetch)
-            await channel.set_qos(prefetch_count=slow.initial)
-            underlay = await channel.get_underlay_channel()
+            consumer = await Subscription.open(connection, listener.queue, prefetch=slow.initial)
             processor = self._processors[listener.queue]
             semaphore = _Slots(concurrency, self._refusing)
-            acker = Acker(underlay, listener.queue)
-
-            async def on_message(
-                message: DeliveredMessage,
-                processor: Processor = processor,
-                semaphore: _Slots = semaphore,
-                acker: Acker = acker,
-                slow: _SlowStart = slow,
-            ) -> None:
-                self._spawn(processor, semaphore, acker, slow, message)
-
-            # the fast path; where it cannot attach (logged), on_message takes them
-            attach_deliveries(
-                underlay,
-                functools.partial(self._spawn, processor, semaphore, acker, slow),
-                queue=listener.queue,
+            await consumer.consume(
+                functools.partial(self._spawn, processor, semaphore, consumer.acker, slow)
             )
-            ok = await underlay.basic_consume(listener.queue, on_message)
-            assert ok.consumer_tag is not None
-            await hint_competitors(channel, listener.queue)
-            self._consumers.append(
-                _Consumer(listener.queue, channel, underlay, ok.consumer_tag, acker, on_message)
-            )
+            self._consumers.append(consumer)
             if prefetch > slow.initial:
-                slow.raise_prefetch = functools.partial(
-                    self._raise_prefetch, self._consumers[-1], prefetch
-                )
+                slow.raise_prefetch = functools.partial(self._raise_prefetch, consumer, prefetch)
 
     async def _wait_for_stop_or_disconnect(self) -> None:
         """Return when asked to stop, when the connection is lost, or when a consumer is gone.
@@ -454,45 +400,37 @@ class Worker:
         if not self._stopping.is_set():
             log.warning("worker.reconnecting", in_flight=len(self._tasks))
             self._runtime.connector.invalidate()
+        self.ready.clear()
 
     async def _watch_consumers(self) -> None:
         while True:
             await asyncio.sleep(CONSUMER_CHECK_INTERVAL)
-            for index, consumer in enumerate(self._consumers):
-                if consumer.channel.is_closed:
+            for consumer in self._consumers:
+                if consumer.closed:
                     log.warning("worker.channel_closed", queue=consumer.queue)
                     return
-                if consumer.tag not in getattr(consumer.underlay, "consumers", (consumer.tag,)):
+                if consumer.cancelled:
                     log.warning("worker.consumer_cancelled_by_broker", queue=consumer.queue)
-                    if not await self._resubscribe(index, consumer):
+                    if not await self._resubscribe(consumer):
                         return
 
-    async def _raise_prefetch(self, consumer: _Consumer, prefetch: int) -> None:
-        """Subscribe ``consumer``'s queue again with ``prefetch``, then end the old
-        subscription (RabbitMQ applies a quorum queue's prefetch per consumer, when it
-        subscribes). Deliveries of the old one still in flight are handled as usual."""
-        if consumer not in self._consumers or consumer.channel.is_closed:
+    async def _raise_prefetch(self, consumer: Subscription, prefetch: int) -> None:
+        """Subscribe ``consumer``'s queue again with ``prefetch`` (see
+        :meth:`Subscription.raise_prefetch`)."""
+        if consumer not in self._consumers or consumer.closed:
             return  # reconnected meanwhile: the new subscription starts slow again
         try:
-            await consumer.underlay.basic_qos(prefetch_count=prefetch)
-            ok = await consumer.underlay.basic_consume(consumer.queue, consumer.on_message)
-            assert ok.consumer_tag is not None
-            self._consumers[self._consumers.index(consumer)] = dataclasses.replace(
-                consumer, tag=ok.consumer_tag
-            )
-            await consumer.underlay.basic_cancel(consumer.tag)
+            await consumer.raise_prefetch(prefetch)
         except Exception as exc:  # the channel closed: the worker reconnects anyway
             log.debug("worker.prefetch_not_raised", queue=consumer.queue, error=repr(exc))
 
-    async def _resubscribe(self, index: int, consumer: _Consumer) -> bool:
+    async def _resubscribe(self, consumer: Subscription) -> bool:
         """Consume ``consumer``'s queue again on its channel; False if that failed."""
         try:
-            ok = await consumer.underlay.basic_consume(consumer.queue, consumer.on_message)
+            await consumer.resubscribe()
         except Exception as exc:
             log.warning("worker.resubscribe_failed", queue=consumer.queue, error=repr(exc))
             return False
-        assert ok.consumer_tag is not None
-        self._consumers[index] = dataclasses.replace(consumer, tag=ok.consumer_tag)
         log.info("worker.resubscribed", queue=consumer.queue)
         return True
 
@@ -501,7 +439,7 @@ class Worker:
             self._purging.cancel()
         for consumer in self._consumers:
             try:
-                await consumer.underlay.basic_cancel(consumer.tag)
+                await consumer.cancel()
             except Exception as exc:
                 log.debug("worker.cancel_failed", queue=consumer.queue, error=repr(exc))
         if self._tasks:
@@ -512,13 +450,12 @@ class Worker:
             if pending:
                 log.warning("worker.abandoned", count=len(pending), note="they will be redelivered")
                 await asyncio.gather(*pending, return_exceptions=True)
-        await asyncio.gather(*(consumer.acker.close() for consumer in self._consumers))
+        await asyncio.gather(*(consumer.close() for consumer in self._consumers))
         self._consumers.clear()
         if self._relays is not None:
             await self._relays.stop()
         if self._runtime is not None:
-            await self._runtime.close()
-            self.app._runtimes.pop(self._runtime.loop, None)
+            await self.app.close_runtime(self._runtime)
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         if self.store is not None:
@@ -532,7 +469,7 @@ class Worker:
         semaphore: _Slots,
         acker: Acker,
         slow: _SlowStart,
-        message: DeliveredMessage,
+        message: Incoming,
     ) -> None:
         tag = message.delivery_tag
         assert tag is not None, "a consumed message always has a delivery tag"
@@ -556,26 +493,10 @@ class Worker:
         semaphore: _Slots,
         acker: Acker,
         tag: int,
-        message: DeliveredMessage,
+        message: Incoming,
     ) -> None:
         started = time.perf_counter()
-        props = message.header.properties
-        undecodable, raw_properties = problems_of(message)
-        delivery = Delivery.create(
-            processor.listener,
-            message.body,
-            event_name=props.message_type or message.routing_key or "",
-            message_id=props.message_id,
-            headers=props.headers,
-            correlation_id=props.correlation_id,
-            content_type=props.content_type,
-            content_encoding=props.content_encoding,
-            app_id=props.app_id,
-            timestamp=props.timestamp,
-            redelivered=bool(message.redelivered),
-            undecodable=undecodable,
-            raw_properties=raw_properties,
-        )
+        delivery = delivery_of(processor.listener, message)
         try:
             outcome = await processor.process(delivery, semaphore)  # the handler under the limit
         except NotStarted:
