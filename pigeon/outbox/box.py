@@ -44,7 +44,9 @@ NOTIFY_EVERY = 0.05
 """Seconds between two NOTIFYs of one process: NOTIFY serializes the commits of the
 transactions that send it (PostgreSQL takes a database-wide lock until the commit is
 flushed), so a busy producer sends one per 50 ms and the relay, woken by it, keeps
-looking for a moment (``LINGER``) to pick up the transactions that did not notify."""
+looking for a moment (``LINGER``) to pick up the transactions that did not notify.
+A process that runs a relay of this outbox itself sends none: its commits wake that
+relay directly."""
 DEFAULT_LEASE = 60.0
 """Seconds a relay's claim protects its rows from other relays."""
 
@@ -281,13 +283,13 @@ class Outbox:
         if info is None or info[0] is not tx:
             info = session.info[_TX_INFO] = (tx, uuid.uuid4().hex, [False])
         notify = False
-        if self.dialect == "postgresql" and not info[2][0]:
+        if self._wakers:  # a relay of this process is woken after the commit: no NOTIFY
+            session.info[_WAKE_INFO] = self
+        elif self.dialect == "postgresql" and not info[2][0]:
             info[2][0] = True
             now = time.monotonic()
             if now - self._notified_at >= NOTIFY_EVERY:
                 self._notified_at, notify = now, True
-        if self._wakers:
-            session.info[_WAKE_INFO] = self
         stamp = out.timestamp.timestamp() if out.timestamp is not None else time.time()
         return {
             "message_id": out.message_id,
