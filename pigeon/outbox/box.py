@@ -61,8 +61,10 @@ class Outbox:
     dispatches, else :func:`pigeon.default_app`. ``retention`` is how long
     published rows stay (0: deleted once confirmed); ``inbox_retention`` how
     long handled message ids are remembered (default ``PIGEON_IDEMPOTENCY_RETENTION``);
-    ``lease`` how long a relay's claim on rows lasts: rows of a relay that died
-    are published by another after it (keep it above ``PIGEON_DISPATCH_TIMEOUT``).
+    ``lease`` how long a relay's claim on rows lasts on SQLite (rows of a relay
+    that died are published by another after it; on PostgreSQL they are free
+    at once), and twice the time a batch's publish may take before its rows are
+    given back (keep it above ``PIGEON_DISPATCH_TIMEOUT``).
     """
 
     def __init__(

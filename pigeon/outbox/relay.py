@@ -17,8 +17,9 @@ until woken. Guarantees and how each is kept:
 - **Per-key order.** A relay keeps a row only if every earlier pending row of
   the same key is in its own batch; a key whose head is held elsewhere waits.
 - **No busy polling.** PostgreSQL relays ``LISTEN`` on the table's channel
-  (every dispatching transaction sends one ``NOTIFY``); the poll is only a
-  fallback. Relays in the dispatching process are woken after the commit.
+  (dispatching processes send a ``NOTIFY``, at most one per 50 ms); the poll
+  is only a fallback. Relays in the dispatching process are woken after the
+  commit, and that process sends no ``NOTIFY``.
 - **Broker outage.** A batch the broker did not confirm is released and the
   relay backs off exponentially (up to ``max_backoff``) before the next try.
 """
@@ -97,7 +98,8 @@ class Relay:
     ``await relay.run()`` returns 0 after :meth:`stop` (it finishes the batch
     in hand first). ``poll_interval`` is the fallback poll (default 10 s on
     PostgreSQL, which is woken by NOTIFY, and 1 s on SQLite); ``lease`` (default:
-    the outbox's) is how long a claim protects its rows.
+    the outbox's) is how long a claim protects its rows on SQLite, and twice
+    the time a batch's publish may take before its rows are given back.
     """
 
     def __init__(
