@@ -76,9 +76,12 @@ or whether the target was met.
 - **outbox** (PostgreSQL): events per second through `outbox.dispatch_async`
   (one event per transaction, 256 transactions in flight) and an in-process
   relay, to the last confirm, against plain `dispatch_async` with 256 in flight
-  (target ≥ 0.5x); the relay alone draining a pre-filled table; and the outbox
-  against the same 256 transactions in flight without it (PostgreSQL's commit
-  rate, which bounds any one-event-per-transaction outbox).
+  (target ≥ 0.5x); the relay alone draining a pre-filled table; the outbox
+  against the same 256 transactions in flight without it, and those
+  transactions against plain dispatch (the ceiling of any
+  one-event-per-transaction outbox in this process); the process's CPU time
+  per event, and the load average. Each round measures every figure once, in
+  turn; see docs/outbox.md for what the figures showed.
 """
 
 REPRODUCE = """\

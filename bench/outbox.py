@@ -2,21 +2,27 @@
 
 Every figure keeps 256 events in flight. Plain: ``app.dispatch_async``
 (publish, wait for the confirm). Outbox: each event is its own transaction
-(an ``AsyncSession`` on asyncpg, insert + commit) and one in-process relay
-publishes the committed rows with confirms; the figure is events per second
-from the first transaction to the last confirm. Two more rows say where the
-time goes: the relay alone (a pre-filled table to the last confirm), and the
-same 256 transactions in flight inserting into a plain table, no outbox:
-the commit rate of the transactions themselves, which bounds any
-one-event-per-transaction outbox. Rounds alternate so drift on a shared machine hits all of them. The
-database is a new, uniquely named one, dropped at the end.
+(an ``AsyncSession`` on asyncpg, insert + commit), as a service stores one
+event with each change, and one in-process relay publishes the committed
+rows with confirms; the figure is events per second from the first
+transaction to the last confirm. More rows say where the time goes: the
+relay alone (a pre-filled table to the last confirm); the same 256
+transactions in flight inserting one plain row each, no outbox (the rate of
+the transactions themselves, which bounds any one-event-per-transaction
+outbox); and this process's CPU time per event (all threads), which moves
+less with the neighbours than the rates do. Each round measures every
+figure once, in turn, so drift on a shared machine hits them all; the
+medians are reported, with the load average. The database is a new,
+uniquely named one, dropped at the end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 
 import aio_pika
 import asyncpg
@@ -80,7 +86,61 @@ async def _bare_round(engine: AsyncEngine, count: int) -> None:
     await in_flight(count, 256, one)
 
 
-async def main(count: int = 8000, rounds: int = 3) -> list[tuple[str, str, str, str]]:
+async def _cpu_timed(count: int, run: Callable[[], Awaitable[None]]) -> tuple[float, float]:
+    """Events per second and this process's CPU microseconds per event (all its threads)."""
+    cpu = time.process_time()
+    rate = await timed(count, run)
+    return rate, (time.process_time() - cpu) / count * 1e6
+
+
+async def _database() -> tuple[asyncpg.Connection, str, AsyncEngine]:
+    database = f"bench_outbox_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(f"postgresql://{PG}/postgres")
+    await admin.execute(f'CREATE DATABASE "{database}"')
+    engine = create_async_engine(
+        f"postgresql+asyncpg://{PG}/{database}", pool_size=32, max_overflow=0
+    )
+    async with engine.begin() as conn:
+        await conn.execute(text("CREATE TABLE bare (id text PRIMARY KEY)"))
+    return admin, database, engine
+
+
+async def _rounds(
+    app: Pigeon, box: Outbox, count: int, rounds: int, purge: Callable[[], Awaitable[object]]
+) -> dict[str, Rate]:
+    """Each round measures every figure once, in turn, so drift hits them all alike."""
+    engine = box.engine
+    assert isinstance(engine, AsyncEngine)
+    rates = {name: Rate(name, []) for name in ("outbox", "plain", "relay", "bare")}
+    cpu = {name: Rate(name, []) for name in ("outbox", "plain", "bare")}
+
+    async def plain(i: int) -> None:
+        await app.dispatch_async(event(i))
+
+    await in_flight(500, 256, plain)  # warm-up: connections, caches
+    for _ in range(rounds):
+        relay = Relay(box, app=app)
+        relaying = asyncio.ensure_future(relay.run())
+        if not rates["outbox"].per_second:
+            await _outbox_round(box, relay, 500)
+        figures = (
+            ("plain", lambda: in_flight(count, 256, plain)),
+            ("outbox", lambda: _outbox_round(box, relay, count)),  # noqa: B023
+            ("bare", lambda: _bare_round(engine, count)),
+        )
+        for name, run in figures:
+            rate, micros = await _cpu_timed(count, run)
+            rates[name].per_second.append(rate)
+            cpu[name].per_second.append(micros)
+        relay.stop("bench paused")
+        await relaying
+        rates["relay"].per_second.append(await _relay_round(box, Relay(box, app=app), count))
+        await purge()
+    rates.update({f"cpu {name}": rate for name, rate in cpu.items()})
+    return rates
+
+
+async def main(count: int = 6000, rounds: int = 3) -> list[tuple[str, str, str, str]]:
     prefix = new_prefix()
     settings = bench_settings(prefix)
     app = Pigeon(service="bench", settings=settings)
@@ -88,43 +148,18 @@ async def main(count: int = 8000, rounds: int = 3) -> list[tuple[str, str, str, 
     connection = await aio_pika.connect(URL)
     queue = f"{prefix}.sink"
     await quorum_sink(connection, settings.exchange, queue, "#")
-    database = f"bench_outbox_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(f"postgresql://{PG}/postgres")
-    await admin.execute(f'CREATE DATABASE "{database}"')
-    engine = create_async_engine(
-        f"postgresql+asyncpg://{PG}/{database}", pool_size=32, max_overflow=0
-    )
+    admin, database, engine = await _database()
     box = Outbox(engine, app=app, retention=0)
     await box.create_tables_async()
-    relay = Relay(box, app=app)
-    relaying = asyncio.ensure_future(relay.run())
-    rates = {name: Rate(name, []) for name in ("outbox", "plain", "relay", "bare")}
-    async with engine.begin() as conn:
-        await conn.execute(text("CREATE TABLE bare (id text PRIMARY KEY)"))
 
-    async def plain(i: int) -> None:
-        await app.dispatch_async(event(i))
+    async def purge() -> None:
+        await (await (await connection.channel()).get_queue(queue, ensure=False)).purge()
 
+    load = [os.getloadavg()[0]]
     try:
-        await in_flight(500, 256, plain)  # warm-up: connections, caches
-        await _outbox_round(box, relay, 500)
-        for _ in range(rounds):
-            rates["plain"].per_second.append(
-                await timed(count, lambda: in_flight(count, 256, plain))
-            )
-            rates["outbox"].per_second.append(
-                await timed(count, lambda: _outbox_round(box, relay, count))
-            )
-            rates["bare"].per_second.append(await timed(count, lambda: _bare_round(engine, count)))
-            await (await (await connection.channel()).get_queue(queue, ensure=False)).purge()
-        relay.stop("bench paused")
-        await relaying
-        paused = Relay(box, app=app)
-        for _ in range(rounds):
-            rates["relay"].per_second.append(await _relay_round(box, paused, count))
+        rates = await _rounds(app, box, count, rounds, purge)
     finally:
-        relay.stop("bench finished")
-        await relaying
+        load.append(os.getloadavg()[0])
         await engine.dispose()
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         await admin.close()
@@ -135,19 +170,27 @@ async def main(count: int = 8000, rounds: int = 3) -> list[tuple[str, str, str, 
             [settings.exchange, settings.unrouted_exchange, settings.dead_letter_exchange],
         )
         await connection.close()
-    plain_rate = rates["plain"].median
+    return _rows(rates, load)
+
+
+def _rows(rates: dict[str, Rate], load: list[float]) -> list[tuple[str, str, str, str]]:
+    median = {name: rate.median for name, rate in rates.items()}
     rows = []
     for label, name, peer in (
-        ("outbox.dispatch + relay vs dispatch, 256 in flight", "outbox", plain_rate),
-        ("outbox relay alone vs dispatch, 256 in flight", "relay", plain_rate),
-        (
-            "outbox.dispatch + relay vs the same transactions without it",
-            "outbox",
-            rates["bare"].median,
-        ),
+        ("outbox.dispatch + relay vs dispatch, 256 in flight", "outbox", "plain"),
+        ("outbox relay alone vs dispatch, 256 in flight", "relay", "plain"),
+        ("outbox.dispatch + relay vs the same transactions without it", "outbox", "bare"),
+        ("the same transactions without the outbox vs dispatch", "bare", "plain"),
     ):
-        p = rates[name].median
-        rows.append((label, f"{p:,.0f}/s", f"{peer:,.0f}/s", f"{p / peer:.2f}x"))
+        p, q = median[name], median[peer]
+        rows.append((label, f"{p:,.0f}/s", f"{q:,.0f}/s", f"{p / q:.2f}x"))
+    for label, name in (
+        ("outbox.dispatch + relay, CPU per event vs dispatch", "cpu outbox"),
+        ("the same transactions without the outbox, CPU per event vs dispatch", "cpu bare"),
+    ):
+        p, q = median[name], median["cpu plain"]
+        rows.append((label, f"{p:,.0f} µs", f"{q:,.0f} µs", f"{p / q:.2f}x"))
+    rows.append(("load average (1 min) at start and end", f"{load[0]:.1f}", f"{load[-1]:.1f}", ""))
     return rows
 
 

@@ -24,7 +24,7 @@ from pigeon.logs import get_logger
 from pigeon.retry import Retry
 
 if TYPE_CHECKING:
-    from pigeon.messages import DispatchOptions
+    from pigeon.messages import DispatchOptions, OutboxOptions, Outgoing
     from pigeon.settings import Settings
 
 Handler = Callable[..., Any]
@@ -51,6 +51,9 @@ class ListenerApp(Protocol):
 
     @property
     def middleware(self) -> Sequence[AnyMiddleware]: ...
+
+    @property
+    def publish_middleware(self) -> Sequence[Wrapper[Outgoing, str]]: ...
 
     def dispatch(
         self,
@@ -102,12 +105,8 @@ class TransactionalOutbox(Protocol):
         event: Event | str,
         payload: Mapping[str, Any] | None = None,
         *,
-        message_id: str | None = None,
-        correlation_id: str | None = None,
-        causation_id: str | None = None,
-        headers: Mapping[str, Any] | None = None,
-        key: str | None = None,
         app: ListenerApp | None = None,
+        **options: Unpack[OutboxOptions],
     ) -> str: ...
 
     async def dispatch_async(
@@ -116,12 +115,8 @@ class TransactionalOutbox(Protocol):
         event: Event | str,
         payload: Mapping[str, Any] | None = None,
         *,
-        message_id: str | None = None,
-        correlation_id: str | None = None,
-        causation_id: str | None = None,
-        headers: Mapping[str, Any] | None = None,
-        key: str | None = None,
         app: ListenerApp | None = None,
+        **options: Unpack[OutboxOptions],
     ) -> str: ...
 
 

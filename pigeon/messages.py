@@ -39,6 +39,16 @@ class DispatchOptions(TypedDict, total=False):
 DISPATCH_OPTIONS = frozenset(DispatchOptions.__annotations__)
 
 
+class OutboxOptions(DispatchOptions, total=False):
+    """The keywords of ``outbox.dispatch``: those of every dispatch, plus ``key``.
+
+    Events with the same ``key`` (say, the order id) are published in the
+    order they were stored; the default key is the storing transaction.
+    """
+
+    key: str | None
+
+
 @dataclass(slots=True)
 class Outgoing:
     """A message about to be published; publish middleware may change it."""

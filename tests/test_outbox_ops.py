@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from prometheus_client import REGISTRY
-from sqlalchemy import Engine, create_engine, insert, select, update
+from sqlalchemy import Engine, create_engine, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from pigeon import Pigeon
 from pigeon.cli import main
+from pigeon.messages import Outgoing
 from pigeon.outbox import Outbox, Relay, purge
 from tests.conftest import unique_settings
 from tests.outbox_support import pg_name, pg_url
@@ -166,3 +167,50 @@ async def test_a_relay_under_the_testing_fake_hands_its_events_to_the_fake(
     assert sent.message_id == message_id
     assert sent.correlation_id == "c-7"
     assert sent.payload == {"order_id": "o-7", "seq": 3}
+
+
+async def test_on_postgres_the_rows_of_a_relay_that_died_mid_batch_are_free_at_once(
+    pg_name: str, prefix: str
+) -> None:
+    """The batch's lock dies with its connection: no lease to wait out (here 10 minutes)."""
+    from pigeon.app import set_sink
+
+    engine = create_engine(pg_url(pg_name))
+    box = Outbox(engine, table=f"ob_{prefix}", inbox_table=f"ib_{prefix}", lease=600)
+    box.create_tables()
+    with Session(engine) as s, s.begin():
+        ids = [box.dispatch(s, Shipped(order_id="o-1", seq=n), key="o-1") for n in (1, 2, 3)]
+    published: list[str] = []
+    stuck = asyncio.Event()
+
+    async def sink(out: Outgoing) -> str:
+        if not stuck.is_set():  # the first relay's publish never returns
+            stuck.set()
+            await asyncio.Event().wait()
+        published.append(out.message_id)
+        return out.message_id
+
+    previous = set_sink(sink)
+    dying = asyncio.create_task(Relay(box).relay_once())
+    try:
+        await asyncio.wait_for(stuck.wait(), 20)
+        with engine.connect() as conn:  # the dying relay's connections go away
+            conn.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                    "AND query ILIKE :table"
+                ),
+                {"table": f"%ob_{prefix}%"},
+            )
+        other = Outbox(engine, table=f"ob_{prefix}", inbox_table=f"ib_{prefix}", lease=600)
+        assert await Relay(other).relay_once() == 3
+        await other.close()
+    finally:
+        dying.cancel()
+        await asyncio.gather(dying, return_exceptions=True)
+        set_sink(previous)
+        await box.close()
+        box.metadata.drop_all(engine)
+        engine.dispose()
+    assert published == ids

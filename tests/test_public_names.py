@@ -38,7 +38,7 @@ DOCUMENTED = {
     "pigeon.frames": ["Deliveries"],
     "pigeon.headers": ["TRACEPARENT"],
     "pigeon.listener": ["Context", "Listener", "ListenerApp"],
-    "pigeon.messages": ["DispatchOptions", "Outcome", "OutcomeKind", "Outgoing"],
+    "pigeon.messages": ["DispatchOptions", "OutboxOptions", "Outcome", "OutcomeKind", "Outgoing"],
     "pigeon.metrics": ["serve_metrics"],
     "pigeon.middleware": [
         "CallNext",

@@ -15,17 +15,19 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Unpack, cast
 
 from sqlalchemy import Engine, event, insert, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
-from pigeon.dispatch import Outgoing, build_outgoing
+from pigeon import pipeline
+from pigeon.dispatch import build_outgoing
 from pigeon.errors import ConfigurationError
 from pigeon.events import Event
+from pigeon.messages import DispatchOptions, OutboxOptions, Outgoing
 from pigeon.outbox.tables import INBOX_TABLE, OUTBOX_TABLE, async_url, make_tables
 
 if TYPE_CHECKING:
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 
 _TX_INFO = "pigeon_outbox_tx"
 _WAKE_INFO = "pigeon_outbox_wake"
+_NOTIFY = text("SELECT pg_notify(:channel, '')")
 
 DEFAULT_RETENTION = 3600.0
 """Seconds a published row is kept (for ``pigeon outbox status`` and forensics)."""
@@ -41,7 +44,9 @@ NOTIFY_EVERY = 0.05
 """Seconds between two NOTIFYs of one process: NOTIFY serializes the commits of the
 transactions that send it (PostgreSQL takes a database-wide lock until the commit is
 flushed), so a busy producer sends one per 50 ms and the relay, woken by it, keeps
-looking for a moment (``LINGER``) to pick up the transactions that did not notify."""
+looking for a moment (``LINGER``) to pick up the transactions that did not notify.
+A process that runs a relay of this outbox itself sends none: its commits wake that
+relay directly."""
 DEFAULT_LEASE = 60.0
 """Seconds a relay's claim protects its rows from other relays."""
 
@@ -56,8 +61,10 @@ class Outbox:
     dispatches, else :func:`pigeon.default_app`. ``retention`` is how long
     published rows stay (0: deleted once confirmed); ``inbox_retention`` how
     long handled message ids are remembered (default ``PIGEON_IDEMPOTENCY_RETENTION``);
-    ``lease`` how long a relay's claim on rows lasts: rows of a relay that died
-    are published by another after it (keep it above ``PIGEON_DISPATCH_TIMEOUT``).
+    ``lease`` how long a relay's claim on rows lasts on SQLite (rows of a relay
+    that died are published by another after it; on PostgreSQL they are free
+    at once), and twice the time a batch's publish may take before its rows are
+    given back (keep it above ``PIGEON_DISPATCH_TIMEOUT``).
     """
 
     def __init__(
@@ -190,30 +197,37 @@ class Outbox:
         event: Event | str,
         payload: Mapping[str, Any] | None = None,
         *,
-        message_id: str | None = None,
-        correlation_id: str | None = None,
-        causation_id: str | None = None,
-        headers: Mapping[str, Any] | None = None,
-        key: str | None = None,
         app: ListenerApp | None = None,
+        **options: Unpack[OutboxOptions],
     ) -> str:
         """Store ``event`` in ``session``'s transaction; returns its message id.
 
         Nothing is published now: the relay publishes it once the transaction
         committed, and never if it rolls back. Events with the same ``key``
         (default: those of one transaction) are published in the order they
-        were written. Same keywords as :func:`pigeon.dispatch`.
+        were written. Same keywords as :func:`pigeon.dispatch`, plus ``key``.
+
+        The app's publish middleware runs here, around the insert, in the
+        caller's context (a tracing span is the producer's, and its
+        ``traceparent`` is stored with the row); the relay does not run it
+        again. Here, with no event loop, it must await nothing but ``call_next``.
         """
         if isinstance(session, AsyncSession):
             raise TypeError("outbox.dispatch() takes a Session; await outbox.dispatch_async()")
-        outgoing = self._build(
-            app, event, payload, message_id, correlation_id, causation_id, headers
-        )
-        row, notify = self._row(session, outgoing, key)
-        session.execute(self._insert, row)
-        if notify:
-            session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": self.channel})
-        return outgoing.message_id
+        owner = self._owner(app)
+        outgoing, key = self._build(owner, event, payload, options)
+
+        async def store(out: Outgoing) -> str:
+            row, notify = self._row(session, out, key)
+            session.execute(self._insert, row)
+            if notify:
+                session.execute(_NOTIFY, {"channel": self.channel})
+            return out.message_id
+
+        middleware = owner.publish_middleware
+        if not middleware:
+            return _run_now(store(outgoing))
+        return _run_now(pipeline.chain(middleware, store)(outgoing))
 
     async def dispatch_async(
         self,
@@ -221,49 +235,48 @@ class Outbox:
         event: Event | str,
         payload: Mapping[str, Any] | None = None,
         *,
-        message_id: str | None = None,
-        correlation_id: str | None = None,
-        causation_id: str | None = None,
-        headers: Mapping[str, Any] | None = None,
-        key: str | None = None,
         app: ListenerApp | None = None,
+        **options: Unpack[OutboxOptions],
     ) -> str:
         """The asyncio form of :meth:`dispatch`, for an ``AsyncSession``."""
         if not isinstance(session, AsyncSession):
             raise TypeError("outbox.dispatch_async() takes an AsyncSession; use outbox.dispatch()")
-        outgoing = self._build(
-            app, event, payload, message_id, correlation_id, causation_id, headers
-        )
-        row, notify = self._row(session.sync_session, outgoing, key)
-        await session.execute(self._insert, row)
-        if notify:
-            await session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": self.channel})
-        return outgoing.message_id
+        owner = self._owner(app)
+        outgoing, key = self._build(owner, event, payload, options)
 
+        async def store(out: Outgoing) -> str:
+            row, notify = self._row(session.sync_session, out, key)
+            await session.execute(self._insert, row)
+            if notify:
+                await session.execute(_NOTIFY, {"channel": self.channel})
+            return out.message_id
+
+        middleware = owner.publish_middleware
+        if not middleware:
+            return await store(outgoing)
+        return await pipeline.chain(middleware, store)(outgoing)
+
+    def _owner(self, app: ListenerApp | None) -> ListenerApp:
+        """The app that stamps the message: the dispatching listener's, ours, or the default."""
+        if app is not None:
+            return app
+        if self.app is not None:
+            return self.app
+        from pigeon.app import default_app
+
+        return default_app()
+
+    @staticmethod
     def _build(
-        self,
-        app: ListenerApp | None,
+        app: ListenerApp,
         event: Event | str,
         payload: Mapping[str, Any] | None,
-        message_id: str | None,
-        correlation_id: str | None,
-        causation_id: str | None,
-        headers: Mapping[str, Any] | None,
-    ) -> Outgoing:
-        if app is None:
-            from pigeon.app import default_app
-
-            app = self.app or default_app()
-        return build_outgoing(
-            app.settings.exchange,
-            app.service,
-            event,
-            payload,
-            message_id=message_id,
-            correlation_id=correlation_id,
-            causation_id=causation_id,
-            headers=headers,
-        )
+        options: OutboxOptions,
+    ) -> tuple[Outgoing, str | None]:
+        """The wire message (built as :func:`pigeon.dispatch` builds it) and its key."""
+        plain = cast(DispatchOptions, {k: v for k, v in options.items() if k != "key"})
+        outgoing = build_outgoing(app.settings.exchange, app.service, event, payload, **plain)
+        return outgoing, options.get("key")
 
     def _row(self, session: Session, out: Outgoing, key: str | None) -> tuple[dict[str, Any], bool]:
         """The row for ``out``, and whether this transaction still has to NOTIFY the relays."""
@@ -272,13 +285,13 @@ class Outbox:
         if info is None or info[0] is not tx:
             info = session.info[_TX_INFO] = (tx, uuid.uuid4().hex, [False])
         notify = False
-        if self.dialect == "postgresql" and not info[2][0]:
+        if self._wakers:  # a relay of this process is woken after the commit: no NOTIFY
+            session.info[_WAKE_INFO] = self
+        elif self.dialect == "postgresql" and not info[2][0]:
             info[2][0] = True
             now = time.monotonic()
             if now - self._notified_at >= NOTIFY_EVERY:
                 self._notified_at, notify = now, True
-        if self._wakers:
-            session.info[_WAKE_INFO] = self
         stamp = out.timestamp.timestamp() if out.timestamp is not None else time.time()
         return {
             "message_id": out.message_id,
@@ -334,6 +347,20 @@ class Outbox:
     def wake(self) -> None:
         for wake in list(self._wakers):
             wake()
+
+
+def _run_now(step: Awaitable[str]) -> str:
+    """Run an awaitable that never suspends (the sync store and its publish middleware)."""
+    steps = step.__await__()
+    try:
+        steps.send(None)
+    except StopIteration as done:
+        return cast(str, done.value)
+    steps.close()
+    raise RuntimeError(
+        "a publish middleware awaited something other than call_next inside the sync "
+        "outbox.dispatch(), which has no event loop: use await outbox.dispatch_async()"
+    )
 
 
 _hook_installed = False

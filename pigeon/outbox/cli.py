@@ -41,7 +41,12 @@ def _outbox(
 @click.option("--table", default="pigeon_outbox", show_default=True, help="Outbox table name.")
 @click.option("--inbox-table", default="pigeon_inbox", show_default=True, help="Inbox table.")
 @click.option("--batch-size", default=500, show_default=True, help="Rows per claim.")
-@click.option("--lease", type=float, default=None, help="Seconds a claim protects rows [60].")
+@click.option(
+    "--lease",
+    type=float,
+    default=None,
+    help="SQLite: seconds a claim protects rows; a publish gets half [60].",
+)
 @click.option(
     "--poll-interval", type=float, default=None, help="Fallback poll [10 s PG, 1 s SQLite]."
 )

@@ -5,18 +5,21 @@ mark it published (or delete it), repeat; when the table is empty, sleep
 until woken. Guarantees and how each is kept:
 
 - **Only after the confirm.** A row is marked only after the broker confirmed
-  its message; a relay killed in between leaves the row claimed, and once its
-  lease runs out another relay (or the restarted one) publishes it again with
-  the same message id, which every listener's idempotency or inbox drops.
-- **Several relays.** A claim is one short transaction: PostgreSQL locks the
-  candidate rows ``FOR UPDATE SKIP LOCKED``; SQLite takes its write lock
-  first. The claimed rows get this relay's name and a lease
-  (``claimed_until``), so others skip them while it lives.
+  its message; a relay killed in between leaves the row unmarked, and another
+  relay (or the restarted one) publishes it again with the same message id,
+  which every listener's idempotency or inbox drops.
+- **Several relays.** PostgreSQL: a batch's rows are locked ``FOR UPDATE SKIP
+  LOCKED`` in a transaction that stays open through the publish and commits
+  the mark; other relays skip them, and a relay that dies (its connection
+  closes) gives them back at once. SQLite cannot keep a write lock that long:
+  a claim there is one short transaction that writes this relay's name and a
+  lease (``claimed_until``), and others skip the rows until the lease ends.
 - **Per-key order.** A relay keeps a row only if every earlier pending row of
   the same key is in its own batch; a key whose head is held elsewhere waits.
 - **No busy polling.** PostgreSQL relays ``LISTEN`` on the table's channel
-  (every dispatching transaction sends one ``NOTIFY``); the poll is only a
-  fallback. Relays in the dispatching process are woken after the commit.
+  (dispatching processes send a ``NOTIFY``, at most one per 50 ms); the poll
+  is only a fallback. Relays in the dispatching process are woken after the
+  commit, and that process sends no ``NOTIFY``.
 - **Broker outage.** A batch the broker did not confirm is released and the
   relay backs off exponentially (up to ``max_backoff``) before the next try.
 """
@@ -32,11 +35,12 @@ import socket
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Gauge
-from sqlalchemy import Row, delete, func, or_, select, update
+from sqlalchemy import Executable, Row, Select, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from pigeon.dispatch import Outgoing
@@ -67,13 +71,35 @@ CONTENDED_WAIT = 0.05
 """Seconds to wait after a claim left rows to another relay: they free up without a NOTIFY."""
 
 
+@dataclass(eq=False)
+class _Batch:
+    """Rows claimed for one publish; on PostgreSQL, with the transaction that locks them."""
+
+    rows: list[Row[Any]]
+    conn: AsyncConnection | None = None
+
+    async def end(self, *, commit: bool) -> None:
+        """Commit (the rows are marked) or roll back (they are free again); then let go."""
+        conn, self.conn = self.conn, None
+        if conn is None:
+            return
+        try:
+            if commit:
+                await conn.commit()
+            else:
+                await conn.rollback()
+        finally:
+            await conn.close()
+
+
 class Relay:
     """Publishes the committed rows of one outbox until stopped.
 
     ``await relay.run()`` returns 0 after :meth:`stop` (it finishes the batch
     in hand first). ``poll_interval`` is the fallback poll (default 10 s on
     PostgreSQL, which is woken by NOTIFY, and 1 s on SQLite); ``lease`` (default:
-    the outbox's) is how long a claim protects its rows.
+    the outbox's) is how long a claim protects its rows on SQLite, and twice
+    the time a batch's publish may take before its rows are given back.
     """
 
     def __init__(
@@ -221,43 +247,46 @@ class Relay:
         a claim skips every key whose earlier row is still in flight here.
         """
         total = 0
-        in_flight: asyncio.Future[int] | None = None
+        in_flight: tuple[_Batch, asyncio.Future[int]] | None = None
         try:
             while not self._stopping.is_set():
-                rows = await self._claim()
-                if not rows and self._contended and in_flight is not None:
-                    total += await in_flight  # its keys block the rest: let it land first
+                batch = await self._claim()
+                if not batch.rows and self._contended and in_flight is not None:
+                    total += await in_flight[1]  # its keys block the rest: let it land first
                     in_flight = None
                     continue
-                sending = asyncio.ensure_future(self._send(rows)) if rows else None
+                sending = (batch, asyncio.ensure_future(self._send(batch))) if batch.rows else None
                 if in_flight is not None:
-                    total += await in_flight
+                    total += await in_flight[1]
                 in_flight = sending
-                if len(rows) < self.batch_size:
+                if len(batch.rows) < self.batch_size:
                     break
             if in_flight is not None:
-                total += await in_flight
+                total += await in_flight[1]
                 in_flight = None
         finally:
             if in_flight is not None:  # an error or a cancel: the other batch gives back its rows
-                in_flight.cancel()
-                await asyncio.gather(in_flight, return_exceptions=True)
+                in_flight[1].cancel()
+                await asyncio.gather(in_flight[1], return_exceptions=True)
+                with contextlib.suppress(Exception):  # a batch whose task never started
+                    await asyncio.shield(in_flight[0].end(commit=False))
         return total
 
-    async def _send(self, rows: list[Row[Any]]) -> int:
+    async def _send(self, batch: _Batch) -> int:
+        rows = batch.rows
         if not rows:
             return 0
-        batch = [self._outgoing(row) for row in rows]
+        messages = [self._outgoing(row) for row in rows]
         ids = [row.id for row in rows]
         try:
             # an outage must not outlive the lease: past half of it, the rows go back
             async with asyncio.timeout(self.lease / 2):
-                await self._publish(batch)
+                await self._publish(messages)
         except BaseException:
             with contextlib.suppress(Exception):
-                await asyncio.shield(self._release(ids))
+                await asyncio.shield(self._give_back(batch, ids))
             raise
-        await self._mark(ids)
+        await self._mark(batch, ids)
         self.published += len(ids)
         return len(ids)
 
@@ -274,27 +303,55 @@ class Relay:
         for out in batch:
             DISPATCHED.labels(out.event_name).inc()
 
-    async def _claim(self) -> list[Row[Any]]:
-        """Lease the next rows this relay may publish without breaking any key's order."""
+    async def _claim(self) -> _Batch:
+        """The next rows this relay may publish without breaking any key's order."""
+        if self.outbox.dialect == "postgresql":
+            return await self._claim_locked()
+        return _Batch(await self._claim_leased())
+
+    def _candidates(self, now: float) -> Select[Any]:
+        table = self.outbox.table
+        claimable = or_(table.c.claimed_until.is_(None), table.c.claimed_until < now)
+        return (
+            select(*self._columns)
+            .where(table.c.published_at.is_(None), claimable)
+            .order_by(table.c.id)
+            .limit(self.batch_size)
+        )
+
+    async def _claim_locked(self) -> _Batch:
+        """PostgreSQL: lock the rows ``FOR UPDATE SKIP LOCKED`` in a transaction that stays
+        open until they are marked. Its rollback (or the death of its connection, when the
+        relay is killed) gives them back at once; no lease is written."""
+        batch = _Batch([], await self.outbox.relay_engine().connect())
+        try:
+            assert batch.conn is not None
+            await batch.conn.begin()
+            query = self._candidates(time.time()).with_for_update(skip_locked=True)
+            rows = list((await batch.conn.execute(query)).all())
+            batch.rows = await self._in_key_order(batch.conn, rows) if rows else []
+            self._contended = len(batch.rows) < len(rows)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(batch.end(commit=False))
+            raise
+        if not batch.rows:
+            await batch.end(commit=False)
+        return batch
+
+    async def _claim_leased(self) -> list[Row[Any]]:
+        """SQLite: lease the rows (``claimed_until``) in one short write transaction."""
         table = self.outbox.table
         now = time.time()
         claimable = or_(table.c.claimed_until.is_(None), table.c.claimed_until < now)
-        if self.outbox.dialect == "sqlite" and not await self._any_pending(claimable):
+        if not await self._any_pending(claimable):
             return []
         async with self.outbox.relay_engine().begin() as conn:
-            if self.outbox.dialect == "sqlite":  # take the write lock first: claims queue up
-                await conn.execute(
-                    update(table).where(table.c.id == -1).values(claimed_by=table.c.claimed_by)
-                )
-            query = (
-                select(*self._columns)
-                .where(table.c.published_at.is_(None), claimable)
-                .order_by(table.c.id)
-                .limit(self.batch_size)
+            # take the write lock first: claims queue up
+            await conn.execute(
+                update(table).where(table.c.id == -1).values(claimed_by=table.c.claimed_by)
             )
-            if self.outbox.dialect == "postgresql":
-                query = query.with_for_update(skip_locked=True)
-            rows = list((await conn.execute(query)).all())
+            rows = list((await conn.execute(self._candidates(now))).all())
             self._contended = False
             if not rows:
                 return []
@@ -358,20 +415,35 @@ class Relay:
             timestamp=datetime.fromtimestamp(row.created_at, UTC),
         )
 
-    async def _mark(self, ids: Sequence[int]) -> None:
-        """After the confirm: the rows are done (deleted when ``retention`` is 0)."""
+    def _done(self, ids: Sequence[int]) -> Executable:
+        """The statement that marks confirmed rows (deletes them when ``retention`` is 0)."""
         table = self.outbox.table
-        async with self.outbox.relay_engine().begin() as conn:
-            if self.outbox.retention <= 0:
-                await conn.execute(delete(table).where(table.c.id.in_(ids)))
-            else:
-                await conn.execute(
-                    update(table)
-                    .where(table.c.id.in_(ids))
-                    .values(published_at=time.time(), claimed_by=None, claimed_until=None)
-                )
+        if self.outbox.retention <= 0:
+            return delete(table).where(table.c.id.in_(ids))
+        return (
+            update(table)
+            .where(table.c.id.in_(ids))
+            .values(published_at=time.time(), claimed_by=None, claimed_until=None)
+        )
 
-    async def _release(self, ids: Sequence[int]) -> None:
+    async def _mark(self, batch: _Batch, ids: Sequence[int]) -> None:
+        """After the confirm: the rows are done, in the claim's transaction if it is open."""
+        if batch.conn is None:
+            async with self.outbox.relay_engine().begin() as conn:
+                await conn.execute(self._done(ids))
+            return
+        try:
+            await batch.conn.execute(self._done(ids))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(batch.end(commit=False))
+            raise
+        await batch.end(commit=True)
+
+    async def _give_back(self, batch: _Batch, ids: Sequence[int]) -> None:
+        if batch.conn is not None:
+            await batch.end(commit=False)
+            return
         table = self.outbox.table
         async with self.outbox.relay_engine().begin() as conn:
             await conn.execute(
