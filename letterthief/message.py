@@ -20,7 +20,7 @@ from letterthief import parse
 from letterthief.models import Letter
 from pigeon import headers as h
 from pigeon.amqp import frames
-from pigeon.messages import Outgoing
+from pigeon.core.messages import Outgoing
 from pigeon.tables import repair_decoded
 
 MAX_CONTENT = 128 * 1024

@@ -4,6 +4,8 @@
 # ``pigeon.dispatch`` to the module instead of the function below.
 import pigeon.dispatch  # noqa: F401  # isort: skip
 from pigeon.app import Pigeon, close, default_app, dispatch, dispatch_async, set_default_app
+from pigeon.core.listener import Context, Listener
+from pigeon.core.messages import Outcome, OutcomeKind
 from pigeon.core.processor import Delivery
 from pigeon.errors import (
     BrokerRefused,
@@ -15,9 +17,7 @@ from pigeon.errors import (
     TopologyError,
 )
 from pigeon.events import Event
-from pigeon.listener import Context, Listener
 from pigeon.logs import configure_logging
-from pigeon.messages import Outcome, OutcomeKind
 from pigeon.retry import Reject, Retry, RetryLater
 from pigeon.settings import Settings
 

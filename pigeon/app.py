@@ -18,9 +18,7 @@ from aio_pika.abc import AbstractConnection
 from pigeon.amqp import Connector, Publisher, declare
 from pigeon.bridge import bridge, on_bridge_shutdown
 from pigeon.core import topology as topo
-from pigeon.errors import ConfigurationError
-from pigeon.events import Event
-from pigeon.listener import (
+from pigeon.core.listener import (
     DEFAULT_TIMEOUT,
     Handler,
     Listener,
@@ -29,7 +27,9 @@ from pigeon.listener import (
     inspect_handler,
     pattern_of,
 )
-from pigeon.messages import DispatchOptions, build_outgoing
+from pigeon.core.messages import DispatchOptions, build_outgoing
+from pigeon.errors import ConfigurationError
+from pigeon.events import Event
 from pigeon.metrics import DISPATCHED
 from pigeon.middleware import (
     Metrics,
@@ -254,7 +254,7 @@ class Pigeon:
         """Publish an event and return its message id once the broker confirmed it.
 
         Keywords (all optional): ``message_id``, ``correlation_id``,
-        ``causation_id``, ``headers`` (:class:`~pigeon.messages.DispatchOptions`).
+        ``causation_id``, ``headers`` (:class:`~pigeon.core.messages.DispatchOptions`).
         Raises :class:`pigeon.DispatchError` if the broker could not confirm it
         within ``PIGEON_DISPATCH_TIMEOUT`` seconds.
         """

@@ -1,4 +1,4 @@
-"""Moved to :mod:`pigeon.bridge` and :mod:`pigeon.amqp.publisher` and :mod:`pigeon.messages`; this path keeps working for one release."""
+"""Moved to :mod:`pigeon.bridge` and :mod:`pigeon.amqp.publisher` and :mod:`pigeon.core.messages`; this path keeps working for one release."""
 
 from pigeon.amqp.publisher import (
     MIN_TRY,
@@ -11,7 +11,7 @@ from pigeon.bridge import (
     bridge,
     on_bridge_shutdown,
 )
-from pigeon.messages import (
+from pigeon.core.messages import (
     Outgoing,
     build_outgoing,
 )

@@ -26,11 +26,11 @@ from typing import Any
 from pigeon import app as app_module
 from pigeon import headers as h
 from pigeon.app import Pigeon
+from pigeon.core.listener import Listener
+from pigeon.core.messages import Outgoing
 from pigeon.core.processor import Delivery, Outcome, Processor
 from pigeon.events import Event, encode_payload, lookup
 from pigeon.idempotency import IdempotencyStore, open_store
-from pigeon.listener import Listener
-from pigeon.messages import Outgoing
 
 __all__ = ["Dispatched", "FakeBus", "deliver", "fake"]
 

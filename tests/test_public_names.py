@@ -381,6 +381,8 @@ OLD_PATHS_MOVED = {
     "frames",
     "hints",
     "idle",
+    "listener",
+    "messages",
     "pipeline",
     "publishes",
     "settle",

@@ -20,8 +20,8 @@ from pigeon.amqp.acks import Acker
 from pigeon.amqp.frames import attach_deliveries
 from pigeon.amqp.hints import hint_competitors
 from pigeon.amqp.unmarshal import problems_of
+from pigeon.core.listener import Listener
 from pigeon.core.processor import Delivery
-from pigeon.listener import Listener
 
 __all__ = ["Incoming", "OnDelivery", "Subscription", "delivery_of"]
 

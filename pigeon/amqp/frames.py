@@ -32,7 +32,7 @@ from pigeon.logs import get_logger
 from pigeon.tables import encode_table
 
 if TYPE_CHECKING:
-    from pigeon.messages import Outgoing
+    from pigeon.core.messages import Outgoing
 
 log = get_logger("pigeon")
 

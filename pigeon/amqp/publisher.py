@@ -26,9 +26,9 @@ from tenacity import (
 
 from pigeon.amqp.connection import Connector
 from pigeon.amqp.publishes import Publishes
+from pigeon.core.messages import Outgoing
 from pigeon.errors import BrokerRefused, DispatchError, DispatchManyError
 from pigeon.logs import get_logger
-from pigeon.messages import Outgoing
 
 __all__ = ["NODE_ATTEMPT_TIMEOUT", "RETRYABLE", "Publisher"]
 

@@ -43,7 +43,7 @@ from pigeon.amqp.frames import Intercepted, TurnWriter, content, publish_method
 from pigeon.logs import get_logger
 
 if TYPE_CHECKING:
-    from pigeon.messages import Outgoing
+    from pigeon.core.messages import Outgoing
 
 log = get_logger("pigeon")
 

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from pigeon import headers as h
+from pigeon.core.listener import Context, Listener
+from pigeon.core.messages import Outcome, OutcomeKind
 from pigeon.core.pipeline import chain
 from pigeon.deadletter import dead_letter_headers
 from pigeon.errors import HandlerTimeout, InvalidMessage
@@ -32,9 +34,7 @@ from pigeon.headers import Reason
 from pigeon.idempotency.base import ClaimState
 from pigeon.idempotency.lease import Renewal
 from pigeon.idempotency.owner import holder_is_dead
-from pigeon.listener import Context, Listener
 from pigeon.logs import get_logger
-from pigeon.messages import Outcome, OutcomeKind
 from pigeon.retry import Reject, RetryLater, tier_delay
 from pigeon.tables import repair_decoded
 

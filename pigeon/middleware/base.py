@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pigeon.core import pipeline
 
 if TYPE_CHECKING:
+    from pigeon.core.messages import Outgoing
     from pigeon.core.processor import Delivery
-    from pigeon.messages import Outgoing
 
 CallNext = Callable[["Delivery"], Awaitable[None]]
 PublishNext = Callable[["Outgoing"], Awaitable[str]]

@@ -45,8 +45,8 @@ from pigeon.retry import RetryLater
 if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer, TracerProvider
 
+    from pigeon.core.messages import Outgoing
     from pigeon.core.processor import Delivery
-    from pigeon.messages import Outgoing
     from pigeon.middleware import CallNext, PublishNext
 
 try:

@@ -23,16 +23,15 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
-from pigeon import pipeline
-from pigeon.dispatch import build_outgoing
+from pigeon.core import pipeline
+from pigeon.core.messages import DispatchOptions, OutboxOptions, Outgoing, build_outgoing
 from pigeon.errors import ConfigurationError
 from pigeon.events import Event
-from pigeon.messages import DispatchOptions, OutboxOptions, Outgoing
 from pigeon.outbox.tables import INBOX_TABLE, OUTBOX_TABLE, async_url, make_tables
 
 if TYPE_CHECKING:
     from pigeon.app import Pigeon
-    from pigeon.listener import Context, Handler, ListenerApp
+    from pigeon.core.listener import Context, Handler, ListenerApp
 
 _TX_INFO = "pigeon_outbox_tx"
 _WAKE_INFO = "pigeon_outbox_wake"

@@ -43,7 +43,7 @@ from prometheus_client import Gauge
 from sqlalchemy import Executable, Row, Select, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from pigeon.dispatch import Outgoing
+from pigeon.core.messages import Outgoing
 from pigeon.errors import ConfigurationError
 from pigeon.logs import get_logger
 from pigeon.metrics import DISPATCHED
@@ -52,7 +52,7 @@ from pigeon.outbox.tables import listen_dsn
 
 if TYPE_CHECKING:
     from pigeon.app import Pigeon
-    from pigeon.listener import TransactionalOutbox
+    from pigeon.core.listener import TransactionalOutbox
 
 log = get_logger("pigeon")
 

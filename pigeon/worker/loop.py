@@ -40,10 +40,10 @@ from pigeon.amqp import (
     supervise,
 )
 from pigeon.app import Pigeon, Runtime
+from pigeon.core.listener import Listener
 from pigeon.core.processor import Delivery, NotStarted, Outcome, OutcomeKind, Processor
 from pigeon.errors import ConfigurationError
 from pigeon.idempotency import IdempotencyStore, open_store
-from pigeon.listener import Listener
 from pigeon.logs import get_logger
 from pigeon.metrics import MESSAGES
 from pigeon.worker import idle

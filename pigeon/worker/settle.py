@@ -16,12 +16,12 @@ from aio_pika.exceptions import PublishError
 from pigeon import headers as h
 from pigeon.amqp import Acker, declare
 from pigeon.app import Pigeon, Runtime
+from pigeon.core.listener import Listener
+from pigeon.core.messages import Outgoing
 from pigeon.core.processor import Delivery, Outcome, OutcomeKind
 from pigeon.core.topology import Topology, retry_tier
 from pigeon.errors import DispatchError
-from pigeon.listener import Listener
 from pigeon.logs import get_logger
-from pigeon.messages import Outgoing
 from pigeon.retry import tier_queue
 from pigeon.tables import MAX_HEADER_BYTES, normalise_headers
 
