@@ -5,13 +5,21 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
 from pigeon.errors import ConfigurationError
 from pigeon.settings import mask_url
 
+if TYPE_CHECKING:
+    from pigeon.outbox.box import Outbox
+
 EX_CONFIG = 78
+EX_UNAVAILABLE = 69
+
+_REFUSED = ("does not exist", "authentication failed", "no password supplied", "role ")
+"""Words of a driver's connection error that no retry cures (a typo in the URL)."""
 
 
 @click.group("outbox")
@@ -21,7 +29,9 @@ def outbox_group() -> None:
 
 def _outbox(
     database_url: str, table: str, inbox_table: str, retention: float | None = None
-) -> object:
+) -> Outbox:
+    from sqlalchemy.exc import ArgumentError
+
     from pigeon.outbox.box import DEFAULT_RETENTION, Outbox
 
     try:
@@ -31,9 +41,51 @@ def _outbox(
             inbox_table=inbox_table,
             retention=DEFAULT_RETENTION if retention is None else retention,
         )
+    except ArgumentError:
+        _fail(database_url, EX_CONFIG, "not a database URL; use " + _FORMS)
     except (ConfigurationError, ImportError) as exc:
-        click.echo(f"pigeon: {mask_url(database_url)}: {exc}", err=True)
-        sys.exit(EX_CONFIG)
+        _fail(database_url, EX_CONFIG, str(exc))
+
+
+_FORMS = "postgresql+psycopg://, postgresql+asyncpg:// or sqlite:///path"
+
+
+def _fail(database_url: str, code: int, message: str) -> NoReturn:
+    click.echo(f"pigeon: {mask_url(database_url)}: {message}", err=True)
+    sys.exit(code)
+
+
+async def _check_database(url: str, box: Outbox, *, create: bool, relaying: bool) -> None:
+    """Exit with one line when the database cannot serve this outbox.
+
+    A URL that names no database, a refused login or a missing table is a
+    mistake (exit 78). A database that does not answer is an outage: ``status``
+    exits 69; the relay goes on and backs off until it answers.
+    """
+    from sqlalchemy import inspect
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        async with box.relay_engine().begin() as conn:
+            if create:
+                await conn.run_sync(box.metadata.create_all)
+            found = await conn.run_sync(lambda c: inspect(c).has_table(box.table.name))
+    except (DBAPIError, OSError) as exc:
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        if "unable to open database file" in detail:
+            _fail(url, EX_CONFIG, "cannot open the SQLite file (does its directory exist?)")
+        if any(word in detail for word in _REFUSED):
+            _fail(url, EX_CONFIG, detail)
+        if relaying and not create:
+            return  # the relay backs off until the database answers
+        _fail(url, EX_UNAVAILABLE, f"cannot reach the database ({detail}); is it running?")
+    if not found:
+        _fail(
+            url,
+            EX_CONFIG,
+            f"table {box.table.name} does not exist: start the relay with --create-tables, "
+            "call outbox.create_tables() or add it to your migrations (docs/outbox.md)",
+        )
 
 
 @outbox_group.command("relay")
@@ -65,11 +117,9 @@ def relay_command(
 
     DATABASE_URL: postgresql+psycopg://, postgresql+asyncpg:// or sqlite:///path.
     """
-    from pigeon.outbox.box import Outbox
     from pigeon.outbox.relay import Relay
 
     box = _outbox(database_url, table, inbox_table, retention)
-    assert isinstance(box, Outbox)
     relay = Relay(box, batch_size=batch_size, lease=lease, poll_interval=poll_interval)
 
     async def run() -> int:
@@ -81,8 +131,9 @@ def relay_command(
 
             serve_metrics(metrics_port, relay)  # type: ignore[arg-type]
         try:
-            if create_tables:
-                await box.create_tables_async()
+            await _check_database(database_url, box, create=create_tables, relaying=True)
+            if create_tables and box.dialect == "sqlite":
+                await box.create_tables_async()  # WAL mode
             return await relay.run()
         finally:
             from pigeon.app import default_app
@@ -98,14 +149,13 @@ def relay_command(
 @click.option("--table", default="pigeon_outbox", show_default=True, help="Outbox table name.")
 def status_command(database_url: str, table: str) -> None:
     """Print the pending rows of DATABASE_URL's outbox and the oldest one's age."""
-    from pigeon.outbox.box import Outbox
     from pigeon.outbox.relay import status
 
     box = _outbox(database_url, table, "pigeon_inbox")
-    assert isinstance(box, Outbox)
 
     async def run() -> tuple[int, float | None]:
         try:
+            await _check_database(database_url, box, create=False, relaying=False)
             return await status(box)
         finally:
             await box.relay_engine().dispose()
