@@ -9,14 +9,27 @@ types the outbox did not keep.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine, create_engine, func, insert, select
+from sqlalchemy import event as sa_event
+from sqlalchemy.orm import Session, SessionTransaction
 
-from tests.outbox_support import pg_name, pg_url
+from pigeon import Context, Retry, headers
+from pigeon.outbox import Outbox
+from pigeon.outbox.relay import status
+from pigeon.settings import Settings
+from tests.conftest import AppFactory, Broker, RunWorker
+from tests.outbox_support import effects_table, pg_name, pg_url
 from tests.procs import PIGEON, ROOT
+from tests.test_outbox import Shipped, bind_queue
 
 __all__ = ["pg_name"]
 
@@ -85,3 +98,112 @@ def test_a_relay_that_can_never_work_exits_78_with_one_line(
     assert "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert word in line, line
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path, pg_name: str) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'attack.db'}"
+    return pg_url(pg_name)
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = create_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+async def box(engine: Engine, prefix: str) -> AsyncIterator[Outbox]:
+    """A fresh outbox and inbox, and an effects table ``fx_<prefix>``; all dropped after.
+
+    Request it before ``run_worker``: the worker's relay stops before the tables go."""
+    box = Outbox(engine, table=f"ob_{prefix}", inbox_table=f"ib_{prefix}")
+    box.create_tables()
+    metadata, _ = effects_table(prefix)
+    metadata.create_all(engine)
+    yield box
+    await box.close()
+    metadata.drop_all(engine)
+    box.metadata.drop_all(engine)
+
+
+async def test_a_sync_inbox_handler_that_outlives_its_timeout_commits_nothing(
+    engine: Engine,
+    box: Outbox,
+    prefix: str,
+    make_app: AppFactory,
+    run_worker: RunWorker,
+    broker: Broker,
+    settings: Settings,
+) -> None:
+    """docs/outbox.md: "if the handler raises (or times out), everything rolls back".
+
+    A sync handler cannot be stopped: its thread runs on after the timeout. When
+    it returned, its inbox transaction committed anyway: the effect and the
+    outgoing event of a message that was dead-lettered as ``timeout``.
+    """
+    _, effects = effects_table(prefix)
+    app = make_app("stock")
+    box.app = app
+    ended = threading.Event()  # the handler's transaction committed or rolled back
+
+    def on_end(session: Session, transaction: SessionTransaction) -> None:
+        if transaction.parent is None:
+            ended.set()
+
+    @app.listener(Shipped, outbox=box, timeout=0.5, retry=Retry(attempts=1))
+    def reserve(event: Shipped, ctx: Context) -> None:
+        sa_event.listen(ctx.session, "after_transaction_end", on_end)
+        ctx.session.execute(insert(effects).values(message_id=ctx.message_id, seq=1))
+        ctx.dispatch_sync("outbox.test.reserved", {"order_id": event.order_id})
+        time.sleep(2.0)  # well past the timeout: the worker has given up on this try
+
+    worker = await run_worker(app)
+    reserved = await bind_queue(broker, settings, f"{prefix}.reserved", "outbox.test.reserved")
+    await app.dispatch_async(Shipped(order_id="o-1"), message_id="slow-1")
+    letter = await broker.get(settings.dead_letter_queue, 20)
+    assert letter.headers[headers.REASON] == "timeout"
+    assert await asyncio.to_thread(ended.wait, 20), "the handler's transaction never ended"
+    with engine.connect() as conn:
+        marks = conn.execute(select(func.count()).select_from(box.inbox)).scalar_one()
+        rows = conn.execute(select(func.count()).select_from(effects)).scalar_one()
+
+    assert worker.counts["dead_lettered"] == 1
+    assert (marks, rows) == (0, 0), "a timed-out try must roll back its effect and mark"
+    assert (await status(box))[0] == 0, "nor may its outgoing event stay in the outbox"
+    assert await reserved.get(fail=False, no_ack=True) is None
+
+
+async def test_a_plain_def_inbox_handler_returning_a_coroutine_is_a_failure_not_handled(
+    engine: Engine,
+    box: Outbox,
+    prefix: str,
+    make_app: AppFactory,
+    run_worker: RunWorker,
+    broker: Broker,
+    settings: Settings,
+) -> None:
+    """Without ``outbox=`` such a handler fails (it ran nothing); with it, the inbox
+    transaction committed its "handled" mark and the message was acked, unrun."""
+    _, effects = effects_table(prefix)
+    app = make_app("stock")
+    box.app = app
+
+    async def work(event: Shipped, ctx: Context) -> None:
+        ctx.session.execute(insert(effects).values(message_id=ctx.message_id, seq=1))
+
+    @app.listener(Shipped, outbox=box, retry=Retry(attempts=1))
+    def reserve(event: Shipped, ctx: Context) -> object:
+        return work(event, ctx)  # forgot async def: nothing awaits this
+
+    worker = await run_worker(app)
+    await app.dispatch_async(Shipped(order_id="o-1"), message_id="unrun-1")
+    letter = await broker.get(settings.dead_letter_queue, 20)
+
+    assert letter.headers[headers.REASON] == "handler-error"
+    assert "returned coroutine" in str(letter.headers[headers.EXCEPTION_MESSAGE])
+    assert worker.counts["acked"] == 0
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(box.inbox)).scalar_one() == 0
