@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from pigeon.dispatch import Outgoing, build_outgoing
 from pigeon.errors import ConfigurationError
 from pigeon.events import Event
+from pigeon.frames import short_string
 from pigeon.outbox.tables import INBOX_TABLE, OUTBOX_TABLE, async_url, make_tables
 
 if TYPE_CHECKING:
@@ -254,7 +255,7 @@ class Outbox:
             from pigeon.app import default_app
 
             app = self.app or default_app()
-        return build_outgoing(
+        out = build_outgoing(
             app.settings.exchange,
             app.service,
             event,
@@ -264,6 +265,9 @@ class Outbox:
             causation_id=causation_id,
             headers=headers,
         )
+        short_string(out.message_id, "the message id")  # stored, it could never be published
+        short_string(out.correlation_id or "", "the correlation id")
+        return out
 
     def _row(self, session: Session, out: Outgoing, key: str | None) -> tuple[dict[str, Any], bool]:
         """The row for ``out``, and whether this transaction still has to NOTIFY the relays."""
