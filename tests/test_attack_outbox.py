@@ -17,6 +17,8 @@ import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -272,3 +274,36 @@ async def test_a_row_the_broker_cannot_take_neither_blocks_nor_repeats_its_batch
         got.append(json.loads(message.body)["order_id"])
 
     assert sorted(got) == ["o-1", "o-2"], "each good row once, not once per round"
+
+
+async def test_headers_keep_their_amqp_types_through_the_outbox(
+    engine: Engine,
+    box: Outbox,
+    prefix: str,
+    make_app: AppFactory,
+    broker: Broker,
+    settings: Settings,
+) -> None:
+    """docs/outbox.md: "same wire format, same headers" as pigeon.dispatch. The row kept
+    headers as JSON with ``default=str``: bytes arrived as the text "b'\\x01'", a
+    timestamp and a decimal as strings, a byte array as "bytearray(b'...')"."""
+    app = box.app = make_app("shop")
+    seen = await bind_queue(broker, settings, f"{prefix}.seen")
+    sent = {
+        "raw": b"\xff\x01",
+        "blob": bytearray(b"\x00\xff"),
+        "at": datetime(2020, 1, 2, 3, 4, 5, tzinfo=UTC),
+        "amount": Decimal("-1.50"),
+        "nested": {"\x00pigeon": "bytes", "v": "not a tag"},  # looks like the storage's tags
+        "plain": ["a", 1, 2.5, True, None],
+    }
+    direct = await app.dispatch_async("outbox.test.tagged", {}, headers=sent)
+    with Session(engine) as session, session.begin():
+        stored = box.dispatch(session, "outbox.test.tagged", {}, headers=sent)
+    await Relay(box, app=app).relay_once()
+
+    got = {}
+    while (message := await seen.get(fail=False, no_ack=True)) is not None:
+        got[message.message_id] = message.headers
+
+    assert got[stored] == got[direct]

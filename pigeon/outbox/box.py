@@ -11,7 +11,6 @@ publish repeated after a crash is the same message to every listener.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import uuid
@@ -27,7 +26,7 @@ from pigeon.dispatch import Outgoing, build_outgoing
 from pigeon.errors import ConfigurationError
 from pigeon.events import Event
 from pigeon.frames import short_string
-from pigeon.outbox.tables import INBOX_TABLE, OUTBOX_TABLE, async_url, make_tables
+from pigeon.outbox.tables import INBOX_TABLE, OUTBOX_TABLE, async_url, dump_headers, make_tables
 
 if TYPE_CHECKING:
     from pigeon.app import Pigeon
@@ -291,7 +290,7 @@ class Outbox:
             "routing_key": out.routing_key,
             "event_name": out.event_name,
             "body": out.body,
-            "headers": json.dumps(out.headers, default=str),
+            "headers": dump_headers(out.headers),
             "correlation_id": out.correlation_id,
             "app_id": out.app_id,
             "content_type": out.content_type,
