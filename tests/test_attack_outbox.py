@@ -16,6 +16,7 @@ import os
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -30,7 +31,8 @@ from pigeon import Context, Retry, headers
 from pigeon.outbox import Outbox
 from pigeon.outbox.relay import Relay, status
 from pigeon.settings import Settings
-from tests.conftest import AppFactory, Broker, RunWorker
+from tests.conftest import AppFactory, Broker, RunWorker, eventually
+from tests.hostile import Message, publish_all
 from tests.outbox_support import effects_table, pg_name, pg_url
 from tests.procs import PIGEON, ROOT
 from tests.test_outbox import Shipped, bind_queue
@@ -307,3 +309,54 @@ async def test_headers_keep_their_amqp_types_through_the_outbox(
         got[message.message_id] = message.headers
 
     assert got[stored] == got[direct]
+
+
+HOSTILE_IDS = {
+    "nul": "order\x00-1",  # valid UTF-8; PostgreSQL text cannot hold it
+    "empty": "",
+    "long-non-ascii": "é" * 127,  # 254 bytes: the longest AMQP allows, in 127 characters
+    "control": "\x1b[31mred\r\n",
+}
+
+
+async def test_an_inbox_listener_takes_every_message_id_pika_can_send_once(
+    engine: Engine,
+    box: Outbox,
+    prefix: str,
+    make_app: AppFactory,
+    run_worker: RunWorker,
+    broker: Broker,
+    settings: Settings,
+) -> None:
+    """The inbox keys on (queue, message id): every id AMQP can carry is handled once,
+    duplicates included, and none is misfiled as a handler error."""
+    _, effects = effects_table(prefix)
+    app = make_app("stock")
+    box.app = app
+
+    @app.listener(Shipped, outbox=box, retry=Retry(attempts=2, immediate=1))
+    def reserve(event: Shipped, ctx: Context) -> None:
+        ctx.session.execute(insert(effects).values(message_id=event.order_id, seq=1))
+
+    worker = await run_worker(app)
+    messages: list[Message] = []
+    for name, message_id in HOSTILE_IDS.items():
+        body = Shipped(order_id=name).to_json()
+        props = {"message_id": message_id, "content_type": "application/json"}
+        messages += [("outbox.test.shipped", body, props)] * 2  # and its duplicate
+    await publish_all(settings.exchange, messages)
+    await eventually(
+        lambda: (
+            worker.counts["acked"] + worker.counts["duplicate"] >= len(messages)
+            or worker.counts["dead_lettered"] > 0
+        ),
+        timeout=30,
+        message="every message settled",
+    )
+
+    assert worker.counts["dead_lettered"] == 0, await broker.get(settings.dead_letter_queue, 5)
+    with engine.connect() as conn:
+        done = Counter(conn.execute(select(effects.c.message_id)).scalars())
+
+    # a message without an id cannot be recognised again: both copies run (as without outbox=)
+    assert done == {"nul": 1, "empty": 2, "long-non-ascii": 1, "control": 1}

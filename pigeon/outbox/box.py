@@ -301,6 +301,8 @@ class Outbox:
     # -- inbox -----------------------------------------------------------------------
 
     def _inbox_insert(self, queue: str, message_id: str) -> Any:
+        if "\x00" in message_id and self.dialect == "postgresql":  # its text cannot hold NUL
+            message_id = message_id.replace("\x00", "\\u0000")
         values = {"queue": queue, "message_id": message_id, "created_at": time.time()}
         dialect_insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
         statement = dialect_insert(self.inbox).values(**values).on_conflict_do_nothing()
