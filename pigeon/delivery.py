@@ -92,7 +92,8 @@ class Delivery:
     @property
     def key(self) -> str:
         """The idempotency key: claims, done marks and recorded outcomes use it."""
-        return f"{self.listener.queue}:{self.message_id}"
+        key = f"{self.listener.queue}:{self.message_id}"
+        return key.replace("\x00", "\\u0000")  # a NUL id would fail PostgreSQL's whole batch
 
     @classmethod
     def create(
