@@ -13,9 +13,13 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
+import socket
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
@@ -360,3 +364,79 @@ async def test_an_inbox_listener_takes_every_message_id_pika_can_send_once(
 
     # a message without an id cannot be recognised again: both copies run (as without outbox=)
     assert done == {"nul": 1, "empty": 2, "long-non-ascii": 1, "control": 1}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_the_relays_healthz_answers_and_sigterm_exits_0(tmp_path: Path) -> None:
+    """``--metrics-port`` handed the Relay itself as the ready() callable: every
+    /healthz raised TypeError on the server thread (a traceback, no answer)."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIGEON_")}
+    env["PYTHONPATH"] = str(ROOT)
+    url = f"sqlite:///{tmp_path / 'shop.db'}"
+    args = ["relay", "--create-tables", "--metrics-port", str(port), url]
+    proc = subprocess.Popen(
+        [*PIGEON, "outbox", *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        status_code = None
+        while time.monotonic() < deadline and status_code != 200:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+                    status_code = r.status
+            except urllib.error.HTTPError as exc:
+                status_code = exc.code  # 503 until the first round
+            except OSError:
+                pass  # not listening yet, or the handler crashed and dropped us
+            time.sleep(0.1)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            metrics = r.read().decode()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+
+    assert status_code == 200
+    assert "pigeon_outbox_pending" in metrics
+    assert proc.returncode == 0
+    assert out == b""
+    assert b"Traceback" not in err
+
+
+def test_a_taken_metrics_port_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _run("relay", "--metrics-port", str(port), f"sqlite:///{tmp_path / 'x.db'}")
+
+    assert result.returncode == 78
+    assert result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert "--metrics-port" in line
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--batch-size", "0"), ("--lease", "0"), ("--lease", "-5"), ("--poll-interval", "-1")],
+)
+def test_relay_options_that_cannot_work_are_refused(
+    tmp_path: Path, option: str, value: str
+) -> None:
+    """``--batch-size 0`` claimed nothing, ever; ``--lease 0`` let every relay take
+    every row at once (no protection against double publishing)."""
+    result = _run("relay", option, value, f"sqlite:///{tmp_path / 'x.db'}", timeout=20)
+
+    assert result.returncode == 2, result.stderr
+    assert option in result.stderr
+    assert "Traceback" not in result.stderr

@@ -92,13 +92,37 @@ async def _check_database(url: str, box: Outbox, *, create: bool, relaying: bool
 @click.argument("database_url")
 @click.option("--table", default="pigeon_outbox", show_default=True, help="Outbox table name.")
 @click.option("--inbox-table", default="pigeon_inbox", show_default=True, help="Inbox table.")
-@click.option("--batch-size", default=500, show_default=True, help="Rows per claim.")
-@click.option("--lease", type=float, default=None, help="Seconds a claim protects rows [60].")
 @click.option(
-    "--poll-interval", type=float, default=None, help="Fallback poll [10 s PG, 1 s SQLite]."
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=500,
+    show_default=True,
+    help="Rows per claim.",
 )
-@click.option("--retention", type=float, default=None, help="Keep published rows S seconds [3600].")
-@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics here.")
+@click.option(
+    "--lease",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Seconds a claim protects rows [60].",
+)
+@click.option(
+    "--poll-interval",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Fallback poll [10 s PG, 1 s SQLite].",
+)
+@click.option(
+    "--retention",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Keep published rows S seconds [3600].",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve Prometheus metrics here.",
+)
 @click.option(
     "--create-tables", is_flag=True, help="Create the outbox and inbox tables if they are missing."
 )
@@ -129,7 +153,15 @@ def relay_command(
         if metrics_port is not None:
             from pigeon.metrics import serve_metrics
 
-            serve_metrics(metrics_port, relay)  # type: ignore[arg-type]
+            try:
+                serve_metrics(metrics_port, relay.ready.is_set)
+            except OSError as exc:
+                _fail(
+                    database_url,
+                    EX_CONFIG,
+                    f"cannot serve metrics on port {metrics_port} "
+                    f"({exc.strerror or exc}): pick a free --metrics-port",
+                )
         try:
             await _check_database(database_url, box, create=create_tables, relaying=True)
             if create_tables and box.dialect == "sqlite":
