@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, func, insert, select, update
@@ -232,9 +233,10 @@ def test_the_outbox_refuses_an_id_amqp_cannot_carry_before_storing_it(
 ) -> None:
     """Stored, such a row could never be published (AMQP short strings hold 255 bytes):
     the relay retried it forever, and re-published its batch-mates every round."""
+    options: dict[str, Any] = {option: value}
     with Session(engine) as session, session.begin():
         with pytest.raises(ValueError, match=named):
-            box.dispatch(session, Shipped(order_id="o-1"), **{option: value})
+            box.dispatch(session, Shipped(order_id="o-1"), **options)
         box.dispatch(session, Shipped(order_id="o-2"))
 
     with engine.connect() as conn:
@@ -440,3 +442,38 @@ def test_relay_options_that_cannot_work_are_refused(
     assert result.returncode == 2, result.stderr
     assert option in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def silent_database() -> Iterator[str]:
+    """A URL whose server accepts TCP connections and never says a word (a hung
+    database, or a half-open connection through a dead firewall)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                accepted.append(server.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"postgresql+psycopg://postgres@127.0.0.1:{server.getsockname()[1]}/shop"
+    stop.set()
+    thread.join()
+    for conn in accepted:
+        conn.close()
+    server.close()
+
+
+def test_outbox_status_gives_up_on_a_database_that_never_answers(silent_database: str) -> None:
+    """It waited forever (a cron job or a health probe piling up)."""
+    result = _run("status", silent_database, timeout=90)
+
+    assert result.returncode == 69, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "did not answer" in line

@@ -10,13 +10,20 @@ from typing import TYPE_CHECKING, NoReturn
 import click
 
 from pigeon.errors import ConfigurationError
+from pigeon.logs import get_logger
 from pigeon.settings import mask_url
 
 if TYPE_CHECKING:
     from pigeon.outbox.box import Outbox
 
+log = get_logger("pigeon")
+
 EX_CONFIG = 78
 EX_UNAVAILABLE = 69
+
+DATABASE_TIMEOUT = 15.0
+"""Seconds the CLI waits for the database to answer its first question."""
+_SILENT = f"the database did not answer within {DATABASE_TIMEOUT:g}s; is it up and reachable?"
 
 _REFUSED = ("does not exist", "authentication failed", "no password supplied", "role ")
 """Words of a driver's connection error that no retry cures (a typo in the URL)."""
@@ -163,7 +170,11 @@ def relay_command(
                     f"({exc.strerror or exc}): pick a free --metrics-port",
                 )
         try:
-            await _check_database(database_url, box, create=create_tables, relaying=True)
+            try:
+                async with asyncio.timeout(DATABASE_TIMEOUT):
+                    await _check_database(database_url, box, create=create_tables, relaying=True)
+            except TimeoutError:
+                log.warning("outbox.database_silent", error=_SILENT)  # the relay backs off
             if create_tables and box.dialect == "sqlite":
                 await box.create_tables_async()  # WAL mode
             return await relay.run()
@@ -187,8 +198,11 @@ def status_command(database_url: str, table: str) -> None:
 
     async def run() -> tuple[int, float | None]:
         try:
-            await _check_database(database_url, box, create=False, relaying=False)
-            return await status(box)
+            async with asyncio.timeout(DATABASE_TIMEOUT):
+                await _check_database(database_url, box, create=False, relaying=False)
+                return await status(box)
+        except TimeoutError:
+            _fail(database_url, EX_UNAVAILABLE, _SILENT)
         finally:
             await box.relay_engine().dispose()
 
