@@ -31,11 +31,13 @@ import pytest
 from sqlalchemy import Engine, create_engine, func, insert, select, update
 from sqlalchemy import event as sa_event
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session, SessionTransaction
 
 from pigeon import Context, Retry, headers
 from pigeon.outbox import Outbox
 from pigeon.outbox.relay import Relay, status
+from pigeon.outbox.tables import async_url
 from pigeon.settings import Settings
 from tests.conftest import AppFactory, Broker, RunWorker, eventually
 from tests.hostile import Message, publish_all
@@ -496,3 +498,48 @@ async def test_a_relay_backs_off_from_a_database_that_never_answers(
             await asyncio.wait_for(relay.relay_once(), 60)
     finally:
         await box.close()
+
+
+@pytest.fixture
+async def async_box(db_url: str, box: Outbox) -> AsyncIterator[Outbox]:
+    """``box``'s tables through an AsyncEngine with one connection (request it before
+    ``run_worker``: disposed after the worker and its relay stopped)."""
+    aengine = create_async_engine(async_url(db_url), pool_size=1, max_overflow=0)
+    yield Outbox(aengine, table=box.table.name, inbox_table=box.inbox.name)
+    await aengine.dispose()
+
+
+async def test_an_async_inbox_handler_cancelled_by_its_timeout_commits_nothing_and_the_next_runs(
+    engine: Engine,
+    box: Outbox,
+    async_box: Outbox,
+    prefix: str,
+    make_app: AppFactory,
+    run_worker: RunWorker,
+    broker: Broker,
+    settings: Settings,
+) -> None:
+    """The async form: the timeout cancels the handler inside its transaction; the
+    connection (the only one of the pool) must come back clean for the next message."""
+    _, effects = effects_table(prefix)
+    app = make_app("stock")
+    async_box.app = app
+
+    @app.listener(Shipped, outbox=async_box, timeout=0.5, retry=Retry(attempts=1))
+    async def reserve(event: Shipped, ctx: Context) -> None:
+        await ctx.session.execute(insert(effects).values(message_id=event.order_id, seq=1))
+        await ctx.dispatch("outbox.test.reserved", {"order_id": event.order_id})
+        if event.order_id == "slow":
+            await asyncio.sleep(30)
+
+    worker = await run_worker(app)
+    await app.dispatch_async(Shipped(order_id="slow"), message_id="slow-1")
+    letter = await broker.get(settings.dead_letter_queue, 20)
+    await app.dispatch_async(Shipped(order_id="quick"), message_id="quick-1")
+    await eventually(lambda: worker.counts["acked"] == 1, message="the next one handled")
+    with engine.connect() as conn:
+        done = conn.execute(select(effects.c.message_id)).scalars().all()
+        marks = conn.execute(select(box.inbox.c.message_id)).scalars().all()
+
+    assert letter.headers[headers.REASON] == "timeout"
+    assert (done, marks) == (["quick"], ["quick-1"])
