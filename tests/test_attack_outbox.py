@@ -543,3 +543,42 @@ async def test_an_async_inbox_handler_cancelled_by_its_timeout_commits_nothing_a
 
     assert letter.headers[headers.REASON] == "timeout"
     assert (done, marks) == (["quick"], ["quick-1"])
+
+
+async def test_sqlite_inbox_handlers_queued_behind_the_write_lock_are_not_failed(
+    tmp_path: Path,
+    prefix: str,
+    make_app: AppFactory,
+    run_worker: RunWorker,
+    broker: Broker,
+    settings: Settings,
+) -> None:
+    """On SQLite each inbox transaction holds the write lock while its handler runs.
+    With the default concurrency, ten 1 s handlers queue for it; pysqlite waits 5 s
+    for a lock, so the later ones failed with "database is locked" and were
+    dead-lettered although nothing was wrong with them.
+
+    Not fixed here (pigeon/outbox/box.py is being reworked): serialize the SQLite
+    inbox transactions of one outbox in-process (a lock around run_sync), or wait
+    for the lock as long as the listener's timeout allows.
+    """
+    engine = create_engine(f"sqlite:///{tmp_path / 'stock.db'}")
+    box = Outbox(engine, table=f"ob_{prefix}", inbox_table=f"ib_{prefix}")
+    box.create_tables()
+    app = make_app("stock")
+    box.app = app
+
+    @app.listener(Shipped, outbox=box, retry=Retry(attempts=1))
+    def reserve(event: Shipped, ctx: Context) -> None:
+        ctx.dispatch_sync("outbox.test.reserved", {"order_id": event.order_id})
+        time.sleep(1.0)
+
+    worker = await run_worker(app, concurrency=10)
+    await app.dispatch_many([Shipped(order_id=f"o-{i}") for i in range(10)])
+    await eventually(
+        lambda: worker.counts["acked"] + worker.counts["dead_lettered"] == 10,
+        timeout=60,
+        message="all settled",
+    )
+
+    assert worker.counts["dead_lettered"] == 0, worker.counts
