@@ -229,6 +229,7 @@ async def test_a_plain_def_inbox_handler_returning_a_coroutine_is_a_failure_not_
         ("message_id", "m" * 300, "message id"),
         ("message_id", "é" * 200, "message id"),  # 200 characters fit VARCHAR(255): 400 bytes
         ("correlation_id", "c" * 300, "correlation id"),
+        ("key", "k" * 300, "key"),  # not sent, but PostgreSQL's VARCHAR(255) refused it raw
     ],
 )
 def test_the_outbox_refuses_an_id_amqp_cannot_carry_before_storing_it(

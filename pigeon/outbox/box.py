@@ -270,6 +270,8 @@ class Outbox:
 
     def _row(self, session: Session, out: Outgoing, key: str | None) -> tuple[dict[str, Any], bool]:
         """The row for ``out``, and whether this transaction still has to NOTIFY the relays."""
+        if key is not None and len(key) > 255:
+            raise ValueError(f"the key is {len(key)} characters long; the outbox keeps 255")
         tx = session.get_transaction() or session.begin()
         info = session.info.get(_TX_INFO)
         if info is None or info[0] is not tx:
