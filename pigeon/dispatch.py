@@ -38,6 +38,7 @@ from pigeon import headers as h
 from pigeon.connection import Connector
 from pigeon.errors import BrokerRefused, DispatchError, DispatchManyError
 from pigeon.events import Event, encode_payload, validate_event_name
+from pigeon.frames import short_string
 from pigeon.logs import get_logger
 from pigeon.messages import DISPATCH_OPTIONS, DispatchOptions, Outgoing
 from pigeon.publishes import Publishes
@@ -96,6 +97,8 @@ def build_outgoing(
         body = encode_payload(payload if payload is not None else {})
         version = None
     message_id = options.get("message_id") or str(uuid.uuid4())
+    if len(message_id) > 63:  # 4 bytes a character at most: 63 always fit in 255
+        short_string(message_id, "the message id")  # else the correlation id is blamed
     out_headers = check_headers(options.get("headers"))
     causation_id = options.get("causation_id")
     if causation_id:
