@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from pigeon import Context, Pigeon, Retry
-from tests.conftest import Broker, RunWorker, eventually, unique_settings
+from tests.conftest import AppFactory, Broker, RunWorker, eventually, unique_settings
 from tests.hostile import Message, publish_all
 from tests.outbox_support import pg_name
 
@@ -53,3 +55,14 @@ async def test_a_nul_message_id_does_not_fail_its_neighbours_on_the_postgres_sto
     assert worker.counts["dead_lettered"] == 0
     assert sorted(n for n, _ in tries) == sorted(["nul", *map(str, range(20))])
     assert {attempt for _, attempt in tries} == {1}, "no neighbour failed its claim"
+
+
+async def test_dispatch_names_the_message_id_when_it_is_too_long(
+    make_app: AppFactory,
+) -> None:
+    """The error said "the correlation id is 300 bytes long" for a message id the caller
+    gave (the correlation id defaults to it, and was checked first)."""
+    app = make_app("shop")
+
+    with pytest.raises(ValueError, match="the message id is 300 bytes"):
+        await app.dispatch_async("attack.ids.placed", {}, message_id="m" * 300)
