@@ -27,7 +27,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
+from psycopg import sql
 from sqlalchemy import Engine, create_engine, func, insert, select, update
 from sqlalchemy import event as sa_event
 from sqlalchemy.exc import DBAPIError
@@ -41,7 +43,7 @@ from pigeon.outbox.tables import async_url
 from pigeon.settings import Settings
 from tests.conftest import AppFactory, Broker, RunWorker, eventually
 from tests.hostile import Message, publish_all
-from tests.outbox_support import effects_table, pg_name, pg_url
+from tests.outbox_support import PG_ADMIN, effects_table, pg_database, pg_name, pg_url
 from tests.procs import PIGEON, ROOT
 from tests.test_outbox import Shipped, bind_queue
 
@@ -610,3 +612,22 @@ async def test_a_worker_whose_outbox_has_no_tables_refuses_to_start(
 
     with pytest.raises(ConfigurationError, match="create_tables"):
         await run_worker(app)
+
+
+def test_a_role_that_may_not_create_the_tables_is_told_so(prefix: str) -> None:
+    """It was told "cannot reach the database (permission denied ...); is it running?"."""
+    role = f"attack_{prefix}"
+    with pg_database() as name, psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        try:
+            with psycopg.connect(pg_url(name).replace("+psycopg", ""), autocommit=True) as db:
+                db.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+            url = f"postgresql+psycopg://{role}@127.0.0.1:5432/{name}"
+            result = _run("relay", "--create-tables", url)
+        finally:
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+    assert result.returncode == 78, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "permission denied" in line
+    assert "is it running" not in line

@@ -25,7 +25,13 @@ DATABASE_TIMEOUT = 15.0
 """Seconds the CLI waits for the database to answer its first question."""
 _SILENT = f"the database did not answer within {DATABASE_TIMEOUT:g}s; is it up and reachable?"
 
-_REFUSED = ("does not exist", "authentication failed", "no password supplied", "role ")
+_REFUSED = (
+    "does not exist",
+    "authentication failed",
+    "no password supplied",
+    "role ",
+    "permission denied",
+)
 """Words of a driver's connection error that no retry cures (a typo in the URL)."""
 
 
