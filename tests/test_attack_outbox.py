@@ -631,3 +631,21 @@ def test_a_role_that_may_not_create_the_tables_is_told_so(prefix: str) -> None:
     (line,) = result.stderr.strip().splitlines()
     assert "permission denied" in line
     assert "is it running" not in line
+
+
+@pytest.mark.parametrize("command", ["status", "relay"])
+def test_a_table_that_is_not_an_outbox_is_named(tmp_path: Path, command: str) -> None:
+    """``--table orders`` (a typo for the outbox's name): a traceback from ``status``, and
+    a relay backing off forever on "no such column"."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'shop.db'}")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE orders (id INTEGER PRIMARY KEY, total INTEGER)")
+    engine.dispose()
+
+    result = _run(command, "--table", "orders", f"sqlite:///{tmp_path / 'shop.db'}")
+
+    assert result.returncode == 78, result.stderr
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "orders" in line
+    assert "not an outbox table" in line

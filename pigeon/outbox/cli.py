@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -68,6 +68,16 @@ def _fail(database_url: str, code: int, message: str) -> NoReturn:
     sys.exit(code)
 
 
+def _columns(conn: Any, table: str) -> set[str]:
+    """The column names of ``table`` (empty when there is no such table)."""
+    from sqlalchemy import inspect
+
+    inspector = inspect(conn)
+    if not inspector.has_table(table):
+        return set()
+    return {column["name"] for column in inspector.get_columns(table)}
+
+
 async def _check_database(url: str, box: Outbox, *, create: bool, relaying: bool) -> None:
     """Exit with one line when the database cannot serve this outbox.
 
@@ -75,14 +85,13 @@ async def _check_database(url: str, box: Outbox, *, create: bool, relaying: bool
     mistake (exit 78). A database that does not answer is an outage: ``status``
     exits 69; the relay goes on and backs off until it answers.
     """
-    from sqlalchemy import inspect
     from sqlalchemy.exc import DBAPIError
 
     try:
         async with box.relay_engine().begin() as conn:
             if create:
                 await conn.run_sync(box.metadata.create_all)
-            found = await conn.run_sync(lambda c: inspect(c).has_table(box.table.name))
+            found = await conn.run_sync(_columns, box.table.name)
     except (DBAPIError, OSError) as exc:
         detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         if "unable to open database file" in detail:
@@ -92,6 +101,9 @@ async def _check_database(url: str, box: Outbox, *, create: bool, relaying: bool
         if relaying and not create:
             return  # the relay backs off until the database answers
         _fail(url, EX_UNAVAILABLE, f"cannot reach the database ({detail}); is it running?")
+    if found and not set(box.table.c.keys()) <= found:
+        missing = ", ".join(sorted(set(box.table.c.keys()) - found))
+        _fail(url, EX_CONFIG, f"table {box.table.name} is not an outbox table (no {missing})")
     if not found:
         _fail(
             url,
