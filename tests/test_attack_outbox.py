@@ -436,7 +436,13 @@ def test_a_taken_metrics_port_is_one_line(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("--batch-size", "0"), ("--lease", "0"), ("--lease", "-5"), ("--poll-interval", "-1")],
+    [
+        ("--batch-size", "0"),
+        ("--batch-size", "100000"),  # over PostgreSQL's 65,535 bind parameters: every claim failed
+        ("--lease", "0"),
+        ("--lease", "-5"),
+        ("--poll-interval", "-1"),
+    ],
 )
 def test_relay_options_that_cannot_work_are_refused(
     tmp_path: Path, option: str, value: str

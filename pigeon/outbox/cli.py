@@ -21,6 +21,9 @@ log = get_logger("pigeon")
 EX_CONFIG = 78
 EX_UNAVAILABLE = 69
 
+MAX_BATCH = 10_000
+"""Each claimed row is a bind parameter: PostgreSQL takes 65,535 a statement, older SQLite
+32,766; a larger batch failed every round and the relay backed off forever."""
 DATABASE_TIMEOUT = 15.0
 """Seconds the CLI waits for the database to answer its first question."""
 _SILENT = f"the database did not answer within {DATABASE_TIMEOUT:g}s; is it up and reachable?"
@@ -119,7 +122,7 @@ async def _check_database(url: str, box: Outbox, *, create: bool, relaying: bool
 @click.option("--inbox-table", default="pigeon_inbox", show_default=True, help="Inbox table.")
 @click.option(
     "--batch-size",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_BATCH),
     default=500,
     show_default=True,
     help="Rows per claim.",
