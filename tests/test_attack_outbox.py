@@ -655,3 +655,42 @@ def test_a_table_that_is_not_an_outbox_is_named(tmp_path: Path, command: str) ->
     (line,) = result.stderr.strip().splitlines()
     assert "orders" in line
     assert "not an outbox table" in line
+
+
+async def test_a_handler_that_commits_ctx_session_itself_cannot_hide_its_failure(
+    engine: Engine,
+    box: Outbox,
+    prefix: str,
+    make_app: AppFactory,
+    run_worker: RunWorker,
+    broker: Broker,
+    settings: Settings,
+) -> None:
+    """A handler that calls ``ctx.session.commit()`` (habit) and then fails: its commit
+    took the inbox mark along, so the retry copy was dropped as a duplicate and the
+    failure vanished: no retry ran, no dead letter, the message counted as done.
+
+    Not fixed here (pigeon/outbox/box.py is being reworked): run the handler's session
+    in a savepoint of a connection-level transaction Pigeon owns (SQLAlchemy's
+    "join an external transaction" recipe, ``join_transaction_mode="create_savepoint"``),
+    so a user's commit cannot commit the inbox mark; or refuse the commit with one line.
+    """
+    _, effects = effects_table(prefix)
+    app = make_app("stock")
+    box.app = app
+    runs: list[int] = []
+
+    @app.listener(Shipped, outbox=box, retry=Retry(attempts=2, immediate=1))
+    def reserve(event: Shipped, ctx: Context) -> None:
+        runs.append(ctx.attempt)
+        ctx.session.execute(insert(effects).values(message_id=ctx.message_id, seq=ctx.attempt))
+        ctx.session.commit()
+        raise RuntimeError("the step after the commit failed")
+
+    worker = await run_worker(app)
+    await app.dispatch_async(Shipped(order_id="o-1"), message_id="self-commit-1")
+    letter = await broker.get(settings.dead_letter_queue, 20)
+
+    assert letter.headers[headers.REASON] == "handler-error"
+    assert runs == [1, 2]
+    assert worker.counts["duplicate"] == 0
