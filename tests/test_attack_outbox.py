@@ -694,3 +694,13 @@ async def test_a_handler_that_commits_ctx_session_itself_cannot_hide_its_failure
     assert letter.headers[headers.REASON] == "handler-error"
     assert runs == [1, 2]
     assert worker.counts["duplicate"] == 0
+
+
+def test_a_table_name_postgres_cannot_take_is_one_line(pg_name: str) -> None:
+    """``--create-tables --table <70 characters>``: a SQLAlchemy IdentifierError traceback."""
+    result = _run("relay", "--create-tables", "--table", "t" * 70, pg_url(pg_name))
+
+    assert result.returncode == 78, result.stderr
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "63 characters" in line

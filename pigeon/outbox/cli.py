@@ -88,7 +88,7 @@ async def _check_database(url: str, box: Outbox, *, create: bool, relaying: bool
     mistake (exit 78). A database that does not answer is an outage: ``status``
     exits 69; the relay goes on and backs off until it answers.
     """
-    from sqlalchemy.exc import DBAPIError
+    from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
     try:
         async with box.relay_engine().begin() as conn:
@@ -104,6 +104,8 @@ async def _check_database(url: str, box: Outbox, *, create: bool, relaying: bool
         if relaying and not create:
             return  # the relay backs off until the database answers
         _fail(url, EX_UNAVAILABLE, f"cannot reach the database ({detail}); is it running?")
+    except SQLAlchemyError as exc:  # a name the database cannot take, and the like
+        _fail(url, EX_CONFIG, str(exc).strip().splitlines()[0])
     if found and not set(box.table.c.keys()) <= found:
         missing = ", ".join(sorted(set(box.table.c.keys()) - found))
         _fail(url, EX_CONFIG, f"table {box.table.name} is not an outbox table (no {missing})")
