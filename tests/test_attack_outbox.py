@@ -704,3 +704,11 @@ def test_a_table_name_postgres_cannot_take_is_one_line(pg_name: str) -> None:
     assert "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert "63 characters" in line
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
+def test_an_in_memory_sqlite_outbox_is_refused(url: str) -> None:
+    """The relay opens its own connection, hence its own empty in-memory database: it
+    failed on "no such table" forever and the stored events were never published."""
+    with pytest.raises(ConfigurationError, match="in-memory"):
+        Outbox(create_engine(url))

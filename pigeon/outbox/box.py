@@ -85,6 +85,8 @@ class Outbox:
             raise ConfigurationError(
                 f"the outbox supports PostgreSQL and SQLite, not {self.dialect}"
             )
+        if self.dialect == "sqlite" and engine.url.database in (None, "", ":memory:"):
+            raise ConfigurationError("the relay cannot see an in-memory SQLite: use sqlite:///path")
         self._relay_engine: AsyncEngine | None = engine if isinstance(engine, AsyncEngine) else None
         self._wakers: list[Callable[[], None]] = []
         self._notified_at = -NOTIFY_EVERY
