@@ -488,7 +488,7 @@ def test_outbox_status_gives_up_on_a_database_that_never_answers(silent_database
 
     assert result.returncode == 69, result.stderr
     (line,) = result.stderr.strip().splitlines()
-    assert "did not answer" in line
+    assert "did not answer" in line or "timeout" in line  # the CLI's limit or the driver's
 
 
 async def test_a_relay_backs_off_from_a_database_that_never_answers(

@@ -26,7 +26,14 @@ from pigeon.dispatch import Outgoing, build_outgoing
 from pigeon.errors import ConfigurationError
 from pigeon.events import Event
 from pigeon.frames import short_string
-from pigeon.outbox.tables import INBOX_TABLE, OUTBOX_TABLE, async_url, dump_headers, make_tables
+from pigeon.outbox.tables import (
+    INBOX_TABLE,
+    OUTBOX_TABLE,
+    async_url,
+    connect_args,
+    dump_headers,
+    make_tables,
+)
 
 if TYPE_CHECKING:
     from pigeon.app import Pigeon
@@ -72,7 +79,7 @@ class Outbox:
         lease: float = DEFAULT_LEASE,
     ) -> None:
         if isinstance(engine, str):
-            engine = create_async_engine(async_url(engine))
+            engine = create_async_engine(async_url(engine), connect_args=connect_args(engine))
         self.engine = engine
         self.app = app
         self.metadata, self.table, self.inbox = make_tables(table, inbox_table)
@@ -108,7 +115,8 @@ class Outbox:
         """The async engine relays use (the outbox's own, or one made from its URL)."""
         with self._lock:
             if self._relay_engine is None:
-                self._relay_engine = create_async_engine(async_url(self.engine.url))
+                url = async_url(self.engine.url)
+                self._relay_engine = create_async_engine(url, connect_args=connect_args(url))
             return self._relay_engine
 
     def check_handler(self, listener: str, *, is_async: bool) -> None:

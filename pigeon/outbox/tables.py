@@ -107,6 +107,21 @@ def async_url(url: str | URL) -> URL:
     return parsed.set(drivername=driver)
 
 
+CONNECT_TIMEOUT = 10
+"""Seconds the relay waits for a database connection: a silent server (a half-open
+connection, a dead firewall) must end in an error and a backoff, not a hang."""
+
+
+def connect_args(url: str | URL) -> dict[str, Any]:
+    """The driver's connect timeout for the async form of ``url`` (none for SQLite)."""
+    driver = async_url(url).drivername
+    if driver == "postgresql+psycopg":
+        return {"connect_timeout": CONNECT_TIMEOUT}
+    if driver == "postgresql+asyncpg":
+        return {"timeout": CONNECT_TIMEOUT}
+    return {}
+
+
 def listen_dsn(url: URL) -> str:
     """A plain ``postgresql://`` DSN (password included) for asyncpg's LISTEN connection."""
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
