@@ -495,11 +495,7 @@ async def test_a_relay_backs_off_from_a_database_that_never_answers(
     silent_database: str, make_app: AppFactory
 ) -> None:
     """The relay's engine has no connect timeout: against a server that accepts the TCP
-    connection and stays silent, a claim waited forever, with no log line and no backoff.
-
-    Not fixed here (pigeon/outbox/box.py and relay.py are being reworked): give the
-    relay engine a connect timeout (psycopg ``connect_timeout``, asyncpg ``timeout``).
-    """
+    connection and stays silent, a claim waited forever, with no log line and no backoff."""
     box = Outbox(silent_database, app=make_app("shop"))
     relay = Relay(box, listen=False)
     try:
