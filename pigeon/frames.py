@@ -23,8 +23,8 @@ from pigeon.amqp.frames import (
     properties,
     publish_method,
     room,
-    short_string,
 )
+from pigeon.tables import short_string
 
 __all__ = [
     "APP_ID",

@@ -58,6 +58,15 @@ class _Unencodable(Exception):
     """A value with no AMQP encoding; the message says why."""
 
 
+def short_string(value: str, what: str) -> bytes:
+    """``value`` as an AMQP short string (length byte, UTF-8); ``ValueError`` naming
+    ``what`` when it is over 255 bytes."""
+    data = value.encode()
+    if len(data) > 255:
+        raise ValueError(f"{what} is {len(data)} bytes long; AMQP allows at most 255: {value!r}")
+    return bytes((len(data),)) + data
+
+
 def encode_table(table: Mapping[str, Any]) -> bytes:
     """The field table ``table`` as AMQP bytes (length prefix included).
 

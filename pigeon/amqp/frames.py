@@ -29,7 +29,7 @@ from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
 from pigeon.logs import get_logger
-from pigeon.tables import encode_table
+from pigeon.tables import encode_table, short_string
 
 if TYPE_CHECKING:
     from pigeon.core.messages import Outgoing
@@ -62,13 +62,6 @@ USER_ID = 1 << 4
 APP_ID = 1 << 3
 
 PERSISTENT = b"\x02"
-
-
-def short_string(value: str, what: str) -> bytes:
-    data = value.encode()
-    if len(data) > 255:
-        raise ValueError(f"{what} is {len(data)} bytes long; AMQP allows at most 255: {value!r}")
-    return bytes((len(data),)) + data
 
 
 def frame(kind: int, channel: int, payload: bytes) -> bytes:

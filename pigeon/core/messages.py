@@ -18,7 +18,7 @@ from typing import Any, TypedDict, Unpack
 
 from pigeon import headers as h
 from pigeon.events import Event, encode_payload, validate_event_name
-from pigeon.tables import check_headers
+from pigeon.tables import check_headers, short_string
 
 
 class DispatchOptions(TypedDict, total=False):
@@ -129,6 +129,8 @@ def build_outgoing(
         body = encode_payload(payload if payload is not None else {})
         version = None
     message_id = options.get("message_id") or str(uuid.uuid4())
+    if len(message_id) > 63:  # 4 bytes a character at most: 63 always fit in 255
+        short_string(message_id, "the message id")  # else the correlation id is blamed
     out_headers = check_headers(options.get("headers"))
     causation_id = options.get("causation_id")
     if causation_id:

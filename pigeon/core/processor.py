@@ -13,6 +13,7 @@ import contextvars
 import functools
 import inspect
 import json
+import threading
 import uuid
 from collections.abc import Mapping
 from concurrent.futures import Executor
@@ -91,7 +92,8 @@ class Delivery:
     @property
     def key(self) -> str:
         """The idempotency key: claims, done marks and recorded outcomes use it."""
-        return f"{self.listener.queue}:{self.message_id}"
+        key = f"{self.listener.queue}:{self.message_id}"
+        return key.replace("\x00", "\\u0000")  # a NUL id would fail PostgreSQL's whole batch
 
     @classmethod
     def create(
@@ -440,9 +442,20 @@ class Processor:
         assert ctx is not None
         if listener.is_async:
             ran = await outbox.run_async(ctx, listener.handler, *args)
-        else:
+        else:  # a thread cannot be stopped: past the timeout, its commit becomes a rollback
+            expired = threading.Event()
+
+            def guarded(*handler_args: Any) -> None:
+                _not_awaitable(listener, listener.handler(*handler_args))
+                if expired.is_set():
+                    raise HandlerTimeout(f"{listener.name} timed out: its transaction rolls back")
+
             call = functools.partial(
-                contextvars.copy_context().run, outbox.run_sync, ctx, listener.handler, *args
+                contextvars.copy_context().run, outbox.run_sync, ctx, guarded, *args
             )
-            ran = await asyncio.get_running_loop().run_in_executor(self.executor, call)
+            try:
+                ran = await asyncio.get_running_loop().run_in_executor(self.executor, call)
+            except asyncio.CancelledError:
+                expired.set()
+                raise
         delivery.duplicate = not ran

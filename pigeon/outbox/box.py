@@ -11,7 +11,6 @@ publish repeated after a crash is the same message to every listener.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import uuid
@@ -27,7 +26,15 @@ from pigeon.core import pipeline
 from pigeon.core.messages import DispatchOptions, OutboxOptions, Outgoing, build_outgoing
 from pigeon.errors import ConfigurationError
 from pigeon.events import Event
-from pigeon.outbox.tables import INBOX_TABLE, OUTBOX_TABLE, async_url, make_tables
+from pigeon.outbox.tables import (
+    INBOX_TABLE,
+    OUTBOX_TABLE,
+    async_url,
+    connect_args,
+    dump_headers,
+    make_tables,
+)
+from pigeon.tables import short_string
 
 if TYPE_CHECKING:
     from pigeon.app import Pigeon
@@ -78,7 +85,7 @@ class Outbox:
         lease: float = DEFAULT_LEASE,
     ) -> None:
         if isinstance(engine, str):
-            engine = create_async_engine(async_url(engine))
+            engine = create_async_engine(async_url(engine), connect_args=connect_args(engine))
         self.engine = engine
         self.app = app
         self.metadata, self.table, self.inbox = make_tables(table, inbox_table)
@@ -91,6 +98,8 @@ class Outbox:
             raise ConfigurationError(
                 f"the outbox supports PostgreSQL and SQLite, not {self.dialect}"
             )
+        if self.dialect == "sqlite" and engine.url.database in (None, "", ":memory:"):
+            raise ConfigurationError("the relay cannot see an in-memory SQLite: use sqlite:///path")
         self._relay_engine: AsyncEngine | None = engine if isinstance(engine, AsyncEngine) else None
         self._wakers: list[Callable[[], None]] = []
         self._notified_at = -NOTIFY_EVERY
@@ -112,7 +121,8 @@ class Outbox:
         """The async engine relays use (the outbox's own, or one made from its URL)."""
         with self._lock:
             if self._relay_engine is None:
-                self._relay_engine = create_async_engine(async_url(self.engine.url))
+                url = async_url(self.engine.url)
+                self._relay_engine = create_async_engine(url, connect_args=connect_args(url))
             return self._relay_engine
 
     def check_handler(self, listener: str, *, is_async: bool) -> None:
@@ -275,10 +285,14 @@ class Outbox:
         """The wire message (built as :func:`pigeon.dispatch` builds it) and its key."""
         plain = cast(DispatchOptions, {k: v for k, v in options.items() if k != "key"})
         outgoing = build_outgoing(app.settings.exchange, app.service, event, payload, **plain)
+        short_string(outgoing.message_id, "the message id")  # stored, it could never be published
+        short_string(outgoing.correlation_id or "", "the correlation id")
         return outgoing, options.get("key")
 
     def _row(self, session: Session, out: Outgoing, key: str | None) -> tuple[dict[str, Any], bool]:
         """The row for ``out``, and whether this transaction still has to NOTIFY the relays."""
+        if key is not None and len(key) > 255:
+            raise ValueError(f"the key is {len(key)} characters long; the outbox keeps 255")
         tx = session.get_transaction() or session.begin()
         info = session.info.get(_TX_INFO)
         if info is None or info[0] is not tx:
@@ -299,7 +313,7 @@ class Outbox:
             "routing_key": out.routing_key,
             "event_name": out.event_name,
             "body": out.body,
-            "headers": json.dumps(out.headers, default=str),
+            "headers": dump_headers(out.headers),
             "correlation_id": out.correlation_id,
             "app_id": out.app_id,
             "content_type": out.content_type,
@@ -310,6 +324,8 @@ class Outbox:
     # -- inbox -----------------------------------------------------------------------
 
     def _inbox_insert(self, queue: str, message_id: str) -> Any:
+        if "\x00" in message_id and self.dialect == "postgresql":  # its text cannot hold NUL
+            message_id = message_id.replace("\x00", "\\u0000")
         values = {"queue": queue, "message_id": message_id, "created_at": time.time()}
         dialect_insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
         statement = dialect_insert(self.inbox).values(**values).on_conflict_do_nothing()

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import random
 import socket
@@ -48,7 +47,7 @@ from pigeon.errors import ConfigurationError
 from pigeon.logs import get_logger
 from pigeon.metrics import DISPATCHED
 from pigeon.outbox.box import Outbox
-from pigeon.outbox.tables import listen_dsn
+from pigeon.outbox.tables import listen_dsn, load_headers
 
 if TYPE_CHECKING:
     from pigeon.app import Pigeon
@@ -407,7 +406,7 @@ class Relay:
             body=bytes(row.body),
             message_id=row.message_id,
             event_name=row.event_name,
-            headers=json.loads(row.headers),
+            headers=load_headers(row.headers),
             correlation_id=row.correlation_id,
             app_id=row.app_id,
             content_type=row.content_type,

@@ -8,6 +8,12 @@ Times are epoch seconds (``time.time()``) as floats, the same on every database.
 
 from __future__ import annotations
 
+import base64
+import decimal
+import json
+from datetime import datetime
+from typing import Any
+
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -101,6 +107,82 @@ def async_url(url: str | URL) -> URL:
     return parsed.set(drivername=driver)
 
 
+CONNECT_TIMEOUT = 10
+"""Seconds the relay waits for a database connection: a silent server (a half-open
+connection, a dead firewall) must end in an error and a backoff, not a hang."""
+
+
+def connect_args(url: str | URL) -> dict[str, Any]:
+    """The driver's connect timeout for the async form of ``url`` (none for SQLite)."""
+    driver = async_url(url).drivername
+    if driver == "postgresql+psycopg":
+        return {"connect_timeout": CONNECT_TIMEOUT}
+    if driver == "postgresql+asyncpg":
+        return {"timeout": CONNECT_TIMEOUT}
+    return {}
+
+
 def listen_dsn(url: URL) -> str:
     """A plain ``postgresql://`` DSN (password included) for asyncpg's LISTEN connection."""
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+_TAG = "\x00pigeon"
+"""The key of a tagged value in the stored headers (a ``\\u0000`` no plain table uses)."""
+
+
+def dump_headers(headers: dict[str, Any]) -> str:
+    """The headers as the JSON of an outbox row, keeping each AMQP type.
+
+    ``bytes``, byte arrays, timestamps and decimals become tagged objects that
+    :func:`load_headers` turns back; a table that looks like a tag is wrapped too.
+    """
+    text = json.dumps(headers, default=_tagged)
+    if json.dumps(_TAG)[1:-1] in text:  # rare: a real table carries the tag key
+        text = json.dumps(_escape(headers), default=_tagged)
+    return text
+
+
+def load_headers(text: str) -> dict[str, Any]:
+    """The headers :func:`dump_headers` stored (plain JSON of older rows reads as is)."""
+    loaded: dict[str, Any] = json.loads(text, object_hook=_untagged)
+    return loaded
+
+
+def _tagged(value: Any) -> dict[str, Any]:
+    if isinstance(value, bytes):
+        return {_TAG: "bytes", "v": base64.b64encode(value).decode()}
+    if isinstance(value, bytearray | memoryview):
+        return {_TAG: "bytearray", "v": base64.b64encode(bytes(value)).decode()}
+    if isinstance(value, datetime):
+        return {_TAG: "datetime", "v": value.isoformat()}
+    if isinstance(value, decimal.Decimal):
+        return {_TAG: "decimal", "v": str(value)}
+    raise TypeError(f"a header value of type {type(value).__name__} cannot be stored")
+
+
+def _escape(value: Any) -> Any:
+    if isinstance(value, dict):
+        inner = {k: _escape(v) for k, v in value.items()}
+        return {_TAG: "table", "v": list(inner.items())} if _TAG in value else inner
+    if isinstance(value, list | tuple):
+        return [_escape(v) for v in value]
+    return value
+
+
+def _untagged(obj: dict[str, Any]) -> Any:
+    kind = obj.get(_TAG)
+    if kind is None or len(obj) != 2:
+        return obj
+    value = obj["v"]
+    if kind == "bytes":
+        return base64.b64decode(value)
+    if kind == "bytearray":
+        return bytearray(base64.b64decode(value))
+    if kind == "datetime":
+        return datetime.fromisoformat(value)
+    if kind == "decimal":
+        return decimal.Decimal(value)
+    if kind == "table":
+        return {k: v for k, v in value}
+    return obj
