@@ -264,8 +264,12 @@ RunWorker = Callable[..., Awaitable[Worker]]
 
 
 @pytest.fixture
-async def run_worker() -> AsyncIterator[RunWorker]:
-    """Start a worker in the background; it is stopped and drained when the test ends."""
+async def run_worker(broker: Broker) -> AsyncIterator[RunWorker]:
+    """Start a worker in the background; it is stopped and drained when the test ends.
+
+    It asks for ``broker`` so that the workers stop before the broker fixture deletes
+    their queues: a running worker re-subscribes to a deleted queue, declaring it again.
+    """
     running: list[tuple[Worker, asyncio.Task[int]]] = []
 
     async def start(app: Pigeon, **kwargs: Any) -> Worker:
