@@ -34,6 +34,7 @@ from pigeon.outbox.tables import (
     dump_headers,
     make_tables,
 )
+from pigeon.outbox.writelock import write_turn, write_turn_async
 from pigeon.tables import short_string
 
 if TYPE_CHECKING:
@@ -176,7 +177,11 @@ class Outbox:
 
     def run_sync(self, ctx: Context, handler: Handler, *args: Any) -> bool:
         """Run a sync handler in the inbox transaction; False if it was handled before."""
-        with Session(self.engine, expire_on_commit=False) as session, session.begin():  # type: ignore[arg-type]
+        with (
+            write_turn(self),
+            Session(self.engine, expire_on_commit=False) as session,  # type: ignore[arg-type]
+            session.begin(),
+        ):
             if not self.record(session, ctx.queue, ctx.message_id):
                 return False
             ctx.bind_session(self, session)
@@ -188,7 +193,11 @@ class Outbox:
 
     async def run_async(self, ctx: Context, handler: Handler, *args: Any) -> bool:
         """Run an async handler in the inbox transaction; False if it was handled before."""
-        async with AsyncSession(self.engine, expire_on_commit=False) as session, session.begin():  # type: ignore[arg-type]
+        async with (
+            write_turn_async(self),
+            AsyncSession(self.engine, expire_on_commit=False) as session,  # type: ignore[arg-type]
+            session.begin(),
+        ):
             if not await self.record_async(session, ctx.queue, ctx.message_id):
                 return False
             ctx.bind_session(self, session)

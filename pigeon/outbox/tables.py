@@ -113,10 +113,12 @@ connection, a dead firewall) must end in an error and a backoff, not a hang."""
 
 
 def connect_args(url: str | URL) -> dict[str, Any]:
-    """The driver's connect timeout for the async form of ``url`` (none for SQLite)."""
-    driver = async_url(url).drivername
+    """The driver's connect timeout for the async form of ``url`` (none for SQLite);
+    a libpq ``?connect_timeout=`` in the URL wins (connect_args would override it)."""
+    parsed = async_url(url)
+    driver = parsed.drivername
     if driver == "postgresql+psycopg":
-        return {"connect_timeout": CONNECT_TIMEOUT}
+        return {} if "connect_timeout" in parsed.query else {"connect_timeout": CONNECT_TIMEOUT}
     if driver == "postgresql+asyncpg":
         return {"timeout": CONNECT_TIMEOUT}
     return {}

@@ -131,13 +131,16 @@ def _quiet_connection_errors(loop: asyncio.AbstractEventLoop, context: dict[str,
     loop.default_exception_handler(context)
 
 
-def _start_relays(app: Pigeon, listeners: Sequence[Listener]) -> Any:
+async def _start_relays(app: Pigeon, listeners: Sequence[Listener]) -> Any:
     """Relay the outboxes these listeners dispatch into (none: nothing is imported)."""
     if all(listener.outbox is None for listener in listeners):
         return None
+    from pigeon.outbox.guard import check_tables
     from pigeon.outbox.relay import RelayGroup
 
-    return RelayGroup.start(app, [lst.outbox for lst in listeners if lst.outbox is not None])
+    outboxes = [lst.outbox for lst in listeners if lst.outbox is not None]
+    await check_tables(outboxes)  # a missing table refuses to start (ConfigurationError)
+    return RelayGroup.start(app, outboxes)
 
 
 class Worker:
@@ -270,7 +273,7 @@ class Worker:
             await self._open_store()
             self._purging = asyncio.ensure_future(self._purge_periodically())
             self._build_processors()
-            self._relays = _start_relays(self.app, self.listeners)
+            self._relays = await _start_relays(self.app, self.listeners)
             if self.freeze_heap:
                 gc.collect()
                 gc.freeze()
