@@ -178,7 +178,7 @@ class Outbox:
     def run_sync(self, ctx: Context, handler: Handler, *args: Any) -> bool:
         """Run a sync handler in the inbox transaction; False if it was handled before."""
         with (
-            write_turn(self),
+            write_turn(self.engine),
             Session(self.engine, expire_on_commit=False) as session,  # type: ignore[arg-type]
             session.begin(),
         ):
@@ -194,7 +194,7 @@ class Outbox:
     async def run_async(self, ctx: Context, handler: Handler, *args: Any) -> bool:
         """Run an async handler in the inbox transaction; False if it was handled before."""
         async with (
-            write_turn_async(self),
+            write_turn_async(self.engine),
             AsyncSession(self.engine, expire_on_commit=False) as session,  # type: ignore[arg-type]
             session.begin(),
         ):

@@ -22,7 +22,7 @@ from pigeon.logs import get_logger
 from pigeon.outbox.box import Outbox
 
 if TYPE_CHECKING:
-    from pigeon.listener import TransactionalOutbox
+    from pigeon.core.listener import TransactionalOutbox
 
 log = get_logger("pigeon")
 

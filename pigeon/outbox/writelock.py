@@ -25,14 +25,12 @@ import sqlite3
 import threading
 import weakref
 from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING
 
+from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from pigeon.retry import RetryLater
-
-if TYPE_CHECKING:
-    from pigeon.outbox.box import Outbox
 
 LOCKED_RETRY = 1.0
 """Seconds before a message whose transaction found the database locked is tried again."""
@@ -45,9 +43,9 @@ _loop_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyn
 
 
 @contextlib.contextmanager
-def write_turn(box: Outbox) -> Iterator[None]:
+def write_turn(engine: Engine | AsyncEngine) -> Iterator[None]:
     """Around a sync inbox transaction: on SQLite, wait for this process's turn first."""
-    database = _database(box)
+    database = _database(engine)
     if database is None:
         yield
         return
@@ -58,9 +56,9 @@ def write_turn(box: Outbox) -> Iterator[None]:
 
 
 @contextlib.asynccontextmanager
-async def write_turn_async(box: Outbox) -> AsyncIterator[None]:
+async def write_turn_async(engine: Engine | AsyncEngine) -> AsyncIterator[None]:
     """The asyncio form of :func:`write_turn` (one lock per event loop and database)."""
-    database = _database(box)
+    database = _database(engine)
     if database is None:
         yield
         return
@@ -70,11 +68,11 @@ async def write_turn_async(box: Outbox) -> AsyncIterator[None]:
             yield
 
 
-def _database(box: Outbox) -> str | None:
-    """The SQLite database ``box`` writes to (None on other databases)."""
-    if box.dialect != "sqlite":
+def _database(engine: Engine | AsyncEngine) -> str | None:
+    """The SQLite database ``engine`` writes to (None on other databases)."""
+    if engine.dialect.name != "sqlite":
         return None
-    path = box.engine.url.database  # never in-memory: Outbox refuses that
+    path = engine.url.database  # never in-memory: Outbox refuses that
     return os.path.abspath(path) if path else None
 
 
