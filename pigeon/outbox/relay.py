@@ -58,6 +58,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from pigeon.amqp import check_encodable
 from pigeon.core.messages import Outgoing
 from pigeon.errors import ConfigurationError, DispatchError, DispatchManyError
 from pigeon.logs import get_logger
@@ -308,12 +309,7 @@ class Relay:
         if not rows:
             return 0
         outcome = _Outcome()
-        messages: list[tuple[int, Outgoing]] = []
-        for row in rows:
-            try:
-                messages.append((row.id, self._outgoing(row)))
-            except Exception as exc:  # a row written by hand, or edited
-                outcome.aside[row.id] = f"cannot read the row: {type(exc).__name__}: {exc}"
+        messages = self._messages(rows, outcome)
         try:
             # an outage must not outlive the lease: past half of it, the rows go back
             async with asyncio.timeout(self.lease / 2):
@@ -332,6 +328,25 @@ class Relay:
         if outcome.error is not None:
             raise outcome.error
         return len(outcome.done)
+
+    def _messages(self, rows: list[Row[Any]], outcome: _Outcome) -> list[tuple[int, Outgoing]]:
+        """The batch's messages; a row that cannot be read or encoded is set aside, and the
+        rows of its key after it stay out of this publish (they wait behind it)."""
+        messages: list[tuple[int, Outgoing]] = []
+        held: set[str] = set()
+        for row in rows:
+            if row.key in held:
+                outcome.again.append(row.id)
+                continue
+            try:
+                out = self._outgoing(row)
+                check_encodable(out)
+            except Exception as exc:  # written by hand, by an older Pigeon, or edited
+                outcome.aside[row.id] = f"cannot be published: {type(exc).__name__}: {exc}"
+                held.add(row.key)
+                continue
+            messages.append((row.id, out))
+        return messages
 
     def _report(self, rows: list[Row[Any]], aside: dict[int, str]) -> None:
         """Log each row just set aside, once."""
@@ -616,11 +631,10 @@ def _sort(outcome: _Outcome, messages: list[tuple[int, Outgoing]], exc: Dispatch
         error = exc.errors.get(message_id)
         if error is None or isinstance(error, DispatchError):  # an outage, a nack: later
             outcome.again.append(row_ids[message_id])
+            outcome.error = exc
         else:
             reason = f"cannot be published: {type(error).__name__}: {error}"
             outcome.aside[row_ids[message_id]] = reason
-    if outcome.again:
-        outcome.error = exc
 
 
 _ERROR_COLUMNS: weakref.WeakKeyDictionary[Outbox, bool] = weakref.WeakKeyDictionary()

@@ -1,0 +1,136 @@
+"""Rows the broker can never take, and handlers that commit the inbox transaction
+themselves: neither may block the relay, repeat its batch mates or hide a failure.
+
+Real RabbitMQ, SQLite and PostgreSQL (see also tests/test_attack_outbox.py, whose
+tests found these defects).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, create_engine, select, text, update
+from sqlalchemy.orm import Session
+from structlog.testing import capture_logs
+
+from pigeon.outbox import Outbox
+from pigeon.outbox.relay import Relay, failed, status
+from pigeon.settings import Settings
+from tests.conftest import AppFactory, Broker
+from tests.outbox_support import pg_name, pg_url
+from tests.test_outbox import Shipped, bind_queue
+
+__all__ = ["pg_name"]
+
+TOO_LONG = "é" * 200  # 400 bytes: over AMQP's 255
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request: pytest.FixtureRequest, tmp_path: Path, pg_name: str) -> Iterator[Engine]:
+    url = f"sqlite:///{tmp_path / 'poison.db'}" if request.param == "sqlite" else pg_url(pg_name)
+    engine = create_engine(url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+async def box(engine: Engine, prefix: str) -> AsyncIterator[Outbox]:
+    box = Outbox(engine, table=f"ob_{prefix}", inbox_table=f"ib_{prefix}")
+    box.create_tables()
+    yield box
+    await box.close()
+    box.metadata.drop_all(engine)
+
+
+def _store(box: Outbox, engine: Engine, orders: list[tuple[str, str]]) -> dict[str, str]:
+    """Store one event per (order id, key); the order ``poison`` gets a correlation id
+    no AMQP message can carry (as a row written by hand or an older Pigeon could)."""
+    ids = {}
+    with Session(engine) as session, session.begin():
+        for order_id, key in orders:
+            ids[order_id] = box.dispatch(session, Shipped(order_id=order_id), key=key)
+    with engine.begin() as conn:
+        conn.execute(
+            update(box.table)
+            .where(box.table.c.message_id == ids["poison"])
+            .values(correlation_id=TOO_LONG)
+        )
+    return ids
+
+
+async def _received(queue: object) -> list[str]:
+    got = []
+    while (message := await queue.get(fail=False, no_ack=True)) is not None:  # type: ignore[attr-defined]
+        got.append(json.loads(message.body)["order_id"])
+    return got
+
+
+async def test_a_row_set_aside_keeps_its_error_holds_its_key_and_shows_in_status(
+    engine: Engine,
+    box: Outbox,
+    prefix: str,
+    make_app: AppFactory,
+    broker: Broker,
+    settings: Settings,
+) -> None:
+    box.app = make_app("shop")
+    seen = await bind_queue(broker, settings, f"{prefix}.seen")
+    ids = _store(box, engine, [("poison", "a"), ("a-2", "a"), ("b-1", "b")])
+    relay = Relay(box, app=box.app)
+
+    with capture_logs() as logs:
+        assert await relay.relay_once() == 1  # no error raised: the relay goes on
+        assert await relay.relay_once() == 0
+
+    assert await _received(seen) == ["b-1"]
+    errors = [entry for entry in logs if entry["event"] == "outbox.row_set_aside"]
+    assert [entry["message_id"] for entry in errors] == [ids["poison"]], "logged once"
+    assert "correlation id" in errors[0]["error"]
+    with engine.connect() as conn:
+        error = conn.execute(
+            select(box.table.c.error).where(box.table.c.message_id == ids["poison"])
+        ).scalar_one()
+    assert "correlation id" in error
+    assert (await status(box))[0] == 1, "a-2 waits behind its key's failed row"
+    assert await failed(box) == 1
+
+    with engine.begin() as conn:  # the operator's fix: repair the row, clear its error
+        conn.execute(
+            update(box.table)
+            .where(box.table.c.message_id == ids["poison"])
+            .values(correlation_id=None, error=None)
+        )
+    assert await relay.relay_once() == 2
+    assert await _received(seen) == ["poison", "a-2"], "in key order"
+    assert await failed(box) == 0
+
+
+async def test_a_table_made_before_the_error_column_still_relays_around_a_bad_row(
+    engine: Engine,
+    box: Outbox,
+    prefix: str,
+    make_app: AppFactory,
+    broker: Broker,
+    settings: Settings,
+) -> None:
+    with engine.begin() as conn:
+        conn.execute(text(f"ALTER TABLE {box.table.name} DROP COLUMN error"))
+    old = Outbox(engine, table=box.table.name, inbox_table=box.inbox.name, app=make_app("shop"))
+    seen = await bind_queue(broker, settings, f"{prefix}.seen")
+    _store(old, engine, [("poison", "a"), ("a-2", "a"), ("b-1", "b"), ("c-1", "c")])
+    relay = Relay(old, app=old.app)
+
+    with capture_logs() as logs:
+        for _ in range(3):
+            await relay.relay_once()
+
+    assert sorted(await _received(seen)) == ["b-1", "c-1"]
+    outdated = [entry for entry in logs if entry["event"] == "outbox.table_outdated"]
+    assert len(outdated) == 1
+    assert "ADD COLUMN error" in outdated[0]["error"]
+    assert (await status(old))[0] == 2  # the bad row and the one behind it
+    assert await failed(old) is None
+    await old.close()
