@@ -12,15 +12,18 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, create_engine, select, text, update
+from sqlalchemy import Engine, create_engine, insert, select, text, update
+from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session
 from structlog.testing import capture_logs
 
+from pigeon import Context, Retry, headers
 from pigeon.outbox import Outbox
 from pigeon.outbox.relay import Relay, failed, status
+from pigeon.outbox.tables import async_url
 from pigeon.settings import Settings
-from tests.conftest import AppFactory, Broker
-from tests.outbox_support import pg_name, pg_url
+from tests.conftest import AppFactory, Broker, RunWorker, eventually
+from tests.outbox_support import effects_table, pg_name, pg_url
 from tests.test_outbox import Shipped, bind_queue
 
 __all__ = ["pg_name"]
@@ -38,10 +41,15 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path, pg_name: str) -> Iter
 
 @pytest.fixture
 async def box(engine: Engine, prefix: str) -> AsyncIterator[Outbox]:
+    """The outbox and inbox, and an effects table ``fx_<prefix>`` (request it before
+    ``run_worker``: the worker's relay stops before the tables go)."""
     box = Outbox(engine, table=f"ob_{prefix}", inbox_table=f"ib_{prefix}")
     box.create_tables()
+    metadata, _ = effects_table(prefix)
+    metadata.create_all(engine)
     yield box
     await box.close()
+    metadata.drop_all(engine)
     box.metadata.drop_all(engine)
 
 
@@ -134,3 +142,78 @@ async def test_a_table_made_before_the_error_column_still_relays_around_a_bad_ro
     assert (await status(old))[0] == 2  # the bad row and the one behind it
     assert await failed(old) is None
     await old.close()
+
+
+@pytest.fixture
+async def async_box(engine: Engine, box: Outbox) -> AsyncIterator[Outbox]:
+    """``box``'s tables through an AsyncEngine (request it before ``run_worker``)."""
+    aengine = create_async_engine(async_url(engine.url))
+    yield Outbox(aengine, table=box.table.name, inbox_table=box.inbox.name)
+    await aengine.dispose()
+
+
+async def test_an_async_handler_may_not_commit_the_inbox_transaction_either(
+    engine: Engine,
+    box: Outbox,
+    async_box: Outbox,
+    prefix: str,
+    make_app: AppFactory,
+    run_worker: RunWorker,
+    broker: Broker,
+    settings: Settings,
+) -> None:
+    """``await ctx.session.commit()`` is refused (a handler error, retried, then
+    dead-lettered with the reason), and nothing of the failed tries is committed."""
+    _, effects = effects_table(prefix)
+    app = make_app("stock")
+    async_box.app = app
+    runs: list[int] = []
+
+    @app.listener(Shipped, outbox=async_box, retry=Retry(attempts=2, immediate=1))
+    async def reserve(event: Shipped, ctx: Context) -> None:
+        runs.append(ctx.attempt)
+        await ctx.session.execute(insert(effects).values(message_id=ctx.message_id, seq=1))
+        await ctx.session.commit()
+
+    await run_worker(app)
+    await app.dispatch_async(Shipped(order_id="o-1"), message_id="self-commit-async")
+    letter = await broker.get(settings.dead_letter_queue, 20)
+    with engine.connect() as conn:
+        done = conn.execute(select(effects.c.message_id)).scalars().all()
+        marks = conn.execute(select(box.inbox.c.message_id)).scalars().all()
+
+    assert letter.headers[headers.REASON] == "handler-error"
+    assert "do not commit it" in letter.headers[headers.EXCEPTION_MESSAGE]
+    assert runs == [1, 2]
+    assert (done, marks) == ([], [])
+
+
+async def test_a_savepoint_in_an_inbox_handler_still_commits_with_the_message(
+    engine: Engine,
+    box: Outbox,
+    prefix: str,
+    make_app: AppFactory,
+    run_worker: RunWorker,
+) -> None:
+    """Only the handler's own commit is refused: ``begin_nested()`` works, and what its
+    savepoint kept commits with the inbox mark."""
+    _, effects = effects_table(prefix)
+    app = make_app("stock")
+    box.app = app
+
+    @app.listener(Shipped, outbox=box)
+    def reserve(event: Shipped, ctx: Context) -> None:
+        with ctx.session.begin_nested():
+            ctx.session.execute(insert(effects).values(message_id=ctx.message_id, seq=1))
+        nested = ctx.session.begin_nested()
+        ctx.session.execute(insert(effects).values(message_id=ctx.message_id, seq=2))
+        nested.rollback()
+
+    worker = await run_worker(app)
+    await app.dispatch_async(Shipped(order_id="o-1"), message_id="savepoint-1")
+    await eventually(lambda: worker.counts["acked"] == 1, message="handled")
+    with engine.connect() as conn:
+        done = conn.execute(select(effects.c.seq)).scalars().all()
+        marks = conn.execute(select(box.inbox.c.message_id)).scalars().all()
+
+    assert (done, marks) == ([1], ["savepoint-1"])

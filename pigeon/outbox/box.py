@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from pigeon.core import pipeline
 from pigeon.core.messages import DispatchOptions, OutboxOptions, Outgoing, build_outgoing
-from pigeon.errors import ConfigurationError
+from pigeon.errors import ConfigurationError, PigeonError
 from pigeon.events import Event
 from pigeon.outbox.tables import (
     INBOX_TABLE,
@@ -176,7 +176,7 @@ class Outbox:
 
     def run_sync(self, ctx: Context, handler: Handler, *args: Any) -> bool:
         """Run a sync handler in the inbox transaction; False if it was handled before."""
-        with Session(self.engine, expire_on_commit=False) as session, session.begin():  # type: ignore[arg-type]
+        with InboxSession(self.engine, expire_on_commit=False) as session, session.begin():  # type: ignore[arg-type]
             if not self.record(session, ctx.queue, ctx.message_id):
                 return False
             ctx.bind_session(self, session)
@@ -188,7 +188,7 @@ class Outbox:
 
     async def run_async(self, ctx: Context, handler: Handler, *args: Any) -> bool:
         """Run an async handler in the inbox transaction; False if it was handled before."""
-        async with AsyncSession(self.engine, expire_on_commit=False) as session, session.begin():  # type: ignore[arg-type]
+        async with _async_inbox_session(self.engine) as session, session.begin():
             if not await self.record_async(session, ctx.queue, ctx.message_id):
                 return False
             ctx.bind_session(self, session)
@@ -362,6 +362,27 @@ class Outbox:
     def wake(self) -> None:
         for wake in list(self._wakers):
             wake()
+
+
+class InboxSession(Session):
+    """``ctx.session`` of a listener with ``outbox=`` (the sync session of an
+    ``AsyncSession`` too): its transaction is Pigeon's, so :meth:`commit` is refused.
+
+    A handler's own commit would take the message's done mark along: a failure
+    after it was then acked as a duplicate on the retry and vanished. Savepoints
+    (``begin_nested()``) work as usual.
+    """
+
+    def commit(self) -> None:
+        raise PigeonError(
+            "ctx.session is the inbox transaction: Pigeon commits it after the handler "
+            "returns, with the message's done mark and outgoing events; do not commit it "
+            "(session.flush() sends your changes and fills generated ids)"
+        )
+
+
+def _async_inbox_session(engine: Engine | AsyncEngine) -> AsyncSession:
+    return AsyncSession(engine, sync_session_class=InboxSession, expire_on_commit=False)  # type: ignore[arg-type]
 
 
 def _run_now(step: Awaitable[str]) -> str:
