@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, create_engine, insert, select, text, update
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 from structlog.testing import capture_logs
 
@@ -183,7 +183,7 @@ async def test_an_async_handler_may_not_commit_the_inbox_transaction_either(
         marks = conn.execute(select(box.inbox.c.message_id)).scalars().all()
 
     assert letter.headers[headers.REASON] == "handler-error"
-    assert "do not commit it" in letter.headers[headers.EXCEPTION_MESSAGE]
+    assert "do not commit it" in str(letter.headers[headers.EXCEPTION_MESSAGE])
     assert runs == [1, 2]
     assert (done, marks) == ([], [])
 
@@ -217,3 +217,29 @@ async def test_a_savepoint_in_an_inbox_handler_still_commits_with_the_message(
         marks = conn.execute(select(box.inbox.c.message_id)).scalars().all()
 
     assert (done, marks) == ([1], ["savepoint-1"])
+
+
+@pytest.mark.parametrize("form", ["sync", "async"])
+async def test_storing_a_message_id_twice_says_ids_are_unique_per_outbox(
+    engine: Engine, box: Outbox, async_box: Outbox, form: str
+) -> None:
+    """The same id twice (legal with plain ``pigeon.dispatch``) raised a raw IntegrityError
+    in the caller's transaction; it is a ValueError naming the id and the rule."""
+    with Session(engine) as session, session.begin():
+        box.dispatch(session, Shipped(order_id="o-1"), message_id="twice-1")
+
+    async def store_again() -> None:
+        if form == "sync":
+            with Session(engine) as session, session.begin():
+                box.dispatch(session, Shipped(order_id="o-2"), message_id="twice-1")
+            return
+        async with AsyncSession(async_box.engine) as asession, asession.begin():  # type: ignore[arg-type]
+            await async_box.dispatch_async(asession, Shipped(order_id="o-2"), message_id="twice-1")
+
+    with pytest.raises(ValueError, match="twice-1") as caught:
+        await store_again()
+
+    assert "unique per outbox" in str(caught.value)
+    with engine.connect() as conn:
+        stored = conn.execute(select(box.table.c.body)).scalars().all()
+    assert [json.loads(body)["order_id"] for body in stored] == ["o-1"]

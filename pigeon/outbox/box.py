@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Unpack, cast
 
 from sqlalchemy import Engine, event, insert, text
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
@@ -228,7 +229,11 @@ class Outbox:
 
         async def store(out: Outgoing) -> str:
             row, notify = self._row(session, out, key)
-            session.execute(self._insert, row)
+            try:
+                session.execute(self._insert, row)
+            except IntegrityError as exc:
+                self._refuse_duplicate(exc, out.message_id)
+                raise
             if notify:
                 session.execute(_NOTIFY, {"channel": self.channel})
             return out.message_id
@@ -255,7 +260,11 @@ class Outbox:
 
         async def store(out: Outgoing) -> str:
             row, notify = self._row(session.sync_session, out, key)
-            await session.execute(self._insert, row)
+            try:
+                await session.execute(self._insert, row)
+            except IntegrityError as exc:
+                self._refuse_duplicate(exc, out.message_id)
+                raise
             if notify:
                 await session.execute(_NOTIFY, {"channel": self.channel})
             return out.message_id
@@ -264,6 +273,15 @@ class Outbox:
         if not middleware:
             return await store(outgoing)
         return await pipeline.chain(middleware, store)(outgoing)
+
+    def _refuse_duplicate(self, exc: IntegrityError, message_id: str) -> None:
+        """Raise ValueError if ``exc`` says the outbox holds ``message_id`` already."""
+        if "message_id" in str(exc.orig):  # the table's one unique column besides its id
+            raise ValueError(
+                f"message id {message_id!r} is in outbox {self.table.name} already: ids are "
+                "unique per outbox, give each event its own (the transaction must be rolled "
+                "back)"
+            ) from exc
 
     def _owner(self, app: ListenerApp | None) -> ListenerApp:
         """The app that stamps the message: the dispatching listener's, ours, or the default."""
