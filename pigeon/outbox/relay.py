@@ -165,6 +165,7 @@ class Relay:
         self._linger_until = 0.0
         self._maintained = 0.0
         self._measured = 0.0
+        self._error_column = False
         self._aside: dict[int, str] = {}  # row id → key: set aside where no error column keeps it
         table = outbox.table
         self._columns = [
@@ -388,7 +389,8 @@ class Relay:
             table.c.published_at.is_(None),
             or_(table.c.claimed_until.is_(None), table.c.claimed_until < now),
         ]
-        if await has_error_column(self.outbox):
+        self._error_column = await has_error_column(self.outbox)
+        if self._error_column:
             failed = table.c.published_at.is_(None) & table.c.error.is_not(None)
             where.append(table.c.error.is_(None))
             where.append(table.c.key.not_in(select(table.c.key).where(failed)))
@@ -409,11 +411,11 @@ class Relay:
         """PostgreSQL: lock the rows ``FOR UPDATE SKIP LOCKED`` in a transaction that stays
         open until they are marked. Its rollback (or the death of its connection, when the
         relay is killed) gives them back at once; no lease is written."""
+        where = await self._claimable(time.time())  # before the connection: a pool of one
         batch = _Batch([], await self.outbox.relay_engine().connect())
         try:
             assert batch.conn is not None
             await batch.conn.begin()
-            where = await self._claimable(time.time())
             query = self._candidates(where).with_for_update(skip_locked=True)
             rows = list((await batch.conn.execute(query)).all())
             batch.rows = await self._in_key_order(batch.conn, rows) if rows else []
@@ -516,7 +518,7 @@ class Relay:
         no error column, this relay remembers them instead, until it stops)."""
         if not aside:
             return []
-        if not await has_error_column(self.outbox):
+        if not self._error_column:  # known since the claim (no connection here: see _claim_locked)
             self._aside.update({row_id: keys[row_id] for row_id in aside})
             return []
         table = self.outbox.table
@@ -664,8 +666,9 @@ async def has_error_column(outbox: Outbox) -> bool:
             "outbox.table_outdated",
             table=name,
             error=f"table {name} has no column {ERROR_COLUMN}: a row no publish can carry is "
-            f"set aside only until the relay restarts; add it (ALTER TABLE {name} ADD COLUMN "
-            f"{ERROR_COLUMN} TEXT, or your Alembic autogenerate; docs/outbox.md)",
+            f"set aside only until the relay restarts; add it and its index (ALTER TABLE {name} "
+            f"ADD COLUMN {ERROR_COLUMN} TEXT, or Alembic autogenerate; docs/outbox.md, "
+            "Upgrading)",
         )
     return known
 

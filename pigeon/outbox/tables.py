@@ -74,6 +74,8 @@ def make_tables(
     Index(f"ix_{outbox}_pending", box.c.id, postgresql_where=pending, sqlite_where=pending)
     Index(f"ix_{outbox}_key", box.c.key, box.c.id)
     Index(f"ix_{outbox}_published_at", box.c.published_at)
+    failed = box.c.error.is_not(None)  # the relay skips the keys of these rows each claim
+    Index(f"ix_{outbox}_failed", box.c.key, postgresql_where=failed, sqlite_where=failed)
     inbox_table = Table(
         inbox,
         metadata,
