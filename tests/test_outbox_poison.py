@@ -12,12 +12,14 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from sqlalchemy import Engine, create_engine, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 from structlog.testing import capture_logs
 
 from pigeon import Context, Retry, headers
+from pigeon.cli import main
 from pigeon.outbox import Outbox
 from pigeon.outbox.relay import Relay, failed, status
 from pigeon.outbox.tables import async_url
@@ -244,3 +246,23 @@ async def test_storing_a_message_id_twice_says_ids_are_unique_per_outbox(
     with engine.connect() as conn:
         stored = conn.execute(select(box.table.c.body)).scalars().all()
     assert [json.loads(body)["order_id"] for body in stored] == ["o-1"]
+
+
+def test_status_counts_the_rows_set_aside_apart_from_the_pending_ones(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path / 'status.db'}")
+    box = Outbox(engine)
+    box.create_tables()
+    with Session(engine) as session, session.begin():
+        box.dispatch(session, Shipped(order_id="o-1"))
+        bad = box.dispatch(session, Shipped(order_id="o-2"), key="bad")
+    with engine.begin() as conn:
+        conn.execute(
+            update(box.table).where(box.table.c.message_id == bad).values(error="cannot be ...")
+        )
+
+    result = CliRunner().invoke(main, ["outbox", "status", str(engine.url)])
+    engine.dispose()
+
+    assert result.exit_code == 0, result.output
+    lines = dict(line.split(" ", 1) for line in result.output.splitlines())
+    assert (lines["pending"], lines["failed"]) == ("1", "1")
