@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 from structlog.testing import capture_logs
 
-from pigeon import Context, Retry, headers
+from pigeon import Context, DispatchManyError, Pigeon, Retry, headers
 from pigeon.cli import main
 from pigeon.outbox import Outbox
 from pigeon.outbox.relay import Relay, failed, status
@@ -266,3 +266,38 @@ def test_status_counts_the_rows_set_aside_apart_from_the_pending_ones(tmp_path: 
     assert result.exit_code == 0, result.output
     lines = dict(line.split(" ", 1) for line in result.output.splitlines())
     assert (lines["pending"], lines["failed"]) == ("1", "1")
+
+
+async def test_the_confirmed_rows_of_a_batch_that_failed_in_part_are_not_sent_again(
+    engine: Engine,
+    box: Outbox,
+    prefix: str,
+    broker: Broker,
+    settings: Settings,
+) -> None:
+    """A batch the broker confirmed only in part (one row names an exchange that does not
+    exist: no confirm within the dispatch timeout) used to be given back whole, so every
+    round published the confirmed rows again. Now they are marked, and only the other row
+    is tried again (not set aside: the exchange may yet be declared)."""
+    box.app = Pigeon(f"{prefix}-shop", settings=settings.model_copy(update={"dispatch_timeout": 1}))
+    broker.apps.append(box.app)  # closed after the test
+    seen = await bind_queue(broker, settings, f"{prefix}.seen")
+    with Session(engine) as session, session.begin():
+        lost = box.dispatch(session, Shipped(order_id="lost"), key="a")
+        box.dispatch(session, Shipped(order_id="o-1"), key="b")
+        box.dispatch(session, Shipped(order_id="o-2"), key="c")
+    with engine.begin() as conn:
+        conn.execute(
+            update(box.table)
+            .where(box.table.c.message_id == lost)
+            .values(exchange=f"{prefix}.never-declared")
+        )
+    relay = Relay(box, app=box.app)
+
+    for _ in range(2):
+        with pytest.raises(DispatchManyError) as caught:
+            await relay.relay_once()
+        assert caught.value.unconfirmed == [lost]
+
+    assert sorted(await _received(seen)) == ["o-1", "o-2"], "each confirmed row once"
+    assert ((await status(box))[0], await failed(box)) == (1, 0)
