@@ -57,13 +57,24 @@ class DispatchManyError(DispatchError):
     ``confirmed`` and ``unconfirmed`` are message ids, in the batch's order.
     The unconfirmed ones may have been stored too: dispatch them again with
     the same ids (``dispatch_many(..., message_ids=e.unconfirmed)`` for those
-    events) so listeners skip any copy.
+    events) so listeners skip any copy. ``errors`` maps each unconfirmed id to
+    its error: a :class:`DispatchError` (no confirm in time: try again), or
+    the error that kept the message from being sent at all (it cannot be
+    encoded: a ``ValueError`` or ``TypeError``; no retry cures it).
     """
 
-    def __init__(self, message: str, *, confirmed: list[str], unconfirmed: list[str]) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        confirmed: list[str],
+        unconfirmed: list[str],
+        errors: dict[str, Exception] | None = None,
+    ) -> None:
         super().__init__(message)
         self.confirmed = confirmed
         self.unconfirmed = unconfirmed
+        self.errors: dict[str, Exception] = errors or {}
 
 
 class TopologyError(PigeonError):

@@ -262,9 +262,8 @@ async def test_a_row_the_broker_cannot_take_neither_blocks_nor_repeats_its_batch
     ids) failed its whole batch: the batch was given back although the broker had
     confirmed the other rows, so each round published them again, forever.
 
-    Not fixed here (pigeon/outbox/relay.py is being reworked): the relay should mark
-    the rows the broker confirmed (``DispatchManyError.confirmed``) and set the
-    poison row aside with its error, not release the whole batch.
+    Fixed (branch outfix2): the relay marks the rows the broker confirmed and sets the
+    poison row aside with its error (tests/test_outbox_poison.py has the rest).
     """
     box.app = make_app("shop")
     seen = await bind_queue(broker, settings, f"{prefix}.seen")
@@ -666,10 +665,8 @@ async def test_a_handler_that_commits_ctx_session_itself_cannot_hide_its_failure
     took the inbox mark along, so the retry copy was dropped as a duplicate and the
     failure vanished: no retry ran, no dead letter, the message counted as done.
 
-    Not fixed here (pigeon/outbox/box.py is being reworked): run the handler's session
-    in a savepoint of a connection-level transaction Pigeon owns (SQLAlchemy's
-    "join an external transaction" recipe, ``join_transaction_mode="create_savepoint"``),
-    so a user's commit cannot commit the inbox mark; or refuse the commit with one line.
+    Fixed (branch outfix2): ``ctx.session.commit()`` raises a PigeonError, a handler
+    error like any other (tests/test_outbox_poison.py has the async form).
     """
     _, effects = effects_table(prefix)
     app = make_app("stock")

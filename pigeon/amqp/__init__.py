@@ -10,6 +10,7 @@ RabbitMQ through the names below, never through a channel of its own:
   as broker-free :class:`~pigeon.core.processor.Delivery` objects;
 - :class:`Acker`: settle them (ack, give back), once per loop turn;
 - :data:`RETRYABLE`: the errors a later try can cure;
+- :func:`check_encodable`: what a publish of a message would refuse before sending it;
 - :func:`supervise` and :func:`backoff`: the one reconnect loop (connect with
   backoff, start, run until the connection is lost, again until stopped).
 
@@ -24,6 +25,7 @@ from pigeon.amqp.acks import Acker
 from pigeon.amqp.connection import Connector
 from pigeon.amqp.consume import Incoming, OnDelivery, Subscription, delivery_of
 from pigeon.amqp.declaring import declare
+from pigeon.amqp.frames import check_encodable
 from pigeon.amqp.publisher import RETRYABLE, Publisher
 from pigeon.amqp.reconnect import backoff, supervise
 
@@ -36,6 +38,7 @@ __all__ = [
     "Publisher",
     "Subscription",
     "backoff",
+    "check_encodable",
     "declare",
     "delivery_of",
     "supervise",

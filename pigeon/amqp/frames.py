@@ -79,6 +79,13 @@ def publish_method(channel: int, exchange: str, routing_key: str, *, mandatory: 
     return frame(_METHOD, channel, payload)
 
 
+def check_encodable(out: Outgoing) -> None:
+    """Raise (``ValueError``, ``TypeError``) what a publish of ``out`` would raise before
+    sending anything: a name, id or header no AMQP frame can carry."""
+    publish_method(1, out.exchange, out.routing_key, mandatory=out.mandatory)
+    properties(out)
+
+
 def properties(out: Outgoing) -> tuple[int, bytes]:
     """The property flags and list of a persistent message, as pamqp would marshal
     them (a property is left out when it is ``None`` or empty; headers never are)."""

@@ -299,6 +299,7 @@ def _batch_error(batch: list[Outgoing], errors: dict[str, Exception]) -> Dispatc
         "message ids (the error's .unconfirmed); .confirmed lists the rest",
         confirmed=confirmed,
         unconfirmed=unconfirmed,
+        errors=errors,
     )
     error.__cause__ = first
     return error

@@ -19,12 +19,13 @@ from typing import TYPE_CHECKING, Any, Unpack, cast
 
 from sqlalchemy import Engine, event, insert, text
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 from pigeon.core import pipeline
 from pigeon.core.messages import DispatchOptions, OutboxOptions, Outgoing, build_outgoing
-from pigeon.errors import ConfigurationError
+from pigeon.errors import ConfigurationError, PigeonError
 from pigeon.events import Event
 from pigeon.outbox.tables import (
     INBOX_TABLE,
@@ -179,7 +180,7 @@ class Outbox:
         """Run a sync handler in the inbox transaction; False if it was handled before."""
         with (
             write_turn(self.engine),
-            Session(self.engine, expire_on_commit=False) as session,  # type: ignore[arg-type]
+            InboxSession(self.engine, expire_on_commit=False) as session,  # type: ignore[arg-type]
             session.begin(),
         ):
             if not self.record(session, ctx.queue, ctx.message_id):
@@ -195,7 +196,7 @@ class Outbox:
         """Run an async handler in the inbox transaction; False if it was handled before."""
         async with (
             write_turn_async(self.engine),
-            AsyncSession(self.engine, expire_on_commit=False) as session,  # type: ignore[arg-type]
+            _async_inbox_session(self.engine) as session,
             session.begin(),
         ):
             if not await self.record_async(session, ctx.queue, ctx.message_id):
@@ -237,7 +238,11 @@ class Outbox:
 
         async def store(out: Outgoing) -> str:
             row, notify = self._row(session, out, key)
-            session.execute(self._insert, row)
+            try:
+                session.execute(self._insert, row)
+            except IntegrityError as exc:
+                self._refuse_duplicate(exc, out.message_id)
+                raise
             if notify:
                 session.execute(_NOTIFY, {"channel": self.channel})
             return out.message_id
@@ -264,7 +269,11 @@ class Outbox:
 
         async def store(out: Outgoing) -> str:
             row, notify = self._row(session.sync_session, out, key)
-            await session.execute(self._insert, row)
+            try:
+                await session.execute(self._insert, row)
+            except IntegrityError as exc:
+                self._refuse_duplicate(exc, out.message_id)
+                raise
             if notify:
                 await session.execute(_NOTIFY, {"channel": self.channel})
             return out.message_id
@@ -273,6 +282,15 @@ class Outbox:
         if not middleware:
             return await store(outgoing)
         return await pipeline.chain(middleware, store)(outgoing)
+
+    def _refuse_duplicate(self, exc: IntegrityError, message_id: str) -> None:
+        """Raise ValueError if ``exc`` says the outbox holds ``message_id`` already."""
+        if "message_id" in str(exc.orig):  # the table's one unique column besides its id
+            raise ValueError(
+                f"message id {message_id!r} is in outbox {self.table.name} already: ids are "
+                "unique per outbox, give each event its own (the transaction must be rolled "
+                "back)"
+            ) from exc
 
     def _owner(self, app: ListenerApp | None) -> ListenerApp:
         """The app that stamps the message: the dispatching listener's, ours, or the default."""
@@ -371,6 +389,27 @@ class Outbox:
     def wake(self) -> None:
         for wake in list(self._wakers):
             wake()
+
+
+class InboxSession(Session):
+    """``ctx.session`` of a listener with ``outbox=`` (the sync session of an
+    ``AsyncSession`` too): its transaction is Pigeon's, so :meth:`commit` is refused.
+
+    A handler's own commit would take the message's done mark along: a failure
+    after it was then acked as a duplicate on the retry and vanished. Savepoints
+    (``begin_nested()``) work as usual.
+    """
+
+    def commit(self) -> None:
+        raise PigeonError(
+            "ctx.session is the inbox transaction: Pigeon commits it after the handler "
+            "returns, with the message's done mark and outgoing events; do not commit it "
+            "(session.flush() sends your changes and fills generated ids)"
+        )
+
+
+def _async_inbox_session(engine: Engine | AsyncEngine) -> AsyncSession:
+    return AsyncSession(engine, sync_session_class=InboxSession, expire_on_commit=False)  # type: ignore[arg-type]
 
 
 def _run_now(step: Awaitable[str]) -> str:

@@ -90,6 +90,8 @@ async def _check_database(url: str, box: Outbox, *, create: bool, relaying: bool
     """
     from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
+    from pigeon.outbox.tables import ERROR_COLUMN
+
     try:
         async with box.relay_engine().begin() as conn:
             if create:
@@ -106,8 +108,9 @@ async def _check_database(url: str, box: Outbox, *, create: bool, relaying: bool
         _fail(url, EX_UNAVAILABLE, f"cannot reach the database ({detail}); is it running?")
     except SQLAlchemyError as exc:  # a name the database cannot take, and the like
         _fail(url, EX_CONFIG, str(exc).strip().splitlines()[0])
-    if found and not set(box.table.c.keys()) <= found:
-        missing = ", ".join(sorted(set(box.table.c.keys()) - found))
+    required = set(box.table.c.keys()) - {ERROR_COLUMN}  # tables older than it work without it
+    if found and not required <= found:
+        missing = ", ".join(sorted(required - found))
         _fail(url, EX_CONFIG, f"table {box.table.name} is not an outbox table (no {missing})")
     if not found:
         _fail(
@@ -214,21 +217,23 @@ def relay_command(
 @click.argument("database_url")
 @click.option("--table", default="pigeon_outbox", show_default=True, help="Outbox table name.")
 def status_command(database_url: str, table: str) -> None:
-    """Print the pending rows of DATABASE_URL's outbox and the oldest one's age."""
-    from pigeon.outbox.relay import status
+    """Print the pending rows of DATABASE_URL's outbox, the oldest one's age and the rows
+    set aside (``failed``: no publish can carry them; see docs/outbox.md)."""
+    from pigeon.outbox.relay import failed, status
 
     box = _outbox(database_url, table, "pigeon_inbox")
 
-    async def run() -> tuple[int, float | None]:
+    async def run() -> tuple[int, float | None, int | None]:
         try:
             async with asyncio.timeout(DATABASE_TIMEOUT):
                 await _check_database(database_url, box, create=False, relaying=False)
-                return await status(box)
+                return (*await status(box), await failed(box))
         except TimeoutError:
             _fail(database_url, EX_UNAVAILABLE, _SILENT)
         finally:
             await box.relay_engine().dispose()
 
-    pending, age = asyncio.run(run())
+    pending, age, set_aside = asyncio.run(run())
     click.echo(f"pending {pending}")
     click.echo(f"oldest_age_seconds {age:.3f}" if age is not None else "oldest_age_seconds -")
+    click.echo(f"failed {set_aside if set_aside is not None else '-'}")

@@ -21,7 +21,11 @@ until woken. Guarantees and how each is kept:
   is only a fallback. Relays in the dispatching process are woken after the
   commit, and that process sends no ``NOTIFY``.
 - **Broker outage.** A batch the broker did not confirm is released and the
-  relay backs off exponentially (up to ``max_backoff``) before the next try.
+  relay backs off exponentially (up to ``max_backoff``) before the next try;
+  the rows it did confirm are marked all the same.
+- **A row no publish can carry** (it cannot be encoded, or read) is set aside
+  with its ``error`` and logged once; its key's later rows wait behind it (the
+  order is kept) and every other key goes on.
 """
 
 from __future__ import annotations
@@ -33,21 +37,34 @@ import random
 import socket
 import time
 import uuid
+import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Gauge
-from sqlalchemy import Executable, Row, Select, delete, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Executable,
+    Row,
+    Select,
+    delete,
+    func,
+    inspect,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from pigeon.amqp import check_encodable
 from pigeon.core.messages import Outgoing
-from pigeon.errors import ConfigurationError
+from pigeon.errors import ConfigurationError, DispatchError, DispatchManyError
 from pigeon.logs import get_logger
 from pigeon.metrics import DISPATCHED
 from pigeon.outbox.box import Outbox
-from pigeon.outbox.tables import listen_dsn, load_headers
+from pigeon.outbox.tables import ERROR_COLUMN, listen_dsn, load_headers
 
 if TYPE_CHECKING:
     from pigeon.app import Pigeon
@@ -59,6 +76,9 @@ PENDING = Gauge("pigeon_outbox_pending", "Outbox rows not yet published.", ["tab
 LAG = Gauge(
     "pigeon_outbox_lag_seconds", "Age of the oldest outbox row not yet published.", ["table"]
 )
+FAILED = Gauge(
+    "pigeon_outbox_failed", "Outbox rows set aside: no publish can carry them.", ["table"]
+)
 
 MAINTENANCE_INTERVAL = 60.0
 METRICS_INTERVAL = 5.0
@@ -68,6 +88,16 @@ NOTIFY at most every 50 ms, so the transactions in between are found this way.""
 FAST_POLL = 0.025
 CONTENDED_WAIT = 0.05
 """Seconds to wait after a claim left rows to another relay: they free up without a NOTIFY."""
+
+
+@dataclass
+class _Outcome:
+    """What became of a batch's rows: confirmed, set aside (row id → why), or to try again."""
+
+    done: list[int] = field(default_factory=list)
+    aside: dict[int, str] = field(default_factory=dict)
+    again: list[int] = field(default_factory=list)
+    error: DispatchManyError | None = None
 
 
 @dataclass(eq=False)
@@ -135,6 +165,8 @@ class Relay:
         self._linger_until = 0.0
         self._maintained = 0.0
         self._measured = 0.0
+        self._error_column = False
+        self._aside: dict[int, str] = {}  # row id → key: set aside where no error column keeps it
         table = outbox.table
         self._columns = [
             table.c[name]
@@ -272,22 +304,63 @@ class Relay:
         return total
 
     async def _send(self, batch: _Batch) -> int:
+        """Publish the batch, then in one transaction mark the rows the broker confirmed and
+        set aside those no publish can carry; raise if some are to be tried again."""
         rows = batch.rows
         if not rows:
             return 0
-        messages = [self._outgoing(row) for row in rows]
-        ids = [row.id for row in rows]
+        outcome = _Outcome()
+        messages = self._messages(rows, outcome)
         try:
             # an outage must not outlive the lease: past half of it, the rows go back
             async with asyncio.timeout(self.lease / 2):
-                await self._publish(messages)
+                if messages:
+                    await self._publish([out for _, out in messages])
+            outcome.done = [row_id for row_id, _ in messages]
+        except DispatchManyError as exc:
+            _sort(outcome, messages, exc)
         except BaseException:
             with contextlib.suppress(Exception):
-                await asyncio.shield(self._give_back(batch, ids))
+                await asyncio.shield(self._give_back(batch, [row.id for row in rows]))
             raise
-        await self._mark(batch, ids)
-        self.published += len(ids)
-        return len(ids)
+        await self._settle(batch, outcome)
+        self._report(rows, outcome.aside)
+        self.published += len(outcome.done)
+        if outcome.error is not None:
+            raise outcome.error
+        return len(outcome.done)
+
+    def _messages(self, rows: list[Row[Any]], outcome: _Outcome) -> list[tuple[int, Outgoing]]:
+        """The batch's messages; a row that cannot be read or encoded is set aside, and the
+        rows of its key after it stay out of this publish (they wait behind it)."""
+        messages: list[tuple[int, Outgoing]] = []
+        held: set[str] = set()
+        for row in rows:
+            if row.key in held:
+                outcome.again.append(row.id)
+                continue
+            try:
+                out = self._outgoing(row)
+                check_encodable(out)
+            except Exception as exc:  # written by hand, by an older Pigeon, or edited
+                outcome.aside[row.id] = f"cannot be published: {type(exc).__name__}: {exc}"
+                held.add(row.key)
+                continue
+            messages.append((row.id, out))
+        return messages
+
+    def _report(self, rows: list[Row[Any]], aside: dict[int, str]) -> None:
+        """Log each row just set aside, once."""
+        for row in rows:
+            if row.id in aside:
+                log.error(
+                    "outbox.row_set_aside",
+                    table=self.outbox.table.name,
+                    id=row.id,
+                    message_id=row.message_id,
+                    key=row.key,
+                    error=aside[row.id],
+                )
 
     async def _publish(self, batch: list[Outgoing]) -> None:
         from pigeon import app as app_module
@@ -308,13 +381,29 @@ class Relay:
             return await self._claim_locked()
         return _Batch(await self._claim_leased())
 
-    def _candidates(self, now: float) -> Select[Any]:
+    async def _claimable(self, now: float) -> list[ColumnElement[bool]]:
+        """Rows to publish: pending, not claimed by another relay, not set aside, and
+        not behind a row of their key that was set aside (that key waits for it)."""
         table = self.outbox.table
-        claimable = or_(table.c.claimed_until.is_(None), table.c.claimed_until < now)
+        where = [
+            table.c.published_at.is_(None),
+            or_(table.c.claimed_until.is_(None), table.c.claimed_until < now),
+        ]
+        self._error_column = await has_error_column(self.outbox)
+        if self._error_column:
+            failed = table.c.published_at.is_(None) & table.c.error.is_not(None)
+            where.append(table.c.error.is_(None))
+            where.append(table.c.key.not_in(select(table.c.key).where(failed)))
+        if self._aside:
+            where.append(table.c.id.not_in(list(self._aside)))
+            where.append(table.c.key.not_in(set(self._aside.values())))
+        return where
+
+    def _candidates(self, where: list[ColumnElement[bool]]) -> Select[Any]:
         return (
             select(*self._columns)
-            .where(table.c.published_at.is_(None), claimable)
-            .order_by(table.c.id)
+            .where(*where)
+            .order_by(self.outbox.table.c.id)
             .limit(self.batch_size)
         )
 
@@ -322,11 +411,12 @@ class Relay:
         """PostgreSQL: lock the rows ``FOR UPDATE SKIP LOCKED`` in a transaction that stays
         open until they are marked. Its rollback (or the death of its connection, when the
         relay is killed) gives them back at once; no lease is written."""
+        where = await self._claimable(time.time())  # before the connection: a pool of one
         batch = _Batch([], await self.outbox.relay_engine().connect())
         try:
             assert batch.conn is not None
             await batch.conn.begin()
-            query = self._candidates(time.time()).with_for_update(skip_locked=True)
+            query = self._candidates(where).with_for_update(skip_locked=True)
             rows = list((await batch.conn.execute(query)).all())
             batch.rows = await self._in_key_order(batch.conn, rows) if rows else []
             self._contended = len(batch.rows) < len(rows)
@@ -342,15 +432,15 @@ class Relay:
         """SQLite: lease the rows (``claimed_until``) in one short write transaction."""
         table = self.outbox.table
         now = time.time()
-        claimable = or_(table.c.claimed_until.is_(None), table.c.claimed_until < now)
-        if not await self._any_pending(claimable):
+        where = await self._claimable(now)
+        if not await self._any_pending(where):
             return []
         async with self.outbox.relay_engine().begin() as conn:
             # take the write lock first: claims queue up
             await conn.execute(
                 update(table).where(table.c.id == -1).values(claimed_by=table.c.claimed_by)
             )
-            rows = list((await conn.execute(self._candidates(now))).all())
+            rows = list((await conn.execute(self._candidates(where))).all())
             self._contended = False
             if not rows:
                 return []
@@ -365,13 +455,11 @@ class Relay:
                 )
             return rows
 
-    async def _any_pending(self, claimable: Any) -> bool:
+    async def _any_pending(self, where: list[ColumnElement[bool]]) -> bool:
         """SQLite: a read-only look first, so an idle relay never takes the write lock."""
         table = self.outbox.table
         async with self.outbox.relay_engine().connect() as conn:
-            found = await conn.execute(
-                select(table.c.id).where(table.c.published_at.is_(None), claimable).limit(1)
-            )
+            found = await conn.execute(select(table.c.id).where(*where).limit(1))
             return found.first() is not None
 
     async def _in_key_order(self, conn: AsyncConnection, rows: list[Row[Any]]) -> list[Row[Any]]:
@@ -425,14 +513,48 @@ class Relay:
             .values(published_at=time.time(), claimed_by=None, claimed_until=None)
         )
 
-    async def _mark(self, batch: _Batch, ids: Sequence[int]) -> None:
-        """After the confirm: the rows are done, in the claim's transaction if it is open."""
+    async def _set_aside(self, aside: dict[int, str], keys: dict[int, str]) -> list[Executable]:
+        """The statements that set these rows aside with their error (where the table has
+        no error column, this relay remembers them instead, until it stops)."""
+        if not aside:
+            return []
+        if not self._error_column:  # known since the claim (no connection here: see _claim_locked)
+            self._aside.update({row_id: keys[row_id] for row_id in aside})
+            return []
+        table = self.outbox.table
+        return [
+            update(table)
+            .where(table.c.id == row_id)
+            .values(error=error[:2000], claimed_by=None, claimed_until=None)
+            for row_id, error in aside.items()
+        ]
+
+    def _release(self, ids: Sequence[int]) -> Executable:
+        """SQLite: the statement that ends this relay's lease on ``ids``."""
+        table = self.outbox.table
+        return (
+            update(table)
+            .where(table.c.id.in_(ids), table.c.claimed_by == self.name)
+            .values(claimed_by=None, claimed_until=None)
+        )
+
+    async def _settle(self, batch: _Batch, outcome: _Outcome) -> None:
+        """After the publish, in one transaction (the claim's on PostgreSQL): mark the
+        confirmed rows, set aside the ones no publish can carry, give back the rest."""
+        statements: list[Executable] = [self._done(outcome.done)] if outcome.done else []
+        keys = {row.id: row.key for row in batch.rows}
+        statements += await self._set_aside(outcome.aside, keys)
         if batch.conn is None:
-            async with self.outbox.relay_engine().begin() as conn:
-                await conn.execute(self._done(ids))
+            if outcome.again:
+                statements.append(self._release(outcome.again))
+            if statements:
+                async with self.outbox.relay_engine().begin() as conn:
+                    for statement in statements:
+                        await conn.execute(statement)
             return
-        try:
-            await batch.conn.execute(self._done(ids))
+        try:  # the rows to try again are unlocked by the commit, unchanged
+            for statement in statements:
+                await batch.conn.execute(statement)
         except BaseException:
             with contextlib.suppress(Exception):
                 await asyncio.shield(batch.end(commit=False))
@@ -443,13 +565,8 @@ class Relay:
         if batch.conn is not None:
             await batch.end(commit=False)
             return
-        table = self.outbox.table
         async with self.outbox.relay_engine().begin() as conn:
-            await conn.execute(
-                update(table)
-                .where(table.c.id.in_(ids), table.c.claimed_by == self.name)
-                .values(claimed_by=None, claimed_until=None)
-            )
+            await conn.execute(self._release(ids))
 
     # -- housekeeping ----------------------------------------------------------------
 
@@ -471,6 +588,7 @@ class Relay:
         pending, age = await status(self.outbox)
         PENDING.labels(self.outbox.table.name).set(pending)
         LAG.labels(self.outbox.table.name).set(age or 0.0)
+        FAILED.labels(self.outbox.table.name).set(await failed(self.outbox) or len(self._aside))
         return pending, age
 
     # -- LISTEN/NOTIFY ---------------------------------------------------------------
@@ -506,19 +624,81 @@ class Relay:
                 await conn.close(timeout=5)
 
 
+def _sort(outcome: _Outcome, messages: list[tuple[int, Outgoing]], exc: DispatchManyError) -> None:
+    """Sort a batch the broker took only in part: its confirmed rows are done; a row whose
+    message could not even be sent (it cannot be encoded) is set aside; the rest wait."""
+    row_ids = {out.message_id: row_id for row_id, out in messages}
+    outcome.done = [row_ids[message_id] for message_id in exc.confirmed]
+    for message_id in exc.unconfirmed:
+        error = exc.errors.get(message_id)
+        if error is None or isinstance(error, DispatchError):  # an outage, a nack: later
+            outcome.again.append(row_ids[message_id])
+            outcome.error = exc
+        else:
+            reason = f"cannot be published: {type(error).__name__}: {error}"
+            outcome.aside[row_ids[message_id]] = reason
+
+
+_ERROR_COLUMNS: weakref.WeakKeyDictionary[Outbox, bool] = weakref.WeakKeyDictionary()
+
+
+async def has_error_column(outbox: Outbox) -> bool:
+    """Whether the outbox table has the ``error`` column (tables made before it was added
+    do not: one error says how to add it, and they work without it)."""
+    known = _ERROR_COLUMNS.get(outbox)
+    if known is not None:
+        return known
+    name = outbox.table.name
+
+    def columns(sync: Any) -> set[str] | None:
+        inspector = inspect(sync)
+        if not inspector.has_table(name):
+            return None
+        return {column["name"] for column in inspector.get_columns(name)}
+
+    async with outbox.relay_engine().connect() as conn:
+        found = await conn.run_sync(columns)
+    if found is None:  # no table (yet): the queries say so
+        return False
+    known = _ERROR_COLUMNS[outbox] = ERROR_COLUMN in found
+    if not known:
+        log.error(
+            "outbox.table_outdated",
+            table=name,
+            error=f"table {name} has no column {ERROR_COLUMN}: a row no publish can carry is "
+            f"set aside only until the relay restarts; add it and its index (ALTER TABLE {name} "
+            f"ADD COLUMN {ERROR_COLUMN} TEXT, or Alembic autogenerate; docs/outbox.md, "
+            "Upgrading)",
+        )
+    return known
+
+
 async def status(outbox: Outbox) -> tuple[int, float | None]:
-    """``(pending rows, age in seconds of the oldest pending row or None)``."""
+    """``(pending rows, age in seconds of the oldest pending row or None)``; rows set
+    aside are not pending (:func:`failed` counts them)."""
     table = outbox.table
+    where = [table.c.published_at.is_(None)]
+    if await has_error_column(outbox):
+        where.append(table.c.error.is_(None))
     async with outbox.relay_engine().connect() as conn:
         row = (
-            await conn.execute(
-                select(func.count(), func.min(table.c.created_at)).where(
-                    table.c.published_at.is_(None)
-                )
-            )
+            await conn.execute(select(func.count(), func.min(table.c.created_at)).where(*where))
         ).one()
     pending, oldest = int(row[0]), row[1]
     return pending, (max(time.time() - float(oldest), 0.0) if oldest is not None else None)
+
+
+async def failed(outbox: Outbox) -> int | None:
+    """Rows the relay set aside (no publish can carry them); None if the table has no
+    ``error`` column to keep them in."""
+    table = outbox.table
+    if not await has_error_column(outbox):
+        return None
+    async with outbox.relay_engine().connect() as conn:
+        found = await conn.execute(
+            select(func.count()).where(table.c.published_at.is_(None), table.c.error.is_not(None))
+        )
+    return int(found.scalar_one())
 
 
 async def purge(outbox: Outbox, app: Pigeon | None = None) -> tuple[int, int]:

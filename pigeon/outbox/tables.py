@@ -1,7 +1,9 @@
 """The two tables of the outbox and inbox, and the database URLs the relay accepts.
 
 ``pigeon_outbox`` holds one row per event waiting to be (or recently) published:
-the complete wire message, its ordering ``key`` and the relay's lease.
+the complete wire message, its ordering ``key``, the relay's lease and, for a
+row the relay set aside because no publish can ever carry it, the ``error``
+(a column added after the first release: :data:`ERROR_COLUMN`).
 ``pigeon_inbox`` holds one row per message a listener with ``outbox=`` handled.
 Times are epoch seconds (``time.time()``) as floats, the same on every database.
 """
@@ -32,6 +34,9 @@ from pigeon.errors import ConfigurationError
 
 OUTBOX_TABLE = "pigeon_outbox"
 INBOX_TABLE = "pigeon_inbox"
+ERROR_COLUMN = "error"
+"""The outbox column added after the first release; tables made before it work
+without it (the relay then skips a row it cannot publish only until it restarts)."""
 
 
 def make_tables(
@@ -62,11 +67,15 @@ def make_tables(
         Column("published_at", Float(precision=53)),
         Column("claimed_by", String(128)),
         Column("claimed_until", Float(precision=53)),
+        # why the relay set the row aside (the broker can never take it); NULL: publishable
+        Column("error", Text),
     )
     pending = box.c.published_at.is_(None)
     Index(f"ix_{outbox}_pending", box.c.id, postgresql_where=pending, sqlite_where=pending)
     Index(f"ix_{outbox}_key", box.c.key, box.c.id)
     Index(f"ix_{outbox}_published_at", box.c.published_at)
+    failed = box.c.error.is_not(None)  # the relay skips the keys of these rows each claim
+    Index(f"ix_{outbox}_failed", box.c.key, postgresql_where=failed, sqlite_where=failed)
     inbox_table = Table(
         inbox,
         metadata,
