@@ -44,8 +44,8 @@ from pigeon.settings import Settings
 from tests.conftest import AppFactory, Broker, RunWorker, eventually
 from tests.hostile import Message, publish_all
 from tests.outbox_support import PG_ADMIN, effects_table, pg_database, pg_name, pg_url
+from tests.outboxkit import Shipped, bind_queue
 from tests.procs import PIGEON, ROOT
-from tests.test_outbox import Shipped, bind_queue
 
 __all__ = ["pg_name"]
 

@@ -18,7 +18,7 @@ from pigeon.outbox.tables import async_url
 from pigeon.settings import Settings
 from tests.conftest import AppFactory, Broker, RunWorker, eventually
 from tests.outbox_support import pg_name, pg_url
-from tests.test_outbox import Shipped, bind_queue, drain_queue, wait_published
+from tests.outboxkit import Shipped, bind_queue, drain_queue, wait_published
 
 __all__ = ["pg_name"]
 

@@ -7,8 +7,7 @@ import contextlib
 import json
 import random
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import aio_pika
@@ -17,33 +16,22 @@ from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
-from pigeon import Event
-from pigeon import topology as topo
-from pigeon.outbox import Outbox, Relay, status
+from pigeon.outbox import Outbox, Relay
 from pigeon.settings import Settings
 from tests.conftest import AppFactory, Broker
 from tests.outbox_support import pg_name, pg_url
+from tests.outboxkit import (
+    Shipped,
+    bind_queue,
+    db_url,
+    drain_queue,
+    engine,
+    relay_all,
+    running,
+    wait_published,
+)
 
-__all__ = ["pg_name"]
-
-
-class Shipped(Event, name="outbox.test.shipped"):
-    order_id: str
-    seq: int = 0
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path, pg_name: str) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'app.db'}"
-    return pg_url(pg_name)
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = create_engine(db_url)
-    yield engine
-    engine.dispose()
+__all__ = ["db_url", "engine", "pg_name"]
 
 
 @pytest.fixture
@@ -52,51 +40,6 @@ def outbox(engine: Engine, prefix: str) -> Iterator[Outbox]:
     box.create_tables()
     yield box
     box.metadata.drop_all(engine)
-
-
-async def bind_queue(
-    broker: Broker, settings: Settings, name: str, pattern: str = "#"
-) -> aio_pika.abc.AbstractQueue:
-    """A queue of this test's own, bound to ``pattern`` on its exchange."""
-    await topo.declare(broker.connection, topo.core_topology(settings))
-    broker.track(settings)
-    channel = await broker.connection.channel()
-    exchange = await channel.get_exchange(settings.exchange)
-    queue = await channel.declare_queue(name, auto_delete=False)
-    await queue.bind(exchange, pattern)
-    broker.queues.add(name)
-    return queue
-
-
-async def drain_queue(queue: aio_pika.abc.AbstractQueue, count: int) -> list[Any]:
-    """Exactly the ``count`` messages that must be on ``queue`` by now."""
-    got: list[Any] = []
-    while len(got) < count:
-        message = await queue.get(fail=False, no_ack=True)
-        if message is None:
-            raise AssertionError(f"{len(got)}/{count} messages on {queue.name}")
-        got.append(message)
-    assert await queue.get(fail=False, no_ack=True) is None, "more messages than rows"
-    return got
-
-
-@contextlib.asynccontextmanager
-async def running(relay: Relay) -> AsyncIterator[asyncio.Task[int]]:
-    task = asyncio.create_task(relay.run())
-    try:
-        yield task
-    finally:
-        relay.stop("test finished")
-        await asyncio.wait_for(task, 30)
-        await relay.outbox.close()
-
-
-async def wait_published(box: Outbox, timeout: float = 30.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while (await status(box))[0]:
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"{(await status(box))[0]} rows still pending after {timeout}s")
-        await asyncio.sleep(0.05)
 
 
 async def test_a_rolled_back_transaction_never_publishes(
@@ -111,9 +54,7 @@ async def test_a_rolled_back_transaction_never_publishes(
     with Session(engine) as s, s.begin():
         real = outbox.dispatch(s, Shipped(order_id="real"), correlation_id="c-1")
 
-    async with running(Relay(outbox, app=app)):
-        await wait_published(outbox)
-    (message,) = await drain_queue(queue, 1)
+    (message,) = await relay_all(outbox, queue, 1, app=app)
 
     assert message.message_id == real != ghost
     assert message.correlation_id == "c-1"
@@ -176,9 +117,7 @@ async def test_the_async_form_stores_in_the_async_sessions_transaction(
         async with AsyncSession(aengine) as s, s.begin():
             first = await box.dispatch_async(s, Shipped(order_id="o-1", seq=1), message_id="m-1")
             await box.dispatch_async(s, "outbox.test.untyped", {"order_id": "o-1"})
-        async with running(Relay(box)):
-            await wait_published(box)
-        messages = await drain_queue(queue, 2)
+        messages = await relay_all(box, queue, 2)
     finally:
         async with aengine.begin() as conn:
             await conn.run_sync(box.metadata.drop_all)

@@ -20,8 +20,8 @@ from pigeon.outbox import Outbox
 from pigeon.settings import Settings
 from tests.conftest import Broker
 from tests.outbox_support import effects_table, pg_name, pg_url
+from tests.outboxkit import Shipped
 from tests.procs import PIGEON, ROOT, env_for, wait_for_log
-from tests.test_outbox import Shipped
 
 __all__ = ["pg_name"]
 

@@ -19,7 +19,7 @@ from pigeon.messages import Outgoing
 from pigeon.outbox import Outbox, Relay, purge
 from tests.conftest import unique_settings
 from tests.outbox_support import pg_name, pg_url
-from tests.test_outbox import Shipped
+from tests.outboxkit import Shipped
 
 __all__ = ["pg_name"]
 

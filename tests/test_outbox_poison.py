@@ -26,7 +26,7 @@ from pigeon.outbox.tables import async_url
 from pigeon.settings import Settings
 from tests.conftest import AppFactory, Broker, RunWorker, eventually
 from tests.outbox_support import effects_table, pg_name, pg_url
-from tests.test_outbox import Shipped, bind_queue
+from tests.outboxkit import Shipped, bind_queue
 
 __all__ = ["pg_name"]
 

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from pigeon import Context, Retry
 from pigeon.outbox import Outbox
 from tests.conftest import AppFactory, Broker, RunWorker, eventually
-from tests.test_outbox import Shipped
+from tests.outboxkit import Shipped
 
 
 @pytest.fixture

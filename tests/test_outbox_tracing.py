@@ -30,7 +30,7 @@ from pigeon.settings import Settings
 from pigeon.tracing import PublishTracing
 from tests.conftest import AppFactory, Broker
 from tests.outbox_support import pg_name, pg_url
-from tests.test_outbox import Shipped, bind_queue, drain_queue, running, wait_published
+from tests.outboxkit import Shipped, bind_queue, drain_queue, running, wait_published
 
 __all__ = ["pg_name"]
 
