@@ -30,7 +30,7 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import sql
-from sqlalchemy import Engine, create_engine, func, insert, select, update
+from sqlalchemy import Engine, create_engine, insert, select, update
 from sqlalchemy import event as sa_event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -40,14 +40,13 @@ from pigeon import ConfigurationError, Context, Retry, headers
 from pigeon.outbox import Outbox
 from pigeon.outbox.relay import Relay, status
 from pigeon.outbox.tables import async_url
-from pigeon.settings import Settings
-from tests.conftest import AppFactory, Broker, RunWorker, eventually
+from tests.conftest import AppFactory, RunWorker, eventually
 from tests.hostile import Message, publish_all
-from tests.outbox_support import PG_ADMIN, effects_table, pg_database, pg_name, pg_url
-from tests.outboxkit import Shipped, bind_queue
+from tests.outbox_support import PG_ADMIN, pg_database, pg_name, pg_url
+from tests.outboxkit import Kit, Shipped, box, db_url, engine, kit
 from tests.procs import PIGEON, ROOT
 
-__all__ = ["pg_name"]
+__all__ = ["box", "db_url", "engine", "kit", "pg_name"]
 
 
 def _run(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
@@ -116,53 +115,15 @@ def test_a_relay_that_can_never_work_exits_78_with_one_line(
     assert word in line, line
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path, pg_name: str) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'attack.db'}"
-    return pg_url(pg_name)
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = create_engine(db_url)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-async def box(engine: Engine, prefix: str) -> AsyncIterator[Outbox]:
-    """A fresh outbox and inbox, and an effects table ``fx_<prefix>``; all dropped after.
-
-    Request it before ``run_worker``: the worker's relay stops before the tables go."""
-    box = Outbox(engine, table=f"ob_{prefix}", inbox_table=f"ib_{prefix}")
-    box.create_tables()
-    metadata, _ = effects_table(prefix)
-    metadata.create_all(engine)
-    yield box
-    await box.close()
-    metadata.drop_all(engine)
-    box.metadata.drop_all(engine)
-
-
-async def test_a_sync_inbox_handler_that_outlives_its_timeout_commits_nothing(
-    engine: Engine,
-    box: Outbox,
-    prefix: str,
-    make_app: AppFactory,
-    run_worker: RunWorker,
-    broker: Broker,
-    settings: Settings,
-) -> None:
+async def test_a_sync_inbox_handler_that_outlives_its_timeout_commits_nothing(kit: Kit) -> None:
     """docs/outbox.md: "if the handler raises (or times out), everything rolls back".
 
     A sync handler cannot be stopped: its thread runs on after the timeout. When
     it returned, its inbox transaction committed anyway: the effect and the
     outgoing event of a message that was dead-lettered as ``timeout``.
     """
-    _, effects = effects_table(prefix)
-    app = make_app("stock")
-    box.app = app
+    box, effects = kit.box, kit.effects
+    app = kit.app("stock")
     ended = threading.Event()  # the handler's transaction committed or rolled back
 
     def on_end(session: Session, transaction: SessionTransaction) -> None:
@@ -176,15 +137,13 @@ async def test_a_sync_inbox_handler_that_outlives_its_timeout_commits_nothing(
         ctx.dispatch_sync("outbox.test.reserved", {"order_id": event.order_id})
         time.sleep(2.0)  # well past the timeout: the worker has given up on this try
 
-    worker = await run_worker(app)
-    reserved = await bind_queue(broker, settings, f"{prefix}.reserved", "outbox.test.reserved")
+    worker = await kit.run_worker(app)
+    reserved = await kit.queue("reserved", "outbox.test.reserved")
     await app.dispatch_async(Shipped(order_id="o-1"), message_id="slow-1")
-    letter = await broker.get(settings.dead_letter_queue, 20)
+    letter = await kit.dead_letter()
     assert letter.headers[headers.REASON] == "timeout"
     assert await asyncio.to_thread(ended.wait, 20), "the handler's transaction never ended"
-    with engine.connect() as conn:
-        marks = conn.execute(select(func.count()).select_from(box.inbox)).scalar_one()
-        rows = conn.execute(select(func.count()).select_from(effects)).scalar_one()
+    marks, rows = kit.count(box.inbox), kit.count(effects)
 
     assert worker.counts["dead_lettered"] == 1
     assert (marks, rows) == (0, 0), "a timed-out try must roll back its effect and mark"
@@ -193,19 +152,12 @@ async def test_a_sync_inbox_handler_that_outlives_its_timeout_commits_nothing(
 
 
 async def test_a_plain_def_inbox_handler_returning_a_coroutine_is_a_failure_not_handled(
-    engine: Engine,
-    box: Outbox,
-    prefix: str,
-    make_app: AppFactory,
-    run_worker: RunWorker,
-    broker: Broker,
-    settings: Settings,
+    kit: Kit,
 ) -> None:
     """Without ``outbox=`` such a handler fails (it ran nothing); with it, the inbox
     transaction committed its "handled" mark and the message was acked, unrun."""
-    _, effects = effects_table(prefix)
-    app = make_app("stock")
-    box.app = app
+    box, effects = kit.box, kit.effects
+    app = kit.app("stock")
 
     async def work(event: Shipped, ctx: Context) -> None:
         ctx.session.execute(insert(effects).values(message_id=ctx.message_id, seq=1))
@@ -214,15 +166,14 @@ async def test_a_plain_def_inbox_handler_returning_a_coroutine_is_a_failure_not_
     def reserve(event: Shipped, ctx: Context) -> object:
         return work(event, ctx)  # forgot async def: nothing awaits this
 
-    worker = await run_worker(app)
+    worker = await kit.run_worker(app)
     await app.dispatch_async(Shipped(order_id="o-1"), message_id="unrun-1")
-    letter = await broker.get(settings.dead_letter_queue, 20)
+    letter = await kit.dead_letter()
 
     assert letter.headers[headers.REASON] == "handler-error"
     assert "returned coroutine" in str(letter.headers[headers.EXCEPTION_MESSAGE])
     assert worker.counts["acked"] == 0
-    with engine.connect() as conn:
-        assert conn.execute(select(func.count()).select_from(box.inbox)).scalar_one() == 0
+    assert kit.count(box.inbox) == 0
 
 
 @pytest.mark.parametrize(
@@ -251,12 +202,7 @@ def test_the_outbox_refuses_an_id_amqp_cannot_carry_before_storing_it(
 
 
 async def test_a_row_the_broker_cannot_take_neither_blocks_nor_repeats_its_batch_mates(
-    engine: Engine,
-    box: Outbox,
-    prefix: str,
-    make_app: AppFactory,
-    broker: Broker,
-    settings: Settings,
+    kit: Kit,
 ) -> None:
     """A row no relay can publish (written by hand, or by a Pigeon that did not check its
     ids) failed its whole batch: the batch was given back although the broker had
@@ -265,8 +211,9 @@ async def test_a_row_the_broker_cannot_take_neither_blocks_nor_repeats_its_batch
     Fixed (branch outfix2): the relay marks the rows the broker confirmed and sets the
     poison row aside with its error (tests/test_outbox_poison.py has the rest).
     """
-    box.app = make_app("shop")
-    seen = await bind_queue(broker, settings, f"{prefix}.seen")
+    box, engine = kit.box, kit.engine
+    app = kit.app("shop")
+    seen = await kit.queue()
     with Session(engine) as session, session.begin():
         poison = box.dispatch(session, Shipped(order_id="poison"), key="a")
         box.dispatch(session, Shipped(order_id="o-1"), key="b")
@@ -277,7 +224,7 @@ async def test_a_row_the_broker_cannot_take_neither_blocks_nor_repeats_its_batch
             .where(box.table.c.message_id == poison)
             .values(correlation_id="é" * 200)
         )
-    relay = Relay(box, app=box.app)
+    relay = Relay(box, app=app)
 
     for _ in range(3):
         with contextlib.suppress(Exception):
@@ -289,19 +236,13 @@ async def test_a_row_the_broker_cannot_take_neither_blocks_nor_repeats_its_batch
     assert sorted(got) == ["o-1", "o-2"], "each good row once, not once per round"
 
 
-async def test_headers_keep_their_amqp_types_through_the_outbox(
-    engine: Engine,
-    box: Outbox,
-    prefix: str,
-    make_app: AppFactory,
-    broker: Broker,
-    settings: Settings,
-) -> None:
+async def test_headers_keep_their_amqp_types_through_the_outbox(kit: Kit) -> None:
     """docs/outbox.md: "same wire format, same headers" as pigeon.dispatch. The row kept
     headers as JSON with ``default=str``: bytes arrived as the text "b'\\x01'", a
     timestamp and a decimal as strings, a byte array as "bytearray(b'...')"."""
-    app = box.app = make_app("shop")
-    seen = await bind_queue(broker, settings, f"{prefix}.seen")
+    box = kit.box
+    app = kit.app("shop")
+    seen = await kit.queue()
     sent = {
         "raw": b"\xff\x01",
         "blob": bytearray(b"\x00\xff"),
@@ -311,7 +252,7 @@ async def test_headers_keep_their_amqp_types_through_the_outbox(
         "plain": ["a", 1, 2.5, True, None],
     }
     direct = await app.dispatch_async("outbox.test.tagged", {}, headers=sent)
-    with Session(engine) as session, session.begin():
+    with Session(kit.engine) as session, session.begin():
         stored = box.dispatch(session, "outbox.test.tagged", {}, headers=sent)
     await Relay(box, app=app).relay_once()
 
@@ -330,32 +271,23 @@ HOSTILE_IDS = {
 }
 
 
-async def test_an_inbox_listener_takes_every_message_id_pika_can_send_once(
-    engine: Engine,
-    box: Outbox,
-    prefix: str,
-    make_app: AppFactory,
-    run_worker: RunWorker,
-    broker: Broker,
-    settings: Settings,
-) -> None:
+async def test_an_inbox_listener_takes_every_message_id_pika_can_send_once(kit: Kit) -> None:
     """The inbox keys on (queue, message id): every id AMQP can carry is handled once,
     duplicates included, and none is misfiled as a handler error."""
-    _, effects = effects_table(prefix)
-    app = make_app("stock")
-    box.app = app
+    box, effects = kit.box, kit.effects
+    app = kit.app("stock")
 
     @app.listener(Shipped, outbox=box, retry=Retry(attempts=2, immediate=1))
     def reserve(event: Shipped, ctx: Context) -> None:
         ctx.session.execute(insert(effects).values(message_id=event.order_id, seq=1))
 
-    worker = await run_worker(app)
+    worker = await kit.run_worker(app)
     messages: list[Message] = []
     for name, message_id in HOSTILE_IDS.items():
         body = Shipped(order_id=name).to_json()
         props = {"message_id": message_id, "content_type": "application/json"}
         messages += [("outbox.test.shipped", body, props)] * 2  # and its duplicate
-    await publish_all(settings.exchange, messages)
+    await publish_all(kit.settings.exchange, messages)
     await eventually(
         lambda: (
             worker.counts["acked"] + worker.counts["duplicate"] >= len(messages)
@@ -365,9 +297,8 @@ async def test_an_inbox_listener_takes_every_message_id_pika_can_send_once(
         message="every message settled",
     )
 
-    assert worker.counts["dead_lettered"] == 0, await broker.get(settings.dead_letter_queue, 5)
-    with engine.connect() as conn:
-        done = Counter(conn.execute(select(effects.c.message_id)).scalars())
+    assert worker.counts["dead_lettered"] == 0, await kit.dead_letter(5)
+    done = Counter(kit.column(effects.c.message_id))
 
     # a message without an id cannot be recognised again: both copies run (as without outbox=)
     assert done == {"nul": 1, "empty": 2, "long-non-ascii": 1, "control": 1}
@@ -514,20 +445,12 @@ async def async_box(db_url: str, box: Outbox) -> AsyncIterator[Outbox]:
 
 
 async def test_an_async_inbox_handler_cancelled_by_its_timeout_commits_nothing_and_the_next_runs(
-    engine: Engine,
-    box: Outbox,
-    async_box: Outbox,
-    prefix: str,
-    make_app: AppFactory,
-    run_worker: RunWorker,
-    broker: Broker,
-    settings: Settings,
+    async_box: Outbox, kit: Kit
 ) -> None:
     """The async form: the timeout cancels the handler inside its transaction; the
     connection (the only one of the pool) must come back clean for the next message."""
-    _, effects = effects_table(prefix)
-    app = make_app("stock")
-    async_box.app = app
+    effects = kit.effects
+    app = kit.app("stock", async_box)
 
     @app.listener(Shipped, outbox=async_box, timeout=0.5, retry=Retry(attempts=1))
     async def reserve(event: Shipped, ctx: Context) -> None:
@@ -536,26 +459,19 @@ async def test_an_async_inbox_handler_cancelled_by_its_timeout_commits_nothing_a
         if event.order_id == "slow":
             await asyncio.sleep(30)
 
-    worker = await run_worker(app)
+    worker = await kit.run_worker(app)
     await app.dispatch_async(Shipped(order_id="slow"), message_id="slow-1")
-    letter = await broker.get(settings.dead_letter_queue, 20)
+    letter = await kit.dead_letter()
     await app.dispatch_async(Shipped(order_id="quick"), message_id="quick-1")
     await eventually(lambda: worker.counts["acked"] == 1, message="the next one handled")
-    with engine.connect() as conn:
-        done = conn.execute(select(effects.c.message_id)).scalars().all()
-        marks = conn.execute(select(box.inbox.c.message_id)).scalars().all()
+    done, marks = kit.column(effects.c.message_id), kit.column(kit.box.inbox.c.message_id)
 
     assert letter.headers[headers.REASON] == "timeout"
     assert (done, marks) == (["quick"], ["quick-1"])
 
 
 async def test_sqlite_inbox_handlers_queued_behind_the_write_lock_are_not_failed(
-    tmp_path: Path,
-    prefix: str,
-    make_app: AppFactory,
-    run_worker: RunWorker,
-    broker: Broker,
-    settings: Settings,
+    tmp_path: Path, prefix: str, make_app: AppFactory, run_worker: RunWorker
 ) -> None:
     """On SQLite each inbox transaction holds the write lock while its handler runs.
     With the default concurrency, ten 1 s handlers queue for it; pysqlite waits 5 s
@@ -589,12 +505,7 @@ async def test_sqlite_inbox_handlers_queued_behind_the_write_lock_are_not_failed
 
 
 async def test_a_worker_whose_outbox_has_no_tables_refuses_to_start(
-    engine: Engine,
-    prefix: str,
-    make_app: AppFactory,
-    run_worker: RunWorker,
-    broker: Broker,
-    settings: Settings,
+    engine: Engine, prefix: str, make_app: AppFactory, run_worker: RunWorker
 ) -> None:
     """Forgetting ``create_tables()`` (or the migration) is a mistake, not an outage: the
     worker started, and every message failed its inbox insert ("no such table") through
@@ -652,15 +563,7 @@ def test_a_table_that_is_not_an_outbox_is_named(tmp_path: Path, command: str) ->
     assert "not an outbox table" in line
 
 
-async def test_a_handler_that_commits_ctx_session_itself_cannot_hide_its_failure(
-    engine: Engine,
-    box: Outbox,
-    prefix: str,
-    make_app: AppFactory,
-    run_worker: RunWorker,
-    broker: Broker,
-    settings: Settings,
-) -> None:
+async def test_a_handler_that_commits_ctx_session_itself_cannot_hide_its_failure(kit: Kit) -> None:
     """A handler that calls ``ctx.session.commit()`` (habit) and then fails: its commit
     took the inbox mark along, so the retry copy was dropped as a duplicate and the
     failure vanished: no retry ran, no dead letter, the message counted as done.
@@ -668,9 +571,8 @@ async def test_a_handler_that_commits_ctx_session_itself_cannot_hide_its_failure
     Fixed (branch outfix2): ``ctx.session.commit()`` raises a PigeonError, a handler
     error like any other (tests/test_outbox_poison.py has the async form).
     """
-    _, effects = effects_table(prefix)
-    app = make_app("stock")
-    box.app = app
+    box, effects = kit.box, kit.effects
+    app = kit.app("stock")
     runs: list[int] = []
 
     @app.listener(Shipped, outbox=box, retry=Retry(attempts=2, immediate=1))
@@ -680,9 +582,9 @@ async def test_a_handler_that_commits_ctx_session_itself_cannot_hide_its_failure
         ctx.session.commit()
         raise RuntimeError("the step after the commit failed")
 
-    worker = await run_worker(app)
+    worker = await kit.run_worker(app)
     await app.dispatch_async(Shipped(order_id="o-1"), message_id="self-commit-1")
-    letter = await broker.get(settings.dead_letter_queue, 20)
+    letter = await kit.dead_letter()
 
     assert letter.headers[headers.REASON] == "handler-error"
     assert runs == [1, 2]
