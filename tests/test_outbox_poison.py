@@ -8,13 +8,12 @@ tests found these defects).
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from sqlalchemy import Engine, create_engine, insert, select, text, update
-from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 from structlog.testing import capture_logs
 
@@ -22,37 +21,13 @@ from pigeon import Context, DispatchManyError, Pigeon, Retry, headers
 from pigeon.cli import main
 from pigeon.outbox import Outbox
 from pigeon.outbox.relay import Relay, failed, status
-from pigeon.outbox.tables import async_url
-from pigeon.settings import Settings
-from tests.conftest import AppFactory, Broker, RunWorker, eventually
-from tests.outbox_support import effects_table, pg_name, pg_url
-from tests.outboxkit import Shipped, bind_queue
+from tests.conftest import eventually
+from tests.outbox_support import pg_name
+from tests.outboxkit import Kit, Shipped, async_box, box, db_url, engine, kit
 
-__all__ = ["pg_name"]
+__all__ = ["async_box", "box", "db_url", "engine", "kit", "pg_name"]
 
 TOO_LONG = "é" * 200  # 400 bytes: over AMQP's 255
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def engine(request: pytest.FixtureRequest, tmp_path: Path, pg_name: str) -> Iterator[Engine]:
-    url = f"sqlite:///{tmp_path / 'poison.db'}" if request.param == "sqlite" else pg_url(pg_name)
-    engine = create_engine(url)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-async def box(engine: Engine, prefix: str) -> AsyncIterator[Outbox]:
-    """The outbox and inbox, and an effects table ``fx_<prefix>`` (request it before
-    ``run_worker``: the worker's relay stops before the tables go)."""
-    box = Outbox(engine, table=f"ob_{prefix}", inbox_table=f"ib_{prefix}")
-    box.create_tables()
-    metadata, _ = effects_table(prefix)
-    metadata.create_all(engine)
-    yield box
-    await box.close()
-    metadata.drop_all(engine)
-    box.metadata.drop_all(engine)
 
 
 def _store(box: Outbox, engine: Engine, orders: list[tuple[str, str]]) -> dict[str, str]:
@@ -78,18 +53,12 @@ async def _received(queue: object) -> list[str]:
     return got
 
 
-async def test_a_row_set_aside_keeps_its_error_holds_its_key_and_shows_in_status(
-    engine: Engine,
-    box: Outbox,
-    prefix: str,
-    make_app: AppFactory,
-    broker: Broker,
-    settings: Settings,
-) -> None:
-    box.app = make_app("shop")
-    seen = await bind_queue(broker, settings, f"{prefix}.seen")
+async def test_a_row_set_aside_keeps_its_error_holds_its_key_and_shows_in_status(kit: Kit) -> None:
+    box, engine = kit.box, kit.engine
+    app = kit.app("shop")
+    seen = await kit.queue()
     ids = _store(box, engine, [("poison", "a"), ("a-2", "a"), ("b-1", "b")])
-    relay = Relay(box, app=box.app)
+    relay = Relay(box, app=app)
 
     with capture_logs() as logs:
         assert await relay.relay_once() == 1  # no error raised: the relay goes on
@@ -118,21 +87,16 @@ async def test_a_row_set_aside_keeps_its_error_holds_its_key_and_shows_in_status
     assert await failed(box) == 0
 
 
-async def test_a_table_made_before_the_error_column_still_relays_around_a_bad_row(
-    engine: Engine,
-    box: Outbox,
-    prefix: str,
-    make_app: AppFactory,
-    broker: Broker,
-    settings: Settings,
-) -> None:
+async def test_a_table_made_before_the_error_column_still_relays_around_a_bad_row(kit: Kit) -> None:
+    box, engine = kit.box, kit.engine
     with engine.begin() as conn:  # the table as Pigeon made it before the column
         conn.execute(text(f"DROP INDEX ix_{box.table.name}_failed"))
         conn.execute(text(f"ALTER TABLE {box.table.name} DROP COLUMN error"))
-    old = Outbox(engine, table=box.table.name, inbox_table=box.inbox.name, app=make_app("shop"))
-    seen = await bind_queue(broker, settings, f"{prefix}.seen")
+    old = Outbox(engine, table=box.table.name, inbox_table=box.inbox.name)
+    app = kit.app("shop", old)
+    seen = await kit.queue()
     _store(old, engine, [("poison", "a"), ("a-2", "a"), ("b-1", "b"), ("c-1", "c")])
-    relay = Relay(old, app=old.app)
+    relay = Relay(old, app=app)
 
     with capture_logs() as logs:
         for _ in range(3):
@@ -147,29 +111,13 @@ async def test_a_table_made_before_the_error_column_still_relays_around_a_bad_ro
     await old.close()
 
 
-@pytest.fixture
-async def async_box(engine: Engine, box: Outbox) -> AsyncIterator[Outbox]:
-    """``box``'s tables through an AsyncEngine (request it before ``run_worker``)."""
-    aengine = create_async_engine(async_url(engine.url))
-    yield Outbox(aengine, table=box.table.name, inbox_table=box.inbox.name)
-    await aengine.dispose()
-
-
 async def test_an_async_handler_may_not_commit_the_inbox_transaction_either(
-    engine: Engine,
-    box: Outbox,
-    async_box: Outbox,
-    prefix: str,
-    make_app: AppFactory,
-    run_worker: RunWorker,
-    broker: Broker,
-    settings: Settings,
+    async_box: Outbox, kit: Kit
 ) -> None:
     """``await ctx.session.commit()`` is refused (a handler error, retried, then
     dead-lettered with the reason), and nothing of the failed tries is committed."""
-    _, effects = effects_table(prefix)
-    app = make_app("stock")
-    async_box.app = app
+    effects = kit.effects
+    app = kit.app("stock", async_box)
     runs: list[int] = []
 
     @app.listener(Shipped, outbox=async_box, retry=Retry(attempts=2, immediate=1))
@@ -178,12 +126,10 @@ async def test_an_async_handler_may_not_commit_the_inbox_transaction_either(
         await ctx.session.execute(insert(effects).values(message_id=ctx.message_id, seq=1))
         await ctx.session.commit()
 
-    await run_worker(app)
+    await kit.run_worker(app)
     await app.dispatch_async(Shipped(order_id="o-1"), message_id="self-commit-async")
-    letter = await broker.get(settings.dead_letter_queue, 20)
-    with engine.connect() as conn:
-        done = conn.execute(select(effects.c.message_id)).scalars().all()
-        marks = conn.execute(select(box.inbox.c.message_id)).scalars().all()
+    letter = await kit.dead_letter()
+    done, marks = kit.column(effects.c.message_id), kit.column(kit.box.inbox.c.message_id)
 
     assert letter.headers[headers.REASON] == "handler-error"
     assert "do not commit it" in str(letter.headers[headers.EXCEPTION_MESSAGE])
@@ -191,18 +137,11 @@ async def test_an_async_handler_may_not_commit_the_inbox_transaction_either(
     assert (done, marks) == ([], [])
 
 
-async def test_a_savepoint_in_an_inbox_handler_still_commits_with_the_message(
-    engine: Engine,
-    box: Outbox,
-    prefix: str,
-    make_app: AppFactory,
-    run_worker: RunWorker,
-) -> None:
+async def test_a_savepoint_in_an_inbox_handler_still_commits_with_the_message(kit: Kit) -> None:
     """Only the handler's own commit is refused: ``begin_nested()`` works, and what its
     savepoint kept commits with the inbox mark."""
-    _, effects = effects_table(prefix)
-    app = make_app("stock")
-    box.app = app
+    box, effects = kit.box, kit.effects
+    app = kit.app("stock")
 
     @app.listener(Shipped, outbox=box)
     def reserve(event: Shipped, ctx: Context) -> None:
@@ -212,12 +151,10 @@ async def test_a_savepoint_in_an_inbox_handler_still_commits_with_the_message(
         ctx.session.execute(insert(effects).values(message_id=ctx.message_id, seq=2))
         nested.rollback()
 
-    worker = await run_worker(app)
+    worker = await kit.run_worker(app)
     await app.dispatch_async(Shipped(order_id="o-1"), message_id="savepoint-1")
     await eventually(lambda: worker.counts["acked"] == 1, message="handled")
-    with engine.connect() as conn:
-        done = conn.execute(select(effects.c.seq)).scalars().all()
-        marks = conn.execute(select(box.inbox.c.message_id)).scalars().all()
+    done, marks = kit.column(effects.c.seq), kit.column(box.inbox.c.message_id)
 
     assert (done, marks) == ([1], ["savepoint-1"])
 
@@ -269,19 +206,17 @@ def test_status_counts_the_rows_set_aside_apart_from_the_pending_ones(tmp_path: 
 
 
 async def test_the_confirmed_rows_of_a_batch_that_failed_in_part_are_not_sent_again(
-    engine: Engine,
-    box: Outbox,
-    prefix: str,
-    broker: Broker,
-    settings: Settings,
+    kit: Kit,
 ) -> None:
     """A batch the broker confirmed only in part (one row names an exchange that does not
     exist: no confirm within the dispatch timeout) used to be given back whole, so every
     round published the confirmed rows again. Now they are marked, and only the other row
     is tried again (not set aside: the exchange may yet be declared)."""
-    box.app = Pigeon(f"{prefix}-shop", settings=settings.model_copy(update={"dispatch_timeout": 1}))
-    broker.apps.append(box.app)  # closed after the test
-    seen = await bind_queue(broker, settings, f"{prefix}.seen")
+    box, engine, prefix = kit.box, kit.engine, kit.prefix
+    quick = kit.settings.model_copy(update={"dispatch_timeout": 1})
+    box.app = Pigeon(f"{prefix}-shop", settings=quick)
+    kit.broker.apps.append(box.app)  # closed after the test
+    seen = await kit.queue()
     with Session(engine) as session, session.begin():
         lost = box.dispatch(session, Shipped(order_id="lost"), key="a")
         box.dispatch(session, Shipped(order_id="o-1"), key="b")
