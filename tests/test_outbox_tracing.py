@@ -10,9 +10,10 @@ as they are, without running it a second time.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
+import aio_pika
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -22,17 +23,18 @@ from sqlalchemy import create_engine
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
+from pigeon import Pigeon
 from pigeon.messages import Outgoing
 from pigeon.middleware import PublishNext
-from pigeon.outbox import Outbox, Relay
+from pigeon.outbox import Outbox
 from pigeon.outbox.tables import async_url
 from pigeon.settings import Settings
 from pigeon.tracing import PublishTracing
 from tests.conftest import AppFactory, Broker
-from tests.outbox_support import pg_name, pg_url
-from tests.outboxkit import Shipped, bind_queue, drain_queue, running, wait_published
+from tests.outbox_support import pg_name
+from tests.outboxkit import Shipped, bind_queue, db_url, relay_all
 
-__all__ = ["pg_name"]
+__all__ = ["db_url", "pg_name"]
 
 
 class Stamp:
@@ -52,44 +54,42 @@ class Refuse:
         raise PermissionError(f"{outgoing.event_name} may not leave")
 
 
+@dataclass
+class Shop:
+    """The "shop" app, its publish middleware ``Stamp`` then ``PublishTracing`` (its
+    spans kept in ``exporter``), and a queue of everything it publishes."""
+
+    app: Pigeon
+    stamp: Stamp
+    tracer_provider: TracerProvider
+    exporter: InMemorySpanExporter
+    queue: aio_pika.abc.AbstractQueue
+
+
 @pytest.fixture
-def provider() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
+async def shop(make_app: AppFactory, broker: Broker, settings: Settings) -> AsyncIterator[Shop]:
     exporter = InMemorySpanExporter()
-    provider = TracerProvider(shutdown_on_exit=False)
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    yield provider, exporter
-    provider.shutdown()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path, pg_name: str) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'app.db'}"
-    return pg_url(pg_name)
+    tracer_provider = TracerProvider(shutdown_on_exit=False)
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    stamp = Stamp()
+    app = make_app("shop", publish_middleware=[stamp, PublishTracing(tracer_provider)])
+    queue = await bind_queue(broker, settings, f"{broker.prefix}.seen")
+    yield Shop(app, stamp, tracer_provider, exporter, queue)
+    tracer_provider.shutdown()
 
 
 async def test_publish_middleware_runs_once_when_the_event_is_stored_in_the_producers_trace(
-    db_url: str,
-    prefix: str,
-    provider: tuple[TracerProvider, InMemorySpanExporter],
-    make_app: AppFactory,
-    broker: Broker,
-    settings: Settings,
+    db_url: str, prefix: str, shop: Shop
 ) -> None:
-    tracer_provider, exporter = provider
-    stamp = Stamp()
-    app = make_app("shop", publish_middleware=[stamp, PublishTracing(tracer_provider)])
+    stamp, exporter = shop.stamp, shop.exporter
     engine = create_engine(db_url)
-    box = Outbox(engine, app=app, table=f"ob_{prefix}", inbox_table=f"ib_{prefix}")
+    box = Outbox(engine, app=shop.app, table=f"ob_{prefix}", inbox_table=f"ib_{prefix}")
     box.create_tables()
-    queue = await bind_queue(broker, settings, f"{broker.prefix}.seen")
     try:
-        tracer = tracer_provider.get_tracer("test")
+        tracer = shop.tracer_provider.get_tracer("test")
         with tracer.start_as_current_span("checkout") as checkout, Session(engine) as s, s.begin():
             message_id = box.dispatch(s, Shipped(order_id="o-1"), key="o-1")
-        async with running(Relay(box, app=app)):
-            await wait_published(box)
-        (message,) = await drain_queue(queue, 1)
+        (message,) = await relay_all(box, shop.queue, 1, app=shop.app)
     finally:
         box.metadata.drop_all(engine)
         engine.dispose()
@@ -107,28 +107,18 @@ async def test_publish_middleware_runs_once_when_the_event_is_stored_in_the_prod
 
 
 async def test_the_async_form_runs_publish_middleware_in_the_producers_context(
-    db_url: str,
-    prefix: str,
-    provider: tuple[TracerProvider, InMemorySpanExporter],
-    make_app: AppFactory,
-    broker: Broker,
-    settings: Settings,
+    db_url: str, prefix: str, shop: Shop
 ) -> None:
-    tracer_provider, exporter = provider
-    stamp = Stamp()
-    app = make_app("shop", publish_middleware=[stamp, PublishTracing(tracer_provider)])
+    stamp, exporter = shop.stamp, shop.exporter
     aengine = create_async_engine(async_url(db_url))
-    box = Outbox(aengine, app=app, table=f"ob_{prefix}", inbox_table=f"ib_{prefix}")
+    box = Outbox(aengine, app=shop.app, table=f"ob_{prefix}", inbox_table=f"ib_{prefix}")
     await box.create_tables_async()
-    queue = await bind_queue(broker, settings, f"{broker.prefix}.seen")
     try:
-        with tracer_provider.get_tracer("test").start_as_current_span("checkout"):
+        with shop.tracer_provider.get_tracer("test").start_as_current_span("checkout"):
             async with AsyncSession(aengine) as s, s.begin():
                 first = await box.dispatch_async(s, Shipped(order_id="o-1", seq=1))
                 second = await box.dispatch_async(s, Shipped(order_id="o-1", seq=2))
-        async with running(Relay(box)):
-            await wait_published(box)
-        messages = await drain_queue(queue, 2)
+        messages = await relay_all(box, shop.queue, 2)
     finally:
         async with aengine.begin() as conn:
             await conn.run_sync(box.metadata.drop_all)
