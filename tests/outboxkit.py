@@ -33,7 +33,8 @@ from pigeon import topology as topo
 from pigeon.outbox import Outbox, Relay, status
 from pigeon.outbox.tables import async_url
 from pigeon.settings import Settings
-from tests.conftest import AppFactory, Broker, RunWorker
+from pigeon.worker import Worker
+from tests.conftest import AppFactory, Broker, RunWorker, eventually
 from tests.outbox_support import effects_table, pg_url
 
 
@@ -95,6 +96,19 @@ async def relay_all(
     async with running(Relay(box, app=app)):
         await wait_published(box)
     return await drain_queue(queue, count)
+
+
+async def settle_at_once(app: Pigeon, run_worker: RunWorker, count: int, timeout: float) -> Worker:
+    """Start a worker of ``app`` that runs ``count`` handlers at once, send it ``count``
+    events, and wait until each is settled (acked or dead-lettered)."""
+    worker = await run_worker(app, concurrency=count)
+    await app.dispatch_many([Shipped(order_id=f"o-{i}") for i in range(count)])
+    await eventually(
+        lambda: worker.counts["acked"] + worker.counts["dead_lettered"] == count,
+        timeout=timeout,
+        message="all settled",
+    )
+    return worker
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

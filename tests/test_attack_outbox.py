@@ -43,7 +43,7 @@ from pigeon.outbox.tables import async_url
 from tests.conftest import AppFactory, RunWorker, eventually
 from tests.hostile import Message, publish_all
 from tests.outbox_support import PG_ADMIN, pg_database, pg_name, pg_url
-from tests.outboxkit import Kit, Shipped, box, db_url, engine, kit
+from tests.outboxkit import Kit, Shipped, box, db_url, engine, kit, settle_at_once
 from tests.procs import PIGEON, ROOT
 
 __all__ = ["box", "db_url", "engine", "kit", "pg_name"]
@@ -493,13 +493,7 @@ async def test_sqlite_inbox_handlers_queued_behind_the_write_lock_are_not_failed
         ctx.dispatch_sync("outbox.test.reserved", {"order_id": event.order_id})
         time.sleep(1.0)
 
-    worker = await run_worker(app, concurrency=10)
-    await app.dispatch_many([Shipped(order_id=f"o-{i}") for i in range(10)])
-    await eventually(
-        lambda: worker.counts["acked"] + worker.counts["dead_lettered"] == 10,
-        timeout=60,
-        message="all settled",
-    )
+    worker = await settle_at_once(app, run_worker, 10, timeout=60)
 
     assert worker.counts["dead_lettered"] == 0, worker.counts
 
