@@ -26,6 +26,21 @@ def env_for(settings: Settings, service: str, **extra: str) -> dict[str, str]:
     return env
 
 
+def run_pigeon(
+    env: dict[str, str], *args: str, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """``pigeon ARGS`` run to its end from the repository root; its output as text."""
+    return subprocess.run(
+        [*PIGEON, *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def start_listener(
     env: dict[str, str], *args: str, log: Path, app: str = "tests.apps.recorder:app"
 ) -> subprocess.Popen[bytes]:

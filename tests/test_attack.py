@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from pigeon import Context, Retry, headers
 from pigeon.errors import ConfigurationError, InvalidHeaderError
 from tests.conftest import AppFactory, Broker, RunWorker, eventually
 from tests.hostile import publish
-from tests.procs import PIGEON, ROOT, env_for
+from tests.procs import ROOT, env_for, run_pigeon
 from tests.rawamqp import (
     DELIVERY_MODE,
     HEADERS,
@@ -74,14 +73,7 @@ def test_a_broker_name_the_broker_refuses_is_a_setting_error_not_an_outage(
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIGEON_")}
     env.update({variable: value, "PIGEON_DISPATCH_TIMEOUT": "5", "PYTHONPATH": str(ROOT)})
     env[variable] = value
-    result = subprocess.run(
-        [*PIGEON, "dispatch", "attack.name", "{}"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_pigeon(env, "dispatch", "attack.name", "{}")
     assert result.returncode == 78, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -93,14 +85,7 @@ def test_a_broker_name_the_broker_refuses_is_a_setting_error_not_an_outage(
 def test_an_idempotency_url_of_no_store_is_one_line_at_listen(value: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIGEON_")}
     env.update({"PIGEON_IDEMPOTENCY_URL": value, "PIGEON_SERVICE": "fc", "PYTHONPATH": str(ROOT)})
-    result = subprocess.run(
-        [*PIGEON, "listen", "tests.apps.recorder:app"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_pigeon(env, "listen", "tests.apps.recorder:app")
     assert result.returncode == 78, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -222,14 +207,8 @@ def test_an_idempotency_database_that_does_not_exist_stops_listen_with_one_line(
     broker.track(app.settings)
     url = "postgresql://postgres@127.0.0.1:5432/attack_no_such_db"
     env = env_for(app.settings, app.service or "", PIGEON_IDEMPOTENCY_URL=url)
-    result = subprocess.run(
-        [*PIGEON, "listen", "tests.apps.recorder:app"],
-        env={**env, "RECORDER_FILE": str(tmp_path / "rec.txt")},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    env["RECORDER_FILE"] = str(tmp_path / "rec.txt")
+    result = run_pigeon(env, "listen", "tests.apps.recorder:app")
     assert result.returncode == 78, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]

@@ -44,7 +44,7 @@ from tests.conftest import AppFactory, RunWorker, eventually
 from tests.hostile import Message, publish_all
 from tests.outbox_support import PG_ADMIN, pg_database, pg_name, pg_url
 from tests.outboxkit import Kit, Shipped, box, db_url, engine, kit, settle_at_once
-from tests.procs import PIGEON, ROOT
+from tests.procs import PIGEON, ROOT, run_pigeon
 
 __all__ = ["box", "db_url", "engine", "kit", "pg_name"]
 
@@ -52,15 +52,7 @@ __all__ = ["box", "db_url", "engine", "kit", "pg_name"]
 def _run(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIGEON_")}
     env.update({"PYTHONPATH": str(ROOT), "PIGEON_DISPATCH_TIMEOUT": "5"})
-    return subprocess.run(
-        [*PIGEON, "outbox", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return run_pigeon(env, "outbox", *args, timeout=timeout)
 
 
 def _bad_urls(tmp_path: Path, pg: str) -> dict[str, tuple[str, str]]:

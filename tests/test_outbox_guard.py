@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
 import textwrap
 from pathlib import Path
 
 from pigeon.settings import Settings
-from tests.procs import PIGEON, ROOT, env_for
+from tests.procs import ROOT, env_for, run_pigeon
 
 
 def test_pigeon_listen_refuses_an_outbox_without_tables(
@@ -36,14 +35,7 @@ def test_pigeon_listen_refuses_an_outbox_without_tables(
     )
     env = env_for(settings, f"{prefix}-shop", PYTHONPATH=f"{tmp_path}:{ROOT}")
 
-    result = subprocess.run(
-        [*PIGEON, "listen", f"{module.stem}:app"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_pigeon(env, "listen", f"{module.stem}:app")
 
     assert result.returncode == 78, result.stderr
     (line,) = result.stderr.strip().splitlines()
