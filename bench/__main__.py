@@ -87,6 +87,7 @@ or whether the target was met.
 REPRODUCE = """\
 ## How to reproduce
 
+<!-- skip: next -->
 ```sh
 make bench                      # every benchmark; rewrites this file
 .venv/bin/python -m bench.dispatch

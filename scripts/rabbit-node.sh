@@ -45,13 +45,23 @@ ctl() {
 }
 
 # The OS pid of a running node, from its pid file; nothing (exit 1) if it is not running.
+# A node killed with -9 stays a zombie until PID 1 reaps it (seconds, in a container),
+# and kill -0 still finds a zombie: it counts as stopped, or `start` would wait for it.
 node_pid() {
-    local file pid
+    local file pid state
     file="$(dir_of "$1")/rabbit.pid"
     [[ -s $file ]] || return 1
     pid=$(tr -dc '0-9' <"$file")
-    [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 1
+    [[ -n $pid ]] && alive "$pid" || return 1
     printf '%s\n' "$pid"
+}
+
+# Whether process $1 runs: it exists and is not a zombie.
+alive() {
+    local state
+    kill -0 "$1" 2>/dev/null || return 1
+    state=$(sed -e 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -c1)
+    [[ -n $state && $state != Z && $state != X ]]
 }
 
 write_files() {
@@ -109,7 +119,7 @@ stop() {
     pid=$(node_pid "$name") || return 0
     ctl "$name" stop "$(dir_of "$name")/rabbit.pid" >/dev/null 2>&1 || true
     for _ in $(seq 1 30); do
-        kill -0 "$pid" 2>/dev/null || return 0
+        alive "$pid" || return 0
         sleep 1
     done
     kill -9 "$pid" 2>/dev/null || true

@@ -149,3 +149,30 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert lines[0] in {"#!/usr/bin/env bash", "#!/bin/bash"}
     assert "set -euo pipefail" in lines
     assert "make test" in lines
+
+
+def test_rabbit_node_counts_a_killed_node_awaiting_its_reaper_as_stopped(tmp_path: Path) -> None:
+    """A node killed with -9 is a zombie until PID 1 reaps it (seconds, here); a node
+    brought back meanwhile must really be started, not waited for (CI timed out on it)."""
+    zombie = subprocess.Popen(["sleep", "300"])
+    zombie.kill()
+    try:
+        stat = ""
+        for _ in range(100):  # until the kernel has turned it into a zombie
+            stat = Path(f"/proc/{zombie.pid}/stat").read_text().split(") ")[1][0]
+            if stat == "Z":
+                break
+            subprocess.run(["sleep", "0.01"], check=True)
+        assert stat == "Z", "the child never became a zombie"
+        (tmp_path / "ghost").mkdir()
+        (tmp_path / "ghost" / "rabbit.pid").write_text(f"{zombie.pid}\n")
+        found = subprocess.run(
+            [SCRIPTS / "rabbit-node.sh", "pid", "ghost"],
+            env={**os.environ, "PIGEON_RABBIT_BASE": str(tmp_path)},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert found.returncode == 1, f"a zombie counted as running: {found.stdout!r}"
+    finally:
+        zombie.wait()
